@@ -139,8 +139,7 @@ def render_tool_schemas(tools: Sequence[dict]) -> str:
         lines.append(json.dumps({"name": fn.get("name"), "description": fn.get("description", ""),
                                  "parameters": fn.get("parameters", {})}, sort_keys=True, ensure_ascii=False))
     lines += ["", f"To call a function, reply with {TOOL_CALL_OPEN}{{\"name\": <function-name>, "
-              f"\"arguments\": <args-json-object>}}{TOOL_CALL_CLOSE}. Tool results arrive between "
-              f"{MARK_L} and {MARK_R}."]
+              f"\"arguments\": <args-json-object>}}{TOOL_CALL_CLOSE}. Tool results arrive marked as evidence."]
     return "\n".join(lines)
 
 

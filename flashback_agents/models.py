@@ -235,27 +235,31 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
 def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    local = os.path.isdir(source)
+    if local and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ModelLoadError(f"{source} is not a Hugging Face model directory (no config.json).")
     try:
         config = AutoConfig.from_pretrained(source)
-    except OSError as exc:
-        local = os.path.isdir(source)
+    except (OSError, ValueError) as exc:
         if local:
-            raise ModelLoadError(f"{source} is not a Hugging Face model directory (no usable config.json): {exc}") from exc
+            raise ModelLoadError(f"{source} is not a Hugging Face model directory (unusable config.json: {exc}).") from exc
         raise ModelLoadError(
             f"Could not load {spec!r} from the Hugging Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
             f"Without a network, download it on a machine that has one (`hf download {spec} --local-dir DIR`), "
             f"copy DIR here and pass that directory as the model; or use the embedded default "
             f"{DEFAULT_MODEL!r}."
         ) from exc
+    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{spec!r} is not a causal language model (its config is {type(config).__name__}); "
+            "flashback-agents needs a decoder-only LM such as Llama, Qwen, Mistral or SmolLM."
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except ValueError as exc:
-        if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
-            raise ModelLoadError(
-                f"{spec!r} is not a causal language model (its config is {type(config).__name__}); "
-                "flashback-agents needs a decoder-only LM such as Llama, Qwen, Mistral or SmolLM."
-            ) from exc
-        raise
+    except OSError as exc:
+        raise ModelLoadError(f"Could not load the weights of {spec!r}: {str(exc).splitlines()[0]}") from exc
     tokenizer = AutoTokenizer.from_pretrained(source)
     return model.to(device), tokenizer
 

@@ -67,7 +67,7 @@ class ContextPool:
             return entry, False
         # If using `best` would crop away a long tail another conversation may come back to, copy the
         # shared prefix into a new context instead (cost ~ prefix size, far cheaper than recomputing).
-        fork = best_len < len(best.ctx) and (len(best.ctx) - best_len) > 64 and len(self._entries) < self.max_contexts
+        fork = best_len < len(best.ctx) and (len(best.ctx) - best_len) > 64
         return best, fork
 
     @contextmanager

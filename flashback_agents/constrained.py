@@ -1,0 +1,140 @@
+"""Constrained decoding with xgrammar: required tool calls and JSON-schema outputs always parse.
+
+A small model asked to call a tool often answers in prose. When a call is *required*, the output is
+constrained to ``<tool_call>{"name": <one of the tools>, "arguments": {...}}</tool_call>`` (then EOS),
+so it is always a valid call. The grammar is built by xgrammar from JSON schemas (no hand-written
+grammar) and applied through xgrammar's transformers-style logits processor, which plugs into
+:func:`flashback_agents.generation.generate` as a processor.
+
+Compiling a grammar costs ~0.3 s on the default model, so compiled grammars are kept in an explicit,
+bounded LRU cache keyed by (model, canonical schema).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any, Sequence
+
+from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from .models import LoadedModel
+
+
+class ConstraintError(ValueError):
+    """A schema or tool choice that cannot be turned into a grammar."""
+
+
+def tool_name(tool: dict) -> str:
+    """Name of an OpenAI-style tool dict (``{"type": "function", "function": {...}}`` or bare)."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ConstraintError(f"Tool {tool!r} has no name; tools must be OpenAI-style function dicts.")
+    return name
+
+
+def _parameters(tool: dict) -> dict:
+    fn = tool.get("function", tool)
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise ConstraintError(f"Tool {tool_name(tool)!r} has parameters that are not a JSON schema object.")
+    return params
+
+
+def tool_call_schema(tools: Sequence[dict], choice: str | None = None) -> dict:
+    """JSON schema of one call's body: ``{"name": const, "arguments": params}`` (anyOf over tools).
+
+    ``choice`` narrows to one tool by name; ``None``/"any"/"required" allows every tool.
+    """
+    if not tools:
+        raise ConstraintError("A tool call was required but no tools were given.")
+    names = [tool_name(t) for t in tools]
+    chosen = list(tools)
+    if choice not in (None, "any", "required"):
+        if choice not in names:
+            raise ConstraintError(f"tool_choice {choice!r} is not one of the bound tools {names}.")
+        chosen = [t for t in tools if tool_name(t) == choice]
+    bodies = [{"type": "object",
+               "properties": {"name": {"const": tool_name(t)}, "arguments": _parameters(t)},
+               "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+    return bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+
+
+class GrammarCache:
+    """Bounded LRU of compiled grammars, plus one xgrammar compiler per model."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._grammars: OrderedDict[tuple, Any] = OrderedDict()
+        self._compilers: dict[int, tuple[LoadedModel, Any]] = {}
+        self._lock = threading.Lock()
+
+    def compiler(self, lm: LoadedModel):
+        import xgrammar as xgr
+
+        with self._lock:
+            entry = self._compilers.get(id(lm))
+            if entry is None or entry[0] is not lm:
+                vocab = lm.model.get_input_embeddings().weight.shape[0]  # includes the 2 marker rows
+                out = lm.model.get_output_embeddings()
+                if out is not None:
+                    vocab = max(vocab, out.weight.shape[0])
+                info = xgr.TokenizerInfo.from_huggingface(lm.tokenizer, vocab_size=vocab,
+                                                          stop_token_ids=sorted(lm.eos_token_ids))
+                entry = (lm, xgr.GrammarCompiler(info))
+                self._compilers[id(lm)] = entry
+            return entry[1]
+
+    def get(self, lm: LoadedModel, kind: str, schema: dict):
+        """Compiled grammar for ``kind`` ("tool_call" wraps the schema in the call markup, "json" not)."""
+        import xgrammar as xgr
+
+        key = (id(lm), kind, json.dumps(schema, sort_keys=True, default=str))
+        with self._lock:
+            hit = self._grammars.get(key)
+            if hit is not None:
+                self._grammars.move_to_end(key)
+                return hit
+        compiler = self.compiler(lm)
+        try:
+            body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as exc:  # xgrammar raises RuntimeError with the parse details
+            raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
+        if kind == "tool_call":
+            grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{TOOL_CALL_OPEN}"'), body,
+                                         xgr.Grammar.from_ebnf(f'root ::= "{TOOL_CALL_CLOSE}"'))
+        else:
+            grammar = body
+        compiled = compiler.compile_grammar(grammar)
+        with self._lock:
+            self._grammars[key] = compiled
+            while len(self._grammars) > self.max_entries:
+                self._grammars.popitem(last=False)
+        return compiled
+
+    def clear(self) -> None:
+        with self._lock:
+            self._grammars.clear()
+            self._compilers.clear()
+
+
+GRAMMARS = GrammarCache()
+
+
+def _processor(compiled) -> Any:
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    return LogitsProcessor(compiled)  # single use: one per generation
+
+
+def tool_call_processor(lm: LoadedModel, tools: Sequence[dict], choice: str | None = None) -> Any:
+    """A fresh logits processor forcing exactly one valid call of one of ``tools``."""
+    return _processor(GRAMMARS.get(lm, "tool_call", tool_call_schema(tools, choice)))
+
+
+def json_schema_processor(lm: LoadedModel, schema: dict) -> Any:
+    """A fresh logits processor forcing output that validates against ``schema``."""
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"response_schema must be a JSON schema dict, got {type(schema).__name__}.")
+    return _processor(GRAMMARS.get(lm, "json", schema))
