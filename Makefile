@@ -11,7 +11,7 @@ install:
 	$(PIP) install -e ".[$(EXTRAS)]"
 
 demo: install
-	$(PY) examples/log_analysis_agent.py
+	$(PY) examples/quickstart.py
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -1,0 +1,90 @@
+"""Engine commands: ``chat`` (interactive, shows computed vs reused tokens per turn) and ``info``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from .models import DEFAULT_MODEL
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command("chat")(chat)
+    app.command("info")(info)
+
+
+def chat(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model spec: default name, HF id, dir or .gguf."),
+    adapter: Optional[str] = typer.Option(None, help="Trained FlashBack adapter directory."),
+    system: str = typer.Option("You are a helpful assistant.", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, help="Maximum tokens per reply."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+) -> None:
+    """Chat interactively; every turn computes only the new tokens (shown after each reply)."""
+    from .cli import fail
+    from .context import CachedContext, ContextOverflowError
+    from .generation import GenerationConfig, stream
+    from .layout import Message
+    from .models import ModelLoadError, load_model
+
+    try:
+        lm = load_model(model, adapter=adapter)
+    except ModelLoadError as exc:
+        fail(str(exc))
+    ctx = CachedContext(lm)
+    messages = [Message("system", system)]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    typer.echo(f"{lm.name} on {lm.device} ({lm.max_positions} tokens). Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("you> ") if sys.stdin.isatty() else sys.stdin.readline()
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            break
+        messages.append(Message("user", line))
+        try:
+            sync = ctx.sync(ctx.layout.render(messages))
+        except ContextOverflowError as exc:
+            messages.pop()
+            typer.secho(str(exc), fg=typer.colors.RED, err=True)
+            continue
+        typer.echo("bot> ", nl=False)
+        run = stream(ctx, cfg)
+        for delta in run:
+            typer.echo(delta, nl=False)
+        reply = Message("assistant", run.result.text)
+        ctx.layout.remember_reply(reply, run.result.token_ids)
+        messages.append(reply)
+        typer.secho(f"\n  [tokens computed {sync.computed}, reused {sync.reused}, generated "
+                    f"{len(run.result.token_ids)} in {run.result.seconds:.2f}s]", fg=typer.colors.BRIGHT_BLACK)
+
+
+def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+         load: bool = typer.Option(False, help="Also load the model and report its window and dtype."),
+         json_out: bool = typer.Option(False, "--json")) -> None:
+    """Model, device, cache dir and versions."""
+    import torch
+    import transformers
+
+    from . import __version__
+    from .cli import emit
+    from .models import ModelLoadError, cache_dir, default_gguf_path, load_model
+
+    data: dict = {"flashback_agents": __version__, "torch": torch.__version__,
+                  "transformers": transformers.__version__, "model": model,
+                  "device": "cuda" if torch.cuda.is_available() else "cpu",
+                  "threads": torch.get_num_threads(), "cache_dir": str(cache_dir())}
+    try:
+        data["default_gguf"] = str(default_gguf_path())
+    except ModelLoadError as exc:
+        data["default_gguf"] = f"missing ({exc})"
+    data["default_converted"] = (cache_dir() / DEFAULT_MODEL / "config.json").is_file()
+    if load:
+        lm = load_model(model)
+        data.update(name=lm.name, dtype=str(lm.dtype), max_positions=lm.max_positions,
+                    parameters=sum(p.numel() for p in lm.model.parameters()), marker_ids=list(lm.marker_ids))
+    emit(data, json_out)
