@@ -26,13 +26,16 @@ _FORMAT = "flashback-context-v1"
 class ContextOverflowError(RuntimeError):
     """The context would exceed its token budget; nothing was changed."""
 
-    def __init__(self, needed: int, limit: int, what: str = "append"):
+    def __init__(self, needed: int, limit: int, what: str = "append", compacting: bool = False):
         self.needed, self.limit, self.over = needed, limit, needed - limit
+        advice = ("even after evicting every older tool result and evidence block, the system block, "
+                  "messages and assistant turns alone are too long. Shorten them or raise max_context_tokens."
+                  if compacting else
+                  "Shorten the input, roll back or start a new context, or use on_overflow='evict' to drop "
+                  "the oldest tool results and evidence automatically.")
         super().__init__(
             f"Context overflow: this {what} needs {needed} tokens but the limit is {limit} "
-            f"({needed - limit} too many). Nothing was changed. Shorten the input, roll back or "
-            "start a new context, or use on_overflow='evict' to drop the oldest tool results and "
-            "evidence automatically."
+            f"({needed - limit} too many). Nothing was changed: {advice}"
         )
 
 
@@ -46,6 +49,9 @@ class ContextStats:
 
     tokens_computed: int = 0
     tokens_reused: int = 0
+    compactions: int = 0
+    tokens_evicted: int = 0
+    tokens_recomputed: int = 0  # tail tokens recomputed because of compactions
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decoded_tokens: int = 0
@@ -76,10 +82,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CachedContext:
     """Token ids plus a ``DynamicCache`` covering exactly them; only ever computes new tokens."""
 
-    def __init__(self, lm: LoadedModel, *, max_context_tokens: int | None = None, prefill_chunk: int = 512):
-        from .layout import Layout
+    def __init__(self, lm: LoadedModel, *, max_context_tokens: int | None = None, prefill_chunk: int = 512,
+                 on_overflow: str = "error", low_water: float = 0.75):
+        from .compaction import ON_OVERFLOW
 
+        if on_overflow not in ON_OVERFLOW:
+            raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         self.lm = lm
+        self.on_overflow = on_overflow
+        self.low_water = low_water
+        self.last_compaction = None  # the CompactionEvent of the latest sync/append, if any
         self._ids: list[int] = []
         self._cache = kvcache.new_cache(lm.model)
         self._logits: torch.Tensor | None = None  # next-token logits after token_ids, when known
@@ -89,7 +101,8 @@ class CachedContext:
         self.prefill_chunk = prefill_chunk
         self.stats = ContextStats()
         self.lock = threading.RLock()
-        self._layout: Layout | None = None
+        self._layout = None
+        self._compactor = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -119,13 +132,26 @@ class CachedContext:
             self._layout = Layout(self.lm)
         return self._layout
 
+    @property
+    def compactor(self):
+        """The context's :class:`~flashback_agents.compaction.Compactor` (remembers evicted blocks)."""
+        from .compaction import Compactor
+
+        if self._compactor is None:
+            self._compactor = Compactor(self.layout, self.max_context_tokens, self.low_water)
+        return self._compactor
+
+    def view_of(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` as this context would hold them (blocks it evicted earlier replaced by their stubs)."""
+        return self._compactor.apply(ids) if self._compactor is not None else list(ids)
+
     def text(self) -> str:
         return self.lm.decode(self._ids)
 
     # -------------------------------------------------------------- compute
     def _check_room(self, total: int, what: str) -> None:
         if total > self.max_context_tokens:
-            raise ContextOverflowError(total, self.max_context_tokens, what)
+            raise ContextOverflowError(total, self.max_context_tokens, what, self.on_overflow != "error")
 
     def _validate_ids(self, ids: Sequence[int]) -> list[int]:
         vocab = self.lm.model.get_input_embeddings().weight.shape[0]
@@ -188,6 +214,9 @@ class CachedContext:
         """Append text (tokenized without special tokens) or ids; compute only those tokens."""
         with self.lock:
             ids = self.lm.encode(text_or_ids) if isinstance(text_or_ids, str) else self._validate_ids(text_or_ids)
+            if self.on_overflow != "error" and len(self._ids) + len(ids) > self.max_context_tokens:
+                return self.sync(self._ids + ids)
+            self.last_compaction = None
             reused = len(self._ids)
             self._extend(ids)
             self.stats.tokens_reused += reused
@@ -201,12 +230,58 @@ class CachedContext:
         """Make the context hold exactly ``ids``: keep the longest common prefix, compute the rest."""
         with self.lock:
             ids = self._validate_ids(ids)
+            self.last_compaction = None
+            if self.on_overflow != "error":
+                ids, event = self.compactor.compact(ids)
+                if event is not None:
+                    self._check_room(len(ids), "sync")
+                    self.last_compaction = event
+                    self.stats.compactions += 1
+                    self.stats.tokens_evicted += event.tokens_evicted
+                    if self.on_overflow == "shift":
+                        self._shift_to(self.compactor.apply(self._ids))
+                    before = self.stats.tokens_computed
+                    common = common_prefix(self._ids, ids)
+                    self._truncate(common)
+                    self._extend(ids[common:])
+                    self.stats.tokens_reused += common
+                    recomputed = max(0, min(len(self._ids), event.tokens_after) - event.first_changed)
+                    if self.on_overflow == "evict":
+                        self.stats.tokens_recomputed += min(recomputed, self.stats.tokens_computed - before)
+                    return SyncResult(common, len(ids) - common)
             self._check_room(len(ids), "sync")
             common = common_prefix(self._ids, ids)
             self._truncate(common)
             self._extend(ids[common:])
             self.stats.tokens_reused += common
             return SyncResult(common, len(ids) - common)
+
+    @torch.inference_mode()
+    def _shift_to(self, target: list[int]) -> None:
+        """Turn the cached ``self._ids`` into ``target`` (same ids with blocks replaced by stubs) by
+        computing only the stubs and rotating the keys after each one (``on_overflow='shift'``)."""
+        from .compaction import find_blocks
+
+        self.flush()
+        old = self._ids
+        if old == target:
+            return
+        old_blocks = find_blocks(old, self.lm.marker_ids)
+        new_blocks = find_blocks(target, self.lm.marker_ids)
+        if len(old_blocks) != len(new_blocks):  # not a pure block replacement: recompute instead
+            return
+        changes = [(o, n) for o, n in zip(old_blocks, new_blocks) if old[o.start:o.end] != target[n.start:n.end]]
+        for o, n in reversed(changes):  # last first: earlier indices stay valid
+            stub = target[n.start:n.end]
+
+            def compute(stub=stub) -> None:
+                self._run(stub)
+
+            kvcache.replace_span_shifted(self.lm.model, self._cache, o.start, o.end, compute, len(stub))
+            self.stats.tokens_recomputed += len(stub)
+            self.stats.tokens_computed += len(stub)
+            self._ids = self._ids[:o.start] + stub + self._ids[o.end:]
+        self._logits = None
 
     def rollback(self, n_tokens: int) -> None:
         """Forget the last ``n_tokens`` tokens (and their cache)."""
@@ -259,13 +334,16 @@ class CachedContext:
         with self.lock:
             n = min(n, len(self._ids))
             other = CachedContext(self.lm, max_context_tokens=self.max_context_tokens,
-                                  prefill_chunk=self.prefill_chunk)
+                                  prefill_chunk=self.prefill_chunk, on_overflow=self.on_overflow,
+                                  low_water=self.low_water)
             cached = min(n, kvcache.cache_len(self._cache))
             other._cache = kvcache.copy_prefix(self.lm.model, self._cache, cached)
             other._ids = self._ids[:n]
             if n == len(self._ids) and self._logits is not None:
                 other._logits = self._logits.clone()
             other._layout = self._layout
+            if self._compactor is not None:
+                other._compactor = self._compactor.copy()
             return other
 
     # ----------------------------------------------------------- persistence

@@ -132,3 +132,42 @@ def cache_nbytes(cache: DynamicCache) -> int:
         elif layer.is_initialized and layer.keys is not None:
             total += layer.keys.numel() * layer.keys.element_size() * 2
     return total
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_shift_keys(model: Any, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    """Move RoPE-rotated keys by ``delta`` positions: R(delta) R(p) k = R(p + delta) k.
+
+    Exact for the first layer (its keys depend only on each token's embedding); deeper layers keep
+    the attention they computed over the removed tokens: that drift is what ``shift`` trades for speed.
+    """
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None:
+        raise NotImplementedError(f"{type(model).__name__} has no rotary embedding: on_overflow='shift' needs RoPE")
+    pos = torch.tensor([[abs(delta)]], device=keys.device)
+    cos, sin = rotary(keys, pos)
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    cos = (cos / scale).to(keys.dtype)[:, None]  # [1, 1, 1, D]
+    sin = (sin / scale).to(keys.dtype)[:, None]
+    sign = 1.0 if delta > 0 else -1.0
+    return keys * cos + sign * _rotate_half(keys) * sin
+
+
+def replace_span_shifted(model: Any, cache: DynamicCache, start: int, end: int,
+                         compute: Any, new_len: int) -> None:
+    """Replace cached tokens [start, end) by ``new_len`` tokens without recomputing what follows.
+
+    ``compute()`` runs the replacement tokens (appending them to the cache at ``start``); the keys of
+    the tokens after ``end`` are rotated back by the removed length and re-appended as they were.
+    """
+    tail = [(k[..., end:, :].clone(), v[..., end:, :].clone()) for k, v in layer_tensors(cache)]
+    crop_to(cache, start)
+    compute()
+    delta = new_len - (end - start)
+    for layer, (k, v) in zip(cache.layers, tail):
+        if k.shape[-2]:
+            layer.update(rope_shift_keys(model, k, delta) if delta else k, v)

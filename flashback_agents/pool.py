@@ -36,11 +36,13 @@ class ContextPool:
     """Holds contexts for one model; ``acquire(ids)`` yields a synced, exclusively held context."""
 
     def __init__(self, lm: LoadedModel, *, max_bytes: int = 2 << 30, max_contexts: int = 16,
-                 max_context_tokens: int | None = None):
+                 max_context_tokens: int | None = None, on_overflow: str = "error", low_water: float = 0.75):
         self.lm = lm
         self.max_bytes = max_bytes
         self.max_contexts = max_contexts
         self.max_context_tokens = max_context_tokens
+        self.on_overflow = on_overflow
+        self.low_water = low_water
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
@@ -58,11 +60,12 @@ class ContextPool:
         for e in self._entries:
             if e.busy:
                 continue
-            n = common_prefix(e.ctx._ids, ids)
+            n = common_prefix(e.ctx._ids, e.ctx.view_of(ids))
             if n > best_len or (n == best_len and best is not None and len(e.ctx) < len(best.ctx)):
                 best, best_len = e, n
         if best is None or best_len == 0:
-            entry = _Entry(CachedContext(self.lm, max_context_tokens=self.max_context_tokens))
+            entry = _Entry(CachedContext(self.lm, max_context_tokens=self.max_context_tokens,
+                                         on_overflow=self.on_overflow, low_water=self.low_water))
             self._entries.append(entry)
             return entry, False
         # If using `best` would crop away a long tail another conversation may come back to, copy the
@@ -82,7 +85,7 @@ class ContextPool:
                 self._free.wait(remaining)
             entry, fork = self._pick(ids)
             if fork:
-                n = common_prefix(entry.ctx._ids, ids)
+                n = common_prefix(entry.ctx._ids, entry.ctx.view_of(ids))
                 entry = _Entry(entry.ctx.fork_prefix(n))
                 self._entries.append(entry)
             entry.busy = True
