@@ -84,7 +84,12 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
         data["default_gguf"] = f"missing ({exc})"
     data["default_converted"] = (cache_dir() / DEFAULT_MODEL / "config.json").is_file()
     if load:
-        lm = load_model(model)
+        try:
+            lm = load_model(model)
+        except ModelLoadError as exc:
+            from .cli import fail
+
+            fail(str(exc))
         data.update(name=lm.name, dtype=str(lm.dtype), max_positions=lm.max_positions,
                     parameters=sum(p.numel() for p in lm.model.parameters()), marker_ids=list(lm.marker_ids))
     emit(data, json_out)
