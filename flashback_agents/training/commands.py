@@ -1,0 +1,158 @@
+"""``flashback-agents train`` and ``flashback-agents export`` (registered by cli.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".log", ".text", ".py", ".json"}
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Texts for RALM samples: a text file, a ``.jsonl`` file (``{"text": ...}`` or a string per line)
+    or a directory of such files (recursively, sorted)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"}))
+    elif p.is_file():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"RALM corpus not found: {p}")
+    texts = []
+    for f in files:
+        if f.suffix.lower() == ".jsonl":
+            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{f}:{lineno}: invalid JSON ({exc.msg})") from None
+                text = value.get("text") if isinstance(value, dict) else value
+                if not isinstance(text, str):
+                    raise ValueError(f"{f}:{lineno}: expected a string or an object with a 'text' string")
+                texts.append(text)
+        else:
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+    return [t for t in texts if t.strip()]
+
+
+def open_retriever(store: str) -> Any:
+    """The retriever of an existing store (built with ``flashback-agents index``)."""
+    from ..retrieval import open_store
+
+    return open_store(store)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - no bench commands here
+    @app.command("train")
+    def train_cmd(
+        data: Optional[list[Path]] = typer.Option(None, "--data", help="Transcript file(s) (.jsonl / .json) or directories."),
+        format: str = typer.Option("auto", "--format", help="openai | langchain | llamaindex | auto"),
+        ralm_corpus: Optional[Path] = typer.Option(None, "--ralm-corpus", help="Texts for RALM samples (file or directory)."),
+        retriever_store: Optional[str] = typer.Option(None, "--retriever-store", help="Store to retrieve RALM evidence from."),
+        model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model spec."),
+        out: Path = typer.Option(..., "--out", help="Output adapter directory."),
+        steps: int = typer.Option(200, "--steps"),
+        lr: float = typer.Option(2e-4, "--lr"),
+        batch_size: int = typer.Option(4, "--batch-size"),
+        grad_accum: int = typer.Option(1, "--grad-accum"),
+        max_length: int = typer.Option(1024, "--max-length"),
+        warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Default: 5% of steps."),
+        eval_every: int = typer.Option(50, "--eval-every"),
+        save_every: int = typer.Option(100, "--save-every"),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip (and count) malformed conversations."),
+        seed: int = typer.Option(0, "--seed"),
+        gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+        lora_r: int = typer.Option(16, "--lora-r"),
+        lora_alpha: int = typer.Option(32, "--lora-alpha"),
+        lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+        target_modules: str = typer.Option("k_proj,v_proj", "--target-modules"),
+        stride: int = typer.Option(16, "--stride", help="RALM: retrieve every N tokens."),
+        query_tokens: int = typer.Option(32, "--query-tokens", help="RALM: query with the last N tokens."),
+        top_k: int = typer.Option(2, "--top-k", help="RALM: chunks appended per retrieval."),
+        mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16"),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Train a FlashBack adapter (LoRA on K/V + marker rows) from transcripts and/or a RALM corpus."""
+        from ..cli import emit, fail
+        from ..models import load_model
+        from .samples import conversation_samples, ralm_samples
+        from .trainer import TrainConfig, TrainError, train
+        from .transcripts import FORMATS, TranscriptError, read_transcripts
+
+        if not data and not ralm_corpus:
+            fail("nothing to train on: pass --data FILE.jsonl and/or --ralm-corpus DIR_OR_FILE.")
+        if format not in FORMATS:
+            fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
+        if ralm_corpus and not retriever_store:
+            fail("--ralm-corpus needs --retriever-store DIR (a store built with `flashback-agents index`).")
+        transcripts = None
+        if data:
+            try:
+                transcripts = read_transcripts(list(data), format=format, skip_invalid=skip_invalid)
+            except TranscriptError as exc:
+                fail(f"{exc} (pass --skip-invalid to skip malformed conversations)")
+            except (FileNotFoundError, OSError) as exc:
+                fail(str(exc))
+            if transcripts.n_skipped:
+                typer.secho(f"skipped {transcripts.n_skipped} malformed conversation(s); first: "
+                            f"{transcripts.skipped[0]}", fg=typer.colors.YELLOW, err=True)
+        config = TrainConfig(
+            model=model, output_dir=str(out), steps=steps, learning_rate=lr, batch_size=batch_size,
+            grad_accum=grad_accum, max_length=max_length, warmup_steps=warmup_steps, eval_every=eval_every,
+            save_every=save_every, resume=resume, seed=seed, gradient_checkpointing=gradient_checkpointing,
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            target_modules=[t.strip() for t in target_modules.split(",") if t.strip()],
+            mixed_precision=mixed_precision)
+        lm = load_model(model, device="cpu", dtype=config.dtype)  # accelerate moves it to its device
+        samples = []
+        summary: dict[str, Any] = {}
+        if transcripts is not None:
+            conv, stats = conversation_samples(lm, transcripts, max_length=max_length)
+            samples += conv
+            summary.update({"conversations": len(transcripts), "skipped_invalid": transcripts.n_skipped,
+                            "conversation_samples": len(conv), "truncated": stats.truncated,
+                            "dropped_empty": stats.dropped})
+        if ralm_corpus:
+            try:
+                texts = read_corpus(ralm_corpus)
+                retriever = open_retriever(retriever_store)
+            except (OSError, ValueError, RuntimeError) as exc:
+                fail(str(exc))
+            ralm, rstats = ralm_samples(lm, texts, retriever, stride=stride, query_tokens=query_tokens,
+                                        top_k=top_k, max_length=max_length, progress=True)
+            samples += ralm
+            summary.update({"ralm_texts": len(texts), "ralm_samples": len(ralm), "retrievals": rstats.retrievals})
+        try:
+            result = train(config, samples, lm=lm)
+        except TrainError as exc:
+            fail(str(exc))
+        summary.update({"output_dir": result.output_dir, "step": result.step, "finished": result.finished,
+                        "resumed_from": result.resumed_from,
+                        "first_loss": result.train_loss[0][1] if result.train_loss else None,
+                        "last_loss": result.train_loss[-1][1] if result.train_loss else None,
+                        "last_eval_loss": result.eval_loss[-1][1] if result.eval_loss else None})
+        emit(summary, as_json)
+
+    @app.command("export")
+    def export_cmd(
+        adapter: Path = typer.Option(..., "--adapter", help="Adapter directory written by `train`."),
+        out: Path = typer.Option(..., "--out", help="Where to write the merged Hugging Face model."),
+        base: Optional[str] = typer.Option(None, "--base", help="Base model spec (default: the one recorded in the adapter)."),
+        dtype: str = typer.Option("float32", "--dtype"),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Merge an adapter into its base model: a plain HF directory loadable with load_model(OUT)."""
+        from ..cli import emit, fail
+        from .trainer import TrainError, export_merged
+
+        try:
+            path = export_merged(adapter, out, base=base, dtype=dtype)
+        except TrainError as exc:
+            fail(str(exc))
+        emit({"merged_model": str(path)}, as_json)
