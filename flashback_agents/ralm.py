@@ -1,0 +1,408 @@
+"""The FlashBack retrieval loop (arXiv 2405.04065, section 3) and its In-Context RALM prepend baseline.
+
+Every ``stride`` generated tokens the loop queries the retriever with the last ``query_tokens``
+tokens of the input + generated text and places the ``top_k`` chunks in the context:
+
+- ``pattern="append"`` (FlashBack): each new chunk goes *after* everything so far as
+  ``<MARK_L> chunk <MARK_R>``; the KV cache stays valid, so only the evidence (plus the one pending
+  generated token) is computed.
+- ``pattern="prepend"`` (In-Context RALM): the evidence replaces the previous evidence *before* the
+  input, ``[prefix][evidence][prompt + generated so far]``; everything after the first changed token
+  is recomputed (``ctx.sync``).
+
+Decoding is :mod:`flashback_agents.generation`'s own loop (same sampling, stop strings and EOS
+handling), with retrieval done from its per-token hook, so with ``top_k=0`` the output is exactly
+that of ``generate()``. The returned text never contains evidence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .context import CachedContext
+from .generation import GenerationConfig, LogitsProcessor, _Run
+from .retrieval.base import Document, RetrievalError, Retriever
+
+PATTERNS = ("append", "prepend")
+
+
+@dataclass
+class RetrievalRecord:
+    """One retrieval: when, with what query, what came back, and what placing it cost.
+
+    ``tokens_computed`` counts every token the model ran to place the evidence (for append: the
+    evidence plus the pending generated token; for prepend: everything after the first changed
+    token); ``tokens_reused`` is the cache kept.
+    """
+
+    step: int
+    query: str
+    doc_ids: list[str]
+    added_ids: list[str] = field(default_factory=list)
+    removed_ids: list[str] = field(default_factory=list)
+    evidence_tokens: int = 0
+    tokens_computed: int = 0
+    tokens_reused: int = 0
+    retrieval_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+
+@dataclass
+class RalmResult:
+    """Generated text (never evidence), its ids, and the per-retrieval accounting."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    retrievals: list[RetrievalRecord]
+    pattern: str = "append"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    context_tokens: int = 0
+    prefill_seconds: float = 0.0  # the prompt (and evidence retrieved for it)
+    generate_seconds: float = 0.0  # decoding, retrievals and evidence placement
+    evidence: list[Document] = field(default_factory=list)
+
+    @property
+    def tokens_computed(self) -> int:
+        return sum(r.tokens_computed for r in self.retrievals)
+
+    @property
+    def retrieval_seconds(self) -> float:
+        return sum(r.retrieval_seconds for r in self.retrievals)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["evidence"] = [e.as_dict() for e in self.evidence]
+        d.update(tokens_computed=self.tokens_computed, retrieval_seconds=self.retrieval_seconds,
+                 tokens_per_second=self.tokens_per_second)
+        return d
+
+
+@dataclass
+class _Seg:
+    """A run of context ids: input/generated text, or one evidence block (``doc`` set)."""
+
+    ids: list[int]
+    doc: Document | None = None
+
+
+class RetrievalLoop:
+    """Generate on a :class:`CachedContext`, retrieving every ``stride`` tokens (see module doc)."""
+
+    def __init__(self, context: CachedContext, retriever: Retriever | None, stride: int = 16,
+                 query_tokens: int = 32, top_k: int = 2, pattern: str = "append", keep_evidence: bool = True,
+                 retrieve_at_start: bool = True, label_sources: bool = True):
+        if pattern not in PATTERNS:
+            raise RetrievalError(f"pattern must be one of {PATTERNS}, got {pattern!r}.")
+        for name, value, low in (("stride", stride, 1), ("query_tokens", query_tokens, 1), ("top_k", top_k, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise RetrievalError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if retriever is None and top_k > 0:
+            raise RetrievalError("A retriever is needed when top_k > 0.")
+        if retriever is not None and not callable(getattr(retriever, "retrieve", None)):
+            raise RetrievalError(f"{type(retriever).__name__} has no retrieve(query, k) method.")
+        self.ctx, self.retriever = context, retriever
+        self.stride, self.query_tokens, self.top_k = stride, query_tokens, top_k
+        self.pattern, self.keep_evidence = pattern, keep_evidence
+        self.retrieve_at_start, self.label_sources = retrieve_at_start, label_sources
+
+    # ------------------------------------------------------------------------------ helpers
+    def _evidence_ids(self, doc: Document) -> list[int]:
+        return self.ctx.layout.evidence(doc.text, doc.label() if self.label_sources else None)
+
+    def _layout_ids(self) -> list[int]:
+        """The id sequence the context must hold for the current segments and pattern."""
+        if self.pattern == "prepend":
+            ev = [t for s in self._segs if s.doc is not None for t in s.ids]
+            text = [t for s in self._segs if s.doc is None for t in s.ids]
+            return self._prefix + ev + text
+        return self._prefix + [t for s in self._segs for t in s.ids]
+
+    def _query(self) -> str:
+        markers = set(self.ctx.lm.marker_ids)
+        stream = [t for s in self._segs if s.doc is None for t in s.ids if t not in markers]
+        return self.ctx.lm.decode(stream[-self.query_tokens:], skip_special_tokens=True).strip()
+
+    def _present(self) -> dict[str, _Seg]:
+        return {s.doc.id: s for s in self._segs if s.doc is not None}
+
+    def _plan(self, docs: list[Document]) -> tuple[list[_Seg], list[str], list[str]]:
+        """New segment list after a retrieval, with the doc ids added and removed."""
+        present = self._present()
+        wanted: list[Document] = []
+        for d in docs:
+            if d.id not in {w.id for w in wanted}:
+                wanted.append(d)
+        replace = self.pattern == "prepend" or not self.keep_evidence
+        keep_ids = {d.id for d in wanted}
+        segs = [s for s in self._segs if s.doc is None or not replace or s.doc.id in keep_ids]
+        removed = [i for i in present if replace and i not in keep_ids]
+        added = [d.id for d in wanted if d.id not in present]
+        new = [_Seg(self._evidence_ids(d), d) for d in wanted if d.id not in present]
+        if self.pattern == "prepend":
+            segs = [s for s in segs if s.doc is not None] + new + [s for s in segs if s.doc is None]
+        else:
+            segs = segs + new
+        return segs, added, removed
+
+    def _retrieve(self, step: int) -> RetrievalRecord:
+        ctx = self.ctx
+        query = self._query()
+        t0 = time.perf_counter()
+        docs = self.retriever.retrieve(query, self.top_k) if query else []
+        rsec = time.perf_counter() - t0
+        rec = RetrievalRecord(step=step, query=query, doc_ids=[d.id for d in docs], retrieval_seconds=rsec)
+        if not docs:  # nothing found: the context stays as it is (old evidence is not dropped for nothing)
+            rec.tokens_reused = ctx.cached_tokens
+            return rec
+        old_segs = self._segs
+        segs, added, removed = self._plan(docs)
+        # Keep within the window: drop the lowest-ranked new chunks that do not fit.
+        while added:
+            self._segs = segs
+            if len(self._layout_ids()) <= ctx.max_context_tokens:
+                break
+            last = added.pop()
+            segs = [s for s in segs if s.doc is None or s.doc.id != last]
+        self._segs = segs
+        ids = self._layout_ids()
+        if len(ids) > ctx.max_context_tokens:  # even without new chunks (nothing to add): keep the old layout
+            self._segs, added, removed = old_segs, [], []
+            ids = self._layout_ids()
+        rec.added_ids, rec.removed_ids = added, removed
+        rec.evidence_tokens = sum(len(s.ids) for s in self._segs if s.doc is not None and s.doc.id in added)
+        for s in self._segs:
+            if s.doc is not None and s.doc.id in added:
+                self._evidence.append(s.doc)
+        kept_before = ctx.cached_tokens
+        t1 = time.perf_counter()
+        if self.pattern == "append" and not removed:
+            new_ids = ids[len(ctx):]
+            res = ctx.append(new_ids) if new_ids else None
+            reused = kept_before
+        else:
+            res = ctx.sync(ids)
+            reused = min(res.reused, kept_before)
+        rec.tokens_computed = ctx.cached_tokens - reused if res is not None else 0
+        rec.tokens_reused = reused
+        rec.compute_seconds = time.perf_counter() - t1
+        return rec
+
+    # -------------------------------------------------------------------------------- public
+    def generate(self, prompt_or_ids: str | Sequence[int], config: GenerationConfig | None = None,
+                 processors: Sequence[LogitsProcessor] = (), *, input_start: int | None = None,
+                 answer_prefix: Sequence[int] = ()) -> RalmResult:
+        """Append the prompt (text is tokenized raw; pass ids for a chat rendering) and decode.
+
+        ``answer_prefix`` ids go after the evidence retrieved for the prompt (for a chat model: the
+        assistant generation prompt, so the documents sit after the question, outside the answer).
+        An empty prompt continues from what the context holds; ``input_start`` then says where the
+        input begins (what prepend places evidence before; default: the whole context).
+        """
+        config = config or GenerationConfig()
+        config.validate()
+        ctx, lm = self.ctx, self.ctx.lm
+        ids = lm.encode(prompt_or_ids) if isinstance(prompt_or_ids, str) else [int(t) for t in prompt_or_ids]
+        with ctx.lock:
+            if ids:
+                start = len(ctx)
+            else:
+                if len(ctx) == 0:
+                    raise RetrievalError("Empty prompt and an empty context: nothing to generate from.")
+                start = 0 if input_start is None else input_start
+                if not 0 <= start < len(ctx):
+                    raise RetrievalError(f"input_start must be in 0..{len(ctx) - 1}, got {start}.")
+            answer_prefix = [int(t) for t in answer_prefix]
+            total = start + len(ids) + len(answer_prefix) + (len(ctx) - start if not ids else 0)
+            if total >= ctx.max_context_tokens:
+                raise RetrievalError(
+                    f"The prompt needs {total} tokens of context but the model window is {ctx.max_context_tokens}: "
+                    "nothing is left for evidence or generation. Shorten the prompt.")
+            held = ctx.token_ids
+            self._prefix = held[:start]
+            self._segs = [_Seg(list(ids) if ids else held[start:])]
+            self._evidence: list[Document] = []
+            records: list[RetrievalRecord] = []
+            eos = lm.eos_token_ids if config.stop_at_eos else set()
+            retrieving = self.top_k > 0 and self.retriever is not None
+            t0 = time.perf_counter()
+            prefill_seconds = 0.0
+            if ids:  # prefill the prompt, fused with the evidence retrieved for it
+                if retrieving and self.retrieve_at_start:
+                    # Place the prompt in our bookkeeping only; one compute covers prompt + evidence.
+                    kept = ctx.cached_tokens
+                    rec = self._retrieve_without_compute(step=0)
+                    self._segs.append(_Seg(list(answer_prefix)))
+                    ctx.append(self._layout_ids()[start:])
+                    rec.tokens_computed = ctx.cached_tokens - kept
+                    rec.tokens_reused = kept
+                    rec.compute_seconds = time.perf_counter() - t0 - rec.retrieval_seconds
+                    records.append(rec)
+                else:
+                    self._segs[0].ids += answer_prefix
+                    ctx.append(ids + answer_prefix)
+                prefill_seconds = time.perf_counter() - t0
+
+            state = {"n": 0}
+            stops = [s for s in config.stop if s]
+            gen: list[int] = []
+
+            def on_token(tok: int) -> None:
+                state["n"] += 1
+                last = self._segs[-1]
+                if last.doc is None:
+                    last.ids.append(tok)
+                else:
+                    self._segs.append(_Seg([tok]))
+                if tok in eos:
+                    return
+                gen.append(tok)
+                n = state["n"]
+                if not retrieving or n % self.stride or n >= config.max_new_tokens:
+                    return
+                if stops and any(s in lm.decode(gen, skip_special_tokens=True) for s in stops):
+                    return  # the run stops on this token: no retrieval after the end
+                if len(ctx) >= ctx.max_context_tokens:
+                    return
+                records.append(self._retrieve(step=n))
+
+            t1 = time.perf_counter()
+            if not ids and retrieving and self.retrieve_at_start:
+                records.append(self._retrieve(step=0))
+            if not ids and answer_prefix:
+                self._segs.append(_Seg([])) if self._segs[-1].doc is not None else None
+                self._segs[-1].ids += answer_prefix
+                ctx.append(answer_prefix)
+            run = _Run(ctx, config, processors, on_token=on_token)
+            for _ in run:
+                pass
+            gen_seconds = time.perf_counter() - t1
+            result = run.result
+            assert result is not None
+            return RalmResult(text=result.text, token_ids=list(result.token_ids), finish_reason=result.finish_reason,
+                              retrievals=records, pattern=self.pattern, prompt_tokens=(len(ids) or len(held) - start) + len(answer_prefix),
+                              generated_tokens=state["n"], context_tokens=len(ctx), prefill_seconds=prefill_seconds,
+                              generate_seconds=gen_seconds, evidence=list(self._evidence))
+
+    def _retrieve_without_compute(self, step: int) -> RetrievalRecord:
+        """First retrieval for a new prompt: plan the segments; the caller computes them in one go."""
+        query = self._query()
+        t0 = time.perf_counter()
+        docs = self.retriever.retrieve(query, self.top_k) if query else []
+        rec = RetrievalRecord(step=step, query=query, doc_ids=[d.id for d in docs],
+                              retrieval_seconds=time.perf_counter() - t0)
+        segs, added, _ = self._plan(docs)
+        while added:
+            self._segs = segs
+            if len(self._layout_ids()) <= self.ctx.max_context_tokens - 1:
+                break
+            last = added.pop()
+            segs = [s for s in segs if s.doc is None or s.doc.id != last]
+        self._segs = segs
+        rec.added_ids = added
+        rec.evidence_tokens = sum(len(s.ids) for s in segs if s.doc is not None)
+        self._evidence += [s.doc for s in segs if s.doc is not None]
+        return rec
+
+
+# ------------------------------------------------------------------------------------ benchmark
+@dataclass
+class RalmBenchConfig:
+    """Append vs prepend decoding speed with retrieval every ``stride`` tokens, per context size."""
+
+    sizes: tuple[int, ...] = (512, 1024, 2048)
+    new_tokens: int = 64
+    stride: int = 16
+    query_tokens: int = 32
+    top_k: int = 2
+    chunk_tokens: int = 128
+    overlap: int = 16
+    repeats: int = 2  # each pattern/size is timed this many times; the fastest counts (less noise)
+
+
+def default_wikitext_dir() -> Path:
+    """``../shared/data/wikitext-2`` next to the repository (where the project keeps its data)."""
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
+
+
+def run_ralm_bench(lm: Any, *, quick: bool = False, config: RalmBenchConfig | None = None,
+                   data_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Tokens/s of the append (FlashBack) and prepend (In-Context RALM) loops, same text, same run.
+
+    Retrieval corpus: BM25 over WikiText-2 *valid*; inputs: the start of WikiText-2 *test*. Each
+    context size is prefilled once (shared by both patterns via ``fork_prefix``, not timed); the timed
+    part is decoding ``new_tokens`` greedy tokens with a retrieval every ``stride`` tokens, the first
+    at step 0, so every stride window pays for one retrieval (the steady state of a long generation).
+    ``quick`` decodes one stride window per size, timed once. A warm-up retrieval and decode run first.
+    """
+    from tqdm.auto import tqdm
+
+    from .retrieval.bm25 import BM25Retriever
+    from .retrieval.chunking import ChunkingConfig, chunk_text
+
+    cfg = config or RalmBenchConfig()
+    if quick and config is None:
+        cfg = RalmBenchConfig(new_tokens=cfg.stride, repeats=1)
+    data = Path(data_dir) if data_dir is not None else default_wikitext_dir()
+    valid, test = data / "valid.txt", data / "test.txt"
+    if not valid.is_file() or not test.is_file():
+        raise RetrievalError(f"WikiText-2 not found under {data} (needs valid.txt and test.txt).")
+    t0 = time.perf_counter()
+    chunks = chunk_text(valid.read_text(encoding="utf-8"), "wikitext-2/valid.txt", lm.tokenizer,
+                        ChunkingConfig(cfg.chunk_tokens, cfg.overlap))
+    retriever = BM25Retriever.from_texts([c.text for c in chunks], [c.id for c in chunks],
+                                         [c.full_metadata() for c in chunks])
+    index_seconds = time.perf_counter() - t0
+    biggest = max(cfg.sizes)
+    text = test.read_text(encoding="utf-8")[: biggest * 8]
+    ids = lm.encode(text)[:biggest]
+    if len(ids) < biggest:
+        raise RetrievalError(f"test.txt gave only {len(ids)} tokens; need {biggest}.")
+    base = CachedContext(lm)
+    t1 = time.perf_counter()
+    base.append(ids)
+    prefill_seconds = time.perf_counter() - t1
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.new_tokens, stop_at_eos=False)
+    warm = base.fork_prefix(min(cfg.sizes))  # first-call costs (allocations, thread pools) are not timed
+    RetrievalLoop(warm, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens, top_k=cfg.top_k).generate(
+        [], GenerationConfig(max_new_tokens=2, stop_at_eos=False), input_start=0)
+    del warm
+    rows = []
+    bar = tqdm(total=len(cfg.sizes) * 2 * cfg.repeats, desc="bench ralm", unit="run", disable=not progress)
+    for size in cfg.sizes:
+        row: dict[str, Any] = {"context_tokens": size}
+        for pattern in PATTERNS:
+            best: RalmResult | None = None
+            for _ in range(max(1, cfg.repeats)):
+                ctx = base.fork_prefix(size)
+                ctx.flush()
+                loop = RetrievalLoop(ctx, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens,
+                                     top_k=cfg.top_k, pattern=pattern)
+                res = loop.generate([], gen_cfg, input_start=0)
+                del ctx, loop
+                if best is None or res.generate_seconds < best.generate_seconds:
+                    best = res
+                bar.update(1)
+            res = best
+            row[f"{pattern}_tokens_per_s"] = res.tokens_per_second
+            row[f"{pattern}_seconds"] = res.generate_seconds
+            row[f"{pattern}_tokens_computed"] = res.tokens_computed
+            row[f"{pattern}_retrievals"] = len(res.retrievals)
+            row[f"{pattern}_retrieval_seconds"] = res.retrieval_seconds
+        row["append_over_prepend"] = (row["append_tokens_per_s"] / row["prepend_tokens_per_s"]
+                                      if row["prepend_tokens_per_s"] else float("inf"))
+        rows.append(row)
+    bar.close()
+    return {"model": getattr(lm, "name", "model"), "quick": quick, "config": asdict(cfg),
+            "corpus_chunks": len(chunks), "index_seconds": index_seconds,
+            "prefill_seconds": prefill_seconds, "rows": rows,
+            "ratios": {str(r["context_tokens"]): r["append_over_prepend"] for r in rows},
+            "seconds": time.perf_counter() - t0}
