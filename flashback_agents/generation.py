@@ -152,16 +152,24 @@ class _Run:
                                        seconds=time.perf_counter() - t0, stop_string=stop_hit)
 
 
+Run = _Run  # public name: ``for delta in Run(ctx, config, processors, on_token=...)``
+
+
 def stream(ctx: CachedContext, config: GenerationConfig | None = None,
-           processors: Sequence[LogitsProcessor] = ()) -> _Run:
-    """Iterate over text deltas; after iteration ``run.result`` holds the :class:`GenerationResult`."""
-    return _Run(ctx, config or GenerationConfig(), processors)
+           processors: Sequence[LogitsProcessor] = (), on_token: Callable[[int], None] | None = None) -> _Run:
+    """Iterate over text deltas; after iteration ``run.result`` holds the :class:`GenerationResult`.
+
+    ``on_token(id)`` is called after each sampled token is pushed to the context (the FlashBack loop
+    uses it to append evidence every ``stride`` tokens).
+    """
+    return _Run(ctx, config or GenerationConfig(), processors, on_token)
 
 
 def generate(ctx: CachedContext, config: GenerationConfig | None = None,
-             processors: Sequence[LogitsProcessor] = ()) -> GenerationResult:
+             processors: Sequence[LogitsProcessor] = (),
+             on_token: Callable[[int], None] | None = None) -> GenerationResult:
     """Decode on ``ctx`` until EOS, a stop string, ``max_new_tokens`` or the window's end."""
-    run = _Run(ctx, config or GenerationConfig(), processors)
+    run = _Run(ctx, config or GenerationConfig(), processors, on_token)
     for _ in run:
         pass
     assert run.result is not None
