@@ -22,6 +22,52 @@ def _ints(text: str) -> list[int]:
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("context")(context)
     bench_app.command("decode")(decode)
+    bench_app.command("agent")(agent)
+
+
+def agent(
+    steps: int = typer.Option(12, help="Agent steps (N)."),
+    tool_tokens: int = typer.Option(512, help="Tokens per tool result (T)."),
+    generate: int = typer.Option(24, help="Tokens generated per step (G), EOS ignored."),
+    systems: Optional[str] = typer.Option(None, help="Comma-separated subset: ideal, ChatHuggingFace, "
+                                          "'LlamaIndex HuggingFaceLLM', ChatFlashBack, 'LlamaIndex FlashBackLLM'."),
+    quick: bool = typer.Option(False, help="N=4, T=128, G=8: a smoke run in well under 2 minutes."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    json_out: bool = typer.Option(False, "--json"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG: seconds per step, one line per system."),
+) -> None:
+    """Replay one agent run through the ideal loop, ChatHuggingFace, LlamaIndex HuggingFaceLLM and ours."""
+    from ..cli import emit
+    from ..models import load_model
+    from .agent_bench import Scenario, bench_agent
+    from .common import save_plot
+
+    scenario = Scenario(4, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
+    lm = load_model(model)
+    only = [s.strip() for s in systems.split(",")] if systems else None
+    data = bench_agent(lm, model, scenario, only)
+    if plot:
+        rows = [r for r in data["systems"] if r["steps"]]
+        save_plot(plot, list(range(1, scenario.steps + 1)),
+                  {r["system"]: [s["seconds"] for s in r["steps"]] for r in rows},
+                  "agent step", "seconds", f"{lm.name}: seconds per agent step")
+        data["plot"] = plot
+    if json_out:
+        emit(data, True)
+        return
+    typer.echo(f"{data['model']} {data['dtype']} threads={data['threads']} scenario={data['scenario']}")
+    for r in data["systems"]:
+        if r["error"]:
+            typer.echo(f"  {r['system']:<28} {r['error']}")
+            continue
+        extra = ""
+        if "vs_ideal_total" in r:
+            extra += f"  {r['vs_ideal_total']:.2f}x ideal"
+        if "speedup_vs_chathf_total" in r:
+            extra += f"  {r['speedup_vs_chathf_total']:.2f}x faster than ChatHuggingFace (last step " \
+                     f"{r['speedup_vs_chathf_last']:.2f}x)"
+        typer.echo(f"  {r['system']:<28} total {r['total_s']:7.2f}s  last step {r['last_step_s']:6.2f}s  "
+                   f"computed {r['tokens_computed']:6d}  reused {r['tokens_reused']:6d}{extra}")
 
 
 def context(

@@ -1,0 +1,425 @@
+"""FlashBackLLM: a LlamaIndex ``FunctionCallingLLM`` on a persistent, KV-cached local model.
+
+Every call goes through :class:`flashback_agents.chat.ChatEngine` (the same code path as the
+LangChain integration): messages are rendered one at a time in the FlashBack append layout, run on
+the process-wide context pool (only tokens that are not already cached are computed), and the ids
+of each reply are remembered so that an agent's next step is a pure append.
+
+Retrieved documents ride on a user message as ``additional_kwargs["documents"]`` (a list of
+strings): they are rendered after the question, each between ``<MARK_L>`` and ``<MARK_R>``, so the
+question stays cached while evidence is appended. The prompt templates in
+:mod:`llama_index.llms.flashback.templates` produce such messages.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncGenerator, Dict, Generator, List, Optional, Sequence, Union
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+    TextBlock,
+    ToolCallBlock,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+
+from flashback_agents.chat import ChatEngine, ChatReply
+from flashback_agents.generation import GenerationConfig
+from flashback_agents.layout import Message, ToolCall
+from flashback_agents.models import DEFAULT_MODEL, LoadedModel
+
+DOCUMENTS_KEY = "documents"
+"""``ChatMessage.additional_kwargs`` key: retrieved texts appended (marked) after a user message."""
+
+_ROLE_MAP = {
+    "system": "system", "developer": "system",
+    "user": "user",
+    "assistant": "assistant", "chatbot": "assistant", "model": "assistant",
+    "tool": "tool", "function": "tool",
+}
+
+
+# ---------------------------------------------------------------------------- conversion
+def _text_of(message: ChatMessage) -> str:
+    """Text of a message; non-text content (images, audio, ...) is a clear error."""
+    parts: list[str] = []
+    for block in message.blocks:
+        if isinstance(block, TextBlock):
+            parts.append(block.text)
+        elif isinstance(block, ToolCallBlock):
+            continue
+        elif getattr(block, "block_type", "") in ("thinking", "cache"):
+            continue
+        else:
+            raise ValueError(f"FlashBackLLM handles text only; got a {type(block).__name__} in a "
+                             f"{message.role.value} message.")
+    return "\n".join(parts)
+
+
+def _json_args(args: Any) -> dict:
+    if isinstance(args, dict):
+        return args
+    if isinstance(args, str):
+        try:
+            value = json.loads(args) if args.strip() else {}
+        except ValueError:
+            return {"input": args}
+        return value if isinstance(value, dict) else {"input": value}
+    return {}
+
+
+def _tool_calls_of(message: ChatMessage) -> list[ToolCall]:
+    """Tool calls of an assistant message: ToolCallBlocks, else OpenAI-style ``additional_kwargs``."""
+    calls = [ToolCall(name=b.tool_name, arguments=_json_args(b.tool_kwargs), id=b.tool_call_id or "")
+             for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if calls:
+        return calls
+    for raw in message.additional_kwargs.get("tool_calls") or []:
+        if not isinstance(raw, dict):
+            raw = raw.model_dump() if hasattr(raw, "model_dump") else vars(raw)
+        fn = raw.get("function", raw)
+        if not isinstance(fn, dict):
+            fn = fn.model_dump() if hasattr(fn, "model_dump") else vars(fn)
+        name = fn.get("name") or raw.get("tool_name")
+        if name:
+            args = fn.get("arguments", raw.get("tool_kwargs", {}))
+            calls.append(ToolCall(name=str(name), arguments=_json_args(args), id=str(raw.get("id") or "")))
+    return calls
+
+
+def to_flashback_messages(messages: Sequence[ChatMessage]) -> list[Message]:
+    """Convert LlamaIndex chat messages to flashback_agents messages.
+
+    - Leading system messages are merged into one (LlamaIndex may add ``system_prompt`` in front of
+      a template's own system message); a later system message becomes a user turn.
+    - ``additional_kwargs["documents"]`` on a user message become ``Message.documents`` (appended
+      after the question, each marked).
+    - A tool result whose call id no assistant message made (e.g. memory truncated the call) keeps
+      its content but drops the id, instead of failing.
+    """
+    out: list[Message] = []
+    seen_ids: set[str] = set()
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, ChatMessage):
+            raise TypeError(f"Message {i} is a {type(msg).__name__}, not a llama_index ChatMessage.")
+        role_name = msg.role.value if isinstance(msg.role, MessageRole) else str(msg.role)
+        role = _ROLE_MAP.get(role_name)
+        if role is None:
+            raise ValueError(f"Message {i} has role {role_name!r}, which FlashBackLLM cannot render; "
+                             f"use one of {sorted(_ROLE_MAP)}.")
+        text = _text_of(msg)
+        kw = msg.additional_kwargs or {}
+        if role == "system":
+            if out and all(m.role == "system" for m in out):
+                out[0].content = f"{out[0].content}\n\n{text}" if out[0].content else text
+                continue
+            if out:
+                role = "user"
+        if role == "assistant":
+            calls = _tool_calls_of(msg)
+            seen_ids.update(c.id for c in calls if c.id)
+            out.append(Message("assistant", text, tool_calls=calls))
+        elif role == "tool":
+            call_id = kw.get("tool_call_id") or None
+            if call_id is not None and call_id not in seen_ids:
+                call_id = None
+            out.append(Message("tool", text, tool_call_id=call_id, name=kw.get("name") or None))
+        elif role == "user":
+            docs = kw.get(DOCUMENTS_KEY) or []
+            if isinstance(docs, str):
+                docs = [docs]
+            out.append(Message("user", text, documents=[str(d) for d in docs if str(d).strip()]))
+        else:
+            out.append(Message("system", text))
+    return out
+
+
+def usage_dict(reply: ChatReply) -> dict:
+    """OpenAI-style usage (what LlamaIndex's TokenCountingHandler reads) plus cache accounting."""
+    u = reply.usage
+    return {
+        "prompt_tokens": u.input_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.input_tokens + u.output_tokens,
+        "cached_tokens": u.cache_read,
+        "computed_tokens": u.computed,
+        "prompt_tokens_details": {"cached_tokens": u.cache_read},
+        "prefill_seconds": u.prefill_seconds,
+        "decode_seconds": u.decode_seconds,
+    }
+
+
+def _raw(reply: ChatReply) -> dict:
+    return {"usage": usage_dict(reply), "finish_reason": reply.finish_reason, "model": reply.model_name,
+            "raw_text": reply.raw_text, "output_ids": list(reply.token_ids)}
+
+
+def _reply_message(reply: ChatReply) -> ChatMessage:
+    blocks: list[Any] = []
+    if reply.text or not reply.tool_calls:
+        blocks.append(TextBlock(text=reply.text))
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments)
+               for c in reply.tool_calls]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
+
+
+def _tool_spec(tool: Any) -> dict:
+    """An OpenAI-style tool dict from a LlamaIndex tool (or an already built dict)."""
+    if isinstance(tool, dict):
+        return tool
+    metadata = getattr(tool, "metadata", None)
+    if metadata is None or not hasattr(metadata, "to_openai_tool"):
+        raise TypeError(f"Expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}.")
+    return metadata.to_openai_tool(skip_length_check=True)
+
+
+# ---------------------------------------------------------------------------- the LLM
+class FlashBackLLM(FunctionCallingLLM):
+    """A local chat model whose KV cache persists across calls (FlashBack append layout).
+
+    Example::
+
+        from llama_index.llms.flashback import FlashBackLLM
+        llm = FlashBackLLM()                      # SmolLM2-135M-Instruct, offline
+        llm.chat([ChatMessage(role="user", content="Hi")]).raw["usage"]
+        # {'prompt_tokens': 25, 'completion_tokens': 9, 'cached_tokens': 0, 'computed_tokens': 25, ...}
+    """
+
+    model: str = Field(default=DEFAULT_MODEL, description="Model spec: the default model, a HF id, a "
+                       "local directory or a .gguf file (or pass an already loaded LoadedModel).")
+    adapter: Optional[str] = Field(default=None, description="Directory of a trained FlashBack adapter.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
+    max_tokens: int = Field(default=256, ge=0, description="max_new_tokens per reply.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(default=None, description="Seed for sampling (temperature > 0).")
+    stop: List[str] = Field(default_factory=list, description="Stop strings.")
+    max_cached_bytes: Optional[int] = Field(default=None, description="Byte budget of the shared context "
+                                            "pool (default 2 GiB).")
+    max_context_tokens: Optional[int] = Field(default=None, description="Cap on tokens per context "
+                                              "(default: the model's window).")
+    tool_choice: Optional[str] = Field(default=None, description="Default tool choice when tools are given: "
+                                       "None/'auto', 'none', 'required' or a tool name.")
+
+    _engine: ChatEngine = PrivateAttr()
+
+    def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, **kwargs: Any) -> None:
+        lm = model if isinstance(model, LoadedModel) else None
+        super().__init__(model=lm.name if lm is not None else model, **kwargs)
+        self._engine = ChatEngine.shared(lm if lm is not None else self.model, adapter=self.adapter,
+                                         max_cached_bytes=self.max_cached_bytes,
+                                         max_context_tokens=self.max_context_tokens)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "FlashBackLLM"
+
+    @property
+    def engine(self) -> ChatEngine:
+        """The shared chat engine (weights, context pool, layout) this LLM runs on."""
+        return self._engine
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self._engine.max_context_tokens,
+            num_output=self.max_tokens,
+            is_chat_model=True,
+            is_function_calling_model=True,
+            model_name=self._engine.model_name,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _config(self, kwargs: Dict[str, Any]) -> GenerationConfig:
+        """Generation settings: the fields, overridable per call (max_tokens, temperature, ...)."""
+        stop = kwargs.pop("stop", None)
+        return GenerationConfig(
+            max_new_tokens=int(kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens))),
+            temperature=float(kwargs.pop("temperature", self.temperature)),
+            top_p=float(kwargs.pop("top_p", self.top_p)),
+            seed=kwargs.pop("seed", self.seed),
+            stop=tuple(stop if stop is not None else self.stop),
+        )
+
+    def _chat_args(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> tuple[list[Message], dict]:
+        kwargs = dict(kwargs)
+        config = self._config(kwargs)
+        tools = [_tool_spec(t) for t in (kwargs.pop("tools", None) or [])]
+        tool_choice = kwargs.pop("tool_choice", None)
+        if tool_choice is None and tools:
+            tool_choice = self.tool_choice
+        if not tools and tool_choice in ("auto", "none"):
+            tool_choice = None
+        schema = kwargs.pop("response_schema", None)
+        # Framework kwargs we accept and ignore (they have no meaning for a local model).
+        for key in ("allow_parallel_tool_calls", "tool_required", "verbose", "strict", "formatted"):
+            kwargs.pop(key, None)
+        if kwargs:
+            raise TypeError(f"FlashBackLLM got unexpected arguments: {sorted(kwargs)}")
+        fb = to_flashback_messages(messages)
+        return fb, {"tools": tools or None, "tool_choice": tool_choice, "response_schema": schema,
+                    "config": config}
+
+    def render_ids(self, messages: Sequence[ChatMessage], **kwargs: Any) -> list[int]:
+        """Token ids a chat call with these messages would run on (for inspection and tests)."""
+        fb, args = self._chat_args(messages, kwargs)
+        return self._engine.layout.render(fb, tools=args["tools"])
+
+    # ------------------------------------------------------------------ chat
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        fb, args = self._chat_args(messages, kwargs)
+        reply = self._engine.chat(fb, **args)
+        return ChatResponse(message=_reply_message(reply), raw=_raw(reply))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        fb, args = self._chat_args(messages, kwargs)
+        run = self._engine.stream_chat(fb, **args)  # errors raise here, before any compute
+
+        def gen() -> Generator[ChatResponse, None, None]:
+            text = ""
+            for delta in run:
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+            assert run.reply is not None
+            yield ChatResponse(message=_reply_message(run.reply), delta="", raw=_raw(run.reply))
+
+        return gen()
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        fb, args = self._chat_args(messages, kwargs)
+        reply = await self._engine.achat(fb, **args)
+        return ChatResponse(message=_reply_message(reply), raw=_raw(reply))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        fb, args = self._chat_args(messages, kwargs)
+        run = self._engine.astream_chat(fb, **args)
+
+        async def gen() -> AsyncGenerator[ChatResponse, None]:
+            text = ""
+            async for delta in run:
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+            assert run.reply is not None
+            yield ChatResponse(message=_reply_message(run.reply), delta="", raw=_raw(run.reply))
+
+        return gen()
+
+    # ------------------------------------------------------------------ completion
+    # A chat model: ``complete(prompt)`` sends the prompt as one user message (with ``system_prompt``).
+    # ``formatted=True`` means the prompt is already in the model's own format: it is completed as
+    # raw text, with no chat template.
+    def _completion_messages(self, prompt: str) -> list[ChatMessage]:
+        return self._extend_messages([ChatMessage(role=MessageRole.USER, content=prompt)])
+
+    @staticmethod
+    def _completion(reply: ChatReply, delta: Optional[str] = None, text: Optional[str] = None) -> CompletionResponse:
+        return CompletionResponse(text=reply.text if text is None else text, raw=_raw(reply), delta=delta)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        if formatted:
+            reply = self._engine.complete(prompt, self._config(dict(kwargs)))
+            return self._completion(reply)
+        fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
+        return self._completion(self._engine.chat(fb, **args))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        if formatted:
+            run = self._engine.stream_complete(prompt, self._config(dict(kwargs)))
+        else:
+            fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
+            run = self._engine.stream_chat(fb, **args)
+
+        def gen() -> Generator[CompletionResponse, None, None]:
+            text = ""
+            for delta in run:
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+            assert run.reply is not None
+            yield self._completion(run.reply, delta="")
+
+        return gen()
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        if formatted:
+            reply = await self._engine.acomplete(prompt, self._config(dict(kwargs)))
+            return self._completion(reply)
+        fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
+        return self._completion(await self._engine.achat(fb, **args))
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        if formatted:
+            run = self._engine.astream_complete(prompt, self._config(dict(kwargs)))
+        else:
+            fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
+            run = self._engine.astream_chat(fb, **args)
+
+        async def gen() -> AsyncGenerator[CompletionResponse, None]:
+            text = ""
+            async for delta in run:
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+            assert run.reply is not None
+            yield self._completion(run.reply, delta="")
+
+        return gen()
+
+    # ------------------------------------------------------------------ tools
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[Any],
+        user_msg: Optional[Union[str, ChatMessage]] = None,
+        chat_history: Optional[List[ChatMessage]] = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: Optional[Union[str, dict]] = None,
+        **kwargs: Any,
+    ) -> Dict[str, Any]:
+        """Messages + OpenAI-style tool specs; ``tool_required`` constrains the reply to a valid call."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg)
+                            if isinstance(user_msg, str) else user_msg)
+        specs = [_tool_spec(t) for t in tools]
+        if tool_choice is None:
+            tool_choice = "required" if tool_required and specs else self.tool_choice
+        return {"messages": messages, "tools": specs or None, "tool_choice": tool_choice, **kwargs}
+
+    def _validate_chat_with_tools_response(self, response: ChatResponse, tools: Sequence[Any],
+                                           allow_parallel_tool_calls: bool = False, **kwargs: Any) -> ChatResponse:
+        """Keep only the first tool call unless parallel calls are allowed."""
+        if not allow_parallel_tool_calls:
+            calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+            if len(calls) > 1:
+                response.message.blocks = [b for b in response.message.blocks
+                                           if not isinstance(b, ToolCallBlock)] + calls[:1]
+        return response
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> List[ToolSelection]:
+        calls = _tool_calls_of(response.message)
+        if not calls:
+            if error_on_no_tool_call:
+                raise ValueError(f"Expected at least one tool call, but the model replied: "
+                                 f"{(response.message.content or '')[:200]!r}")
+            return []
+        return [ToolSelection(tool_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
