@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator, Sequence
@@ -29,7 +29,6 @@ from .pool import ContextPool
 __all__ = ["ChatEngine", "ChatReply", "ChatUsage", "ChatRun", "AsyncChatRun", "parse_tool_calls",
            "normalize_tool_choice"]
 
-_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
 
 
 @dataclass
@@ -83,23 +82,41 @@ def _coerce_call(obj: Any, allowed: set[str] | None) -> ToolCall | None:
 
 
 def parse_tool_calls(raw: str, allowed: set[str] | None = None) -> tuple[str, list[ToolCall]]:
-    """Split generated text into (content, tool calls). Unparsable markup stays in the content."""
+    """Split generated text into (content, tool calls). Unparsable markup stays in the content.
+
+    Each ``<tool_call>`` is decoded as one JSON value (so a ``</tool_call>`` inside a string argument
+    does not cut the call short), optionally followed by ``</tool_call>``.
+    """
+    decoder = json.JSONDecoder()
     calls: list[ToolCall] = []
     pieces: list[str] = []
-    pos = 0
-    for m in _CALL_RE.finditer(raw):
-        body = m.group(1).strip()
+    pos = search = 0
+    while True:
+        start = raw.find(TOOL_CALL_OPEN, search)
+        if start < 0:
+            break
+        body = start + len(TOOL_CALL_OPEN)
+        while body < len(raw) and raw[body].isspace():
+            body += 1
         try:
-            call = _coerce_call(json.loads(body), allowed)
+            obj, end = decoder.raw_decode(raw, body)
         except ValueError:
-            call = None
-        if call is None:
+            search = body
             continue
-        pieces.append(raw[pos:m.start()])
-        pos = m.end()
+        call = _coerce_call(obj, allowed)
+        if call is None:
+            search = end
+            continue
+        rest = end
+        while rest < len(raw) and raw[rest].isspace():
+            rest += 1
+        if raw.startswith(TOOL_CALL_CLOSE, rest):
+            end = rest + len(TOOL_CALL_CLOSE)
+        pieces.append(raw[pos:start])
+        pos = search = end
         calls.append(call)
     pieces.append(raw[pos:])
-    return "".join(pieces) if calls else raw, calls
+    return ("".join(pieces) if calls else raw), calls
 
 
 def normalize_tool_choice(tool_choice: Any, tools: Sequence[dict] | None) -> str | None:
@@ -169,9 +186,11 @@ class ChatRun:
 
     def _iterate(self) -> Iterator[str]:
         engine, plan = self.engine, self.plan
+        t0 = time.perf_counter()
         with engine.pool.acquire(plan.ids) as lease:
             ctx = lease.ctx
-            stats0 = (ctx.stats.prefill_seconds, ctx.stats.decode_seconds)
+            prefill = time.perf_counter() - t0  # the lease computes the new prompt tokens on entry
+            decode0 = ctx.stats.decode_seconds
             run = stream(ctx, plan.config, plan.processors)
             raw, emitted = "", 0
             for delta in run:
@@ -193,8 +212,7 @@ class ChatRun:
                 result.token_ids = ctx.token_ids[len(plan.ids):] if n > 0 else []
             usage = ChatUsage(input_tokens=len(plan.ids), output_tokens=len(result.token_ids),
                               cache_read=lease.sync.reused, computed=lease.sync.computed,
-                              prefill_seconds=ctx.stats.prefill_seconds - stats0[0],
-                              decode_seconds=ctx.stats.decode_seconds - stats0[1])
+                              prefill_seconds=prefill, decode_seconds=ctx.stats.decode_seconds - decode0)
         self.reply = engine._finish(plan, result, usage)
         if self.reply.text.startswith(raw[:emitted]) and len(self.reply.text) > emitted:
             yield self.reply.text[emitted:]
@@ -247,7 +265,9 @@ class ChatEngine:
 
     _SHARED: dict[tuple, "ChatEngine"] = {}
     _LAYOUTS: dict[int, tuple[LoadedModel, Layout]] = {}
-    _LOCK = threading.Lock()
+    _LOCK = threading.RLock()
+    #: token budget floor for constrained replies (required tool calls, JSON schema output)
+    min_constrained_tokens: int = 256
 
     def __init__(self, lm: LoadedModel, *, max_cached_bytes: int | None = None,
                  max_context_tokens: int | None = None, model_name: str | None = None):
@@ -313,6 +333,9 @@ class ChatEngine:
             processors.append(json_schema_processor(self.lm, response_schema))
         elif choice not in (None, "none"):
             processors.append(tool_call_processor(self.lm, tools, choice))
+        if processors and config.max_new_tokens < self.min_constrained_tokens:
+            # A constrained reply is only useful complete: a small max_tokens must not cut a required call.
+            config.max_new_tokens = self.min_constrained_tokens
         return _Plan(ids, config, processors, allowed, parse_tools, remember=True)
 
     def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:

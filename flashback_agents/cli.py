@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "flashback_agents.retrieval.commands",
     "flashback_agents.training.commands",
     "flashback_agents.evaluation.commands",
+    "flashback_agents.evaluation.eval_commands",
 )
 
 

@@ -61,6 +61,29 @@ def tool_call_schema(tools: Sequence[dict], choice: str | None = None) -> dict:
     return bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
 
 
+#: Longest string a constrained reply may produce where the schema sets no ``maxLength``. Small models
+#: tend to loop inside a JSON string ("The cat was a cat. The cat was ..."); a cap guarantees that a
+#: required call or a structured answer always closes within a bounded number of tokens.
+DEFAULT_MAX_STRING = 160
+
+
+def cap_strings(schema: Any, max_length: int | None = DEFAULT_MAX_STRING) -> Any:
+    """Copy of ``schema`` where every free-form string gets ``maxLength`` (if it has none)."""
+    if max_length is None:
+        return schema
+    if isinstance(schema, list):
+        return [cap_strings(s, max_length) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (cap_strings(v, max_length) if k not in ("const", "enum", "default", "examples") else v)
+           for k, v in schema.items()}
+    types = out.get("type")
+    is_string = types == "string" or (isinstance(types, list) and "string" in types)
+    if is_string and not any(k in out for k in ("maxLength", "enum", "const", "pattern", "format")):
+        out["maxLength"] = max_length
+    return out
+
+
 class GrammarCache:
     """Bounded LRU of compiled grammars, plus one xgrammar compiler per model."""
 
@@ -98,7 +121,7 @@ class GrammarCache:
                 return hit
         compiler = self.compiler(lm)
         try:
-            body = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+            body = xgr.Grammar.from_json_schema(json.dumps(cap_strings(schema)), any_whitespace=False)
         except Exception as exc:  # xgrammar raises RuntimeError with the parse details
             raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
         if kind == "tool_call":
