@@ -41,6 +41,9 @@ class ChatUsage:
     computed: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    compacted: bool = False  # this call compacted the context (on_overflow="evict"/"shift")
+    tokens_evicted: int = 0  # tokens removed by that compaction
+    tokens_recomputed: int = 0  # tail tokens recomputed because of it
 
     @property
     def total_tokens(self) -> int:
@@ -187,8 +190,11 @@ class ChatRun:
     def _iterate(self) -> Iterator[str]:
         engine, plan = self.engine, self.plan
         t0 = time.perf_counter()
-        with engine.pool.acquire(plan.ids) as lease:
+        reserve = plan.config.max_new_tokens if plan.ids is not None else 0
+        with engine.pool.acquire(plan.ids, reserve=reserve) as lease:
             ctx = lease.ctx
+            held = len(ctx)  # the prompt as held (after any compaction)
+            event = ctx.last_compaction
             prefill = time.perf_counter() - t0  # the lease computes the new prompt tokens on entry
             decode0 = ctx.stats.decode_seconds
             run = stream(ctx, plan.config, plan.processors)
@@ -208,11 +214,15 @@ class ChatRun:
                     break
             result = run.result or GenerationResult(text=raw, token_ids=[], finish_reason="stop")
             if run.result is None:  # cancelled: what was decoded so far
-                n = len(ctx) - len(plan.ids)
-                result.token_ids = ctx.token_ids[len(plan.ids):] if n > 0 else []
-            usage = ChatUsage(input_tokens=len(plan.ids), output_tokens=len(result.token_ids),
+                n = len(ctx) - held
+                result.token_ids = ctx.token_ids[held:] if n > 0 else []
+            usage = ChatUsage(input_tokens=held, output_tokens=len(result.token_ids),
                               cache_read=lease.sync.reused, computed=lease.sync.computed,
                               prefill_seconds=prefill, decode_seconds=ctx.stats.decode_seconds - decode0)
+            if event is not None:
+                usage.compacted = True
+                usage.tokens_evicted = event.tokens_evicted
+                usage.tokens_recomputed = event.tokens_recomputed
         self.reply = engine._finish(plan, result, usage)
         if self.reply.text.startswith(raw[:emitted]) and len(self.reply.text) > emitted:
             yield self.reply.text[emitted:]
@@ -270,12 +280,20 @@ class ChatEngine:
     min_constrained_tokens: int = 256
 
     def __init__(self, lm: LoadedModel, *, max_cached_bytes: int | None = None,
-                 max_context_tokens: int | None = None, model_name: str | None = None):
+                 max_context_tokens: int | None = None, model_name: str | None = None,
+                 on_overflow: str = "evict", low_water: float = 0.75):
+        from .compaction import ON_OVERFLOW
+
+        if on_overflow not in ON_OVERFLOW:
+            raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         self.lm = lm
-        self.pool = ContextPool(lm, max_bytes=max_cached_bytes or (2 << 30), max_context_tokens=max_context_tokens)
+        self.on_overflow = on_overflow
+        self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
+        self.pool = ContextPool(lm, max_bytes=max_cached_bytes or (2 << 30),
+                                max_context_tokens=self.max_context_tokens, on_overflow=on_overflow,
+                                low_water=low_water)
         self.layout = self._layout_for(lm)  # one reply memo per model, shared by all its engines
         self.model_name = model_name or lm.name
-        self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
 
     @classmethod
     def _layout_for(cls, lm: LoadedModel) -> Layout:
@@ -288,14 +306,16 @@ class ChatEngine:
 
     @classmethod
     def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = None,
-               max_cached_bytes: int | None = None, max_context_tokens: int | None = None) -> "ChatEngine":
+               max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
+               on_overflow: str = "evict") -> "ChatEngine":
         """The process-wide engine for these arguments (same args -> same engine, weights and pool)."""
         if isinstance(model, LoadedModel):
             if adapter is not None:
                 raise ValueError("adapter= cannot be combined with an already loaded model")
-            key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens)
+            key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens, on_overflow)
         else:
-            key = (model or DEFAULT_MODEL, str(adapter) if adapter else None, max_cached_bytes, max_context_tokens)
+            key = (model or DEFAULT_MODEL, str(adapter) if adapter else None, max_cached_bytes, max_context_tokens,
+                   on_overflow)
         with cls._LOCK:
             engine = cls._SHARED.get(key)
             if engine is not None and (not isinstance(model, LoadedModel) or engine.lm is model):
@@ -304,12 +324,15 @@ class ChatEngine:
         with cls._LOCK:
             engine = cls._SHARED.get(key)
             if engine is None or engine.lm is not lm:
-                engine = cls(lm, max_cached_bytes=max_cached_bytes, max_context_tokens=max_context_tokens)
+                engine = cls(lm, max_cached_bytes=max_cached_bytes, max_context_tokens=max_context_tokens,
+                             on_overflow=on_overflow)
                 cls._SHARED[key] = engine
             return engine
 
     # ------------------------------------------------------------------ planning
     def _check_room(self, ids: list[int]) -> None:
+        if self.on_overflow != "error":
+            return  # the context compacts (or raises, naming what cannot be evicted) when it syncs
         if len(ids) + 1 > self.max_context_tokens:
             raise ContextOverflowError(len(ids) + 1, self.max_context_tokens,
                                        "conversation (prompt plus at least one generated token)")

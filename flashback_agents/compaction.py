@@ -39,6 +39,7 @@ class CompactionEvent:
     tokens_before: int
     tokens_after: int
     blocks_cut: int = 0
+    tokens_recomputed: int = 0  # cached tokens after the first change that had to be recomputed (evict)
 
 
 def find_blocks(ids: Sequence[int], marker_ids: tuple[int, int]) -> list[Block]:

@@ -226,28 +226,35 @@ class CachedContext:
         """Append ``<MARK_L> text <MARK_R>``: evidence after what is cached, so nothing is recomputed."""
         return self.append(self.layout.evidence(text, source))
 
-    def sync(self, ids: Sequence[int]) -> SyncResult:
-        """Make the context hold exactly ``ids``: keep the longest common prefix, compute the rest."""
+    def sync(self, ids: Sequence[int], reserve: int = 0) -> SyncResult:
+        """Make the context hold exactly ``ids``: keep the longest common prefix, compute the rest.
+
+        With ``on_overflow`` "evict" or "shift", blocks evicted earlier are replaced by their stubs,
+        and if ``ids`` plus ``reserve`` tokens (room for the reply) exceed the budget, the oldest
+        marked blocks are compacted first. ``token_ids`` then differ from ``ids`` accordingly.
+        """
         with self.lock:
             ids = self._validate_ids(ids)
             self.last_compaction = None
             if self.on_overflow != "error":
-                ids, event = self.compactor.compact(ids)
+                saved = self.compactor.copy()
+                ids, event = self.compactor.compact(ids, reserve=min(reserve, self.max_context_tokens // 4))
                 if event is not None:
+                    if len(ids) > self.max_context_tokens:
+                        self._compactor = saved  # refused: forget the evictions too (nothing changed)
                     self._check_room(len(ids), "sync")
                     self.last_compaction = event
                     self.stats.compactions += 1
                     self.stats.tokens_evicted += event.tokens_evicted
                     if self.on_overflow == "shift":
                         self._shift_to(self.compactor.apply(self._ids))
-                    before = self.stats.tokens_computed
+                    old_view = len(self.compactor.apply(self._ids))  # what was held, in the compacted frame
                     common = common_prefix(self._ids, ids)
                     self._truncate(common)
                     self._extend(ids[common:])
                     self.stats.tokens_reused += common
-                    recomputed = max(0, min(len(self._ids), event.tokens_after) - event.first_changed)
-                    if self.on_overflow == "evict":
-                        self.stats.tokens_recomputed += min(recomputed, self.stats.tokens_computed - before)
+                    event.tokens_recomputed = max(0, old_view - common) if self.on_overflow == "evict" else 0
+                    self.stats.tokens_recomputed += event.tokens_recomputed
                     return SyncResult(common, len(ids) - common)
             self._check_room(len(ids), "sync")
             common = common_prefix(self._ids, ids)

@@ -22,6 +22,7 @@ class GenerationConfig:
     """How to decode. ``temperature=0`` means greedy."""
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # EOS is masked until this many tokens are generated (benchmarks, fixed-length runs)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
@@ -116,6 +117,9 @@ class _Run:
                     finish = "context"
                     break
                 logits = ctx.next_token_logits()
+                if len(gen) < cfg.min_new_tokens and eos:
+                    logits = logits.clone()
+                    logits[list(eos)] = float("-inf")
                 if self.processors:
                     ids = torch.tensor([ctx._ids], dtype=torch.long)
                     scores = logits.unsqueeze(0)

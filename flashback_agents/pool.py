@@ -74,8 +74,11 @@ class ContextPool:
         return best, fork
 
     @contextmanager
-    def acquire(self, ids: Sequence[int], timeout: float | None = None) -> Iterator[Lease]:
-        """Hold the best context for ``ids``, synced to them, for the duration of the ``with`` block."""
+    def acquire(self, ids: Sequence[int], timeout: float | None = None, reserve: int = 0) -> Iterator[Lease]:
+        """Hold the best context for ``ids``, synced to them, for the duration of the ``with`` block.
+
+        ``reserve``: tokens of room wanted for the reply (used by contexts that compact on overflow).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._free:
             while all(e.busy for e in self._entries) and len(self._entries) >= self.max_contexts:
@@ -90,7 +93,7 @@ class ContextPool:
                 self._entries.append(entry)
             entry.busy = True
         try:
-            result = entry.ctx.sync(ids)
+            result = entry.ctx.sync(ids, reserve=reserve)
             yield Lease(entry.ctx, result)
         finally:
             with self._free:

@@ -138,7 +138,8 @@ def _response_metadata(reply: ChatReply) -> dict:
     u = reply.usage
     return {"model_name": reply.model_name, "model_provider": PROVIDER, "finish_reason": reply.finish_reason,
             "prefill_seconds": round(u.prefill_seconds, 4), "decode_seconds": round(u.decode_seconds, 4),
-            "computed_tokens": u.computed}
+            "computed_tokens": u.computed, "compacted": u.compacted, "tokens_evicted": u.tokens_evicted,
+            "tokens_recomputed": u.tokens_recomputed}
 
 
 def _lc_tool_calls(reply: ChatReply) -> list[dict]:
@@ -178,6 +179,8 @@ class ChatFlashBack(BaseChatModel):
     streaming: bool = False
     max_cached_bytes: int | None = None
     max_context_tokens: int | None = None
+    on_overflow: str = "evict"  # "evict" (oldest tool results/documents -> stubs), "shift" or "error"
+    min_tokens: int = 0  # EOS masked until this many tokens (fixed-length benchmark runs)
     timeout: float | None = None  # accepted for API compatibility (local model: no network timeout)
     max_retries: int = 0  # accepted for API compatibility (nothing to retry locally)
 
@@ -214,19 +217,20 @@ class ChatFlashBack(BaseChatModel):
     def engine(self) -> ChatEngine:
         """The process-wide engine (weights + context pool) for this model spec."""
         return ChatEngine.shared(self.model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens)
+                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
 
     def _engine_for(self, kwargs: dict) -> ChatEngine:
         model = kwargs.get("model") or self.model
         if model == self.model:
             return self.engine
         return ChatEngine.shared(model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens)
+                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
 
     def _config(self, stop: list[str] | None, kwargs: dict) -> GenerationConfig:
         stops = stop if stop is not None else (kwargs.get("stop") or self.stop or [])
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         return GenerationConfig(max_new_tokens=int(max_tokens) if max_tokens is not None else 256,
+                                min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),
                                 temperature=float(kwargs.get("temperature", self.temperature) or 0.0),
                                 top_p=float(kwargs.get("top_p", self.top_p)), seed=kwargs.get("seed", self.seed),
                                 stop=tuple(stops))

@@ -41,6 +41,8 @@ class FlashBackLLM(LLM):
     streaming: bool = False
     max_cached_bytes: int | None = None
     max_context_tokens: int | None = None
+    on_overflow: str = "evict"  # "evict" (oldest tool results/documents -> stubs), "shift" or "error"
+    min_tokens: int = 0  # EOS masked until this many tokens (fixed-length benchmark runs)
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
@@ -62,12 +64,13 @@ class FlashBackLLM(LLM):
     @property
     def engine(self) -> ChatEngine:
         return ChatEngine.shared(self.model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens)
+                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
 
     def _config(self, stop: list[str] | None, kwargs: dict) -> GenerationConfig:
         stops = stop if stop is not None else (self.stop or [])
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         return GenerationConfig(max_new_tokens=int(max_tokens) if max_tokens is not None else 256,
+                                min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),
                                 temperature=float(kwargs.get("temperature", self.temperature) or 0.0),
                                 top_p=float(kwargs.get("top_p", self.top_p)), seed=kwargs.get("seed", self.seed),
                                 stop=tuple(stops))

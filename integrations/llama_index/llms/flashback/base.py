@@ -157,6 +157,9 @@ def usage_dict(reply: ChatReply) -> dict:
         "prompt_tokens_details": {"cached_tokens": u.cache_read},
         "prefill_seconds": u.prefill_seconds,
         "decode_seconds": u.decode_seconds,
+        "compacted": u.compacted,
+        "tokens_evicted": u.tokens_evicted,
+        "tokens_recomputed": u.tokens_recomputed,
     }
 
 
@@ -208,6 +211,10 @@ class FlashBackLLM(FunctionCallingLLM):
                                             "pool (default 2 GiB).")
     max_context_tokens: Optional[int] = Field(default=None, description="Cap on tokens per context "
                                               "(default: the model's window).")
+    on_overflow: str = Field(default="evict", description="When the context would exceed max_context_tokens: "
+                             "'evict' the oldest tool results/documents into stubs, 'shift' (experimental) or "
+                             "'error'.")
+    min_tokens: int = Field(default=0, ge=0, description="EOS masked until this many tokens are generated.")
     tool_choice: Optional[str] = Field(default=None, description="Default tool choice when tools are given: "
                                        "None/'auto', 'none', 'required' or a tool name.")
 
@@ -218,7 +225,8 @@ class FlashBackLLM(FunctionCallingLLM):
         super().__init__(model=lm.name if lm is not None else model, **kwargs)
         self._engine = ChatEngine.shared(lm if lm is not None else self.model, adapter=self.adapter,
                                          max_cached_bytes=self.max_cached_bytes,
-                                         max_context_tokens=self.max_context_tokens)
+                                         max_context_tokens=self.max_context_tokens,
+                                         on_overflow=self.on_overflow)
 
     @classmethod
     def class_name(cls) -> str:
@@ -245,6 +253,7 @@ class FlashBackLLM(FunctionCallingLLM):
         stop = kwargs.pop("stop", None)
         return GenerationConfig(
             max_new_tokens=int(kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens))),
+            min_new_tokens=int(kwargs.pop("min_tokens", self.min_tokens)),
             temperature=float(kwargs.pop("temperature", self.temperature)),
             top_p=float(kwargs.pop("top_p", self.top_p)),
             seed=kwargs.pop("seed", self.seed),

@@ -1,0 +1,122 @@
+"""``flashback-agents eval ppl``: the FlashBack paper's perplexity table (registered by cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..models import DEFAULT_MODEL
+
+eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter).",
+                       no_args_is_help=True)
+
+QUICK = {"tokens": 512, "window": 256, "train_steps": 20, "train_max_length": 256}
+FULL = {"tokens": 4096, "window": 1024, "train_steps": 100, "train_max_length": 512}
+
+
+def register(app: typer.Typer, bench_app: Any) -> None:  # noqa: ARG001 - no bench commands here
+    app.add_typer(eval_app, name="eval")
+
+
+def _top_ks(text: str) -> tuple[int, ...]:
+    from ..cli import fail
+
+    try:
+        ks = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"--top-k expects comma-separated integers such as 1,2; got {text!r}")
+        raise
+    if not ks or any(k < 1 for k in ks):
+        fail(f"--top-k values must be integers >= 1, got {text!r}")
+    return tuple(sorted(set(ks)))
+
+
+@eval_app.command("ppl")
+def ppl(
+    data: str = typer.Option("wikitext", "--data", help="wikitext (test; retrieval from valid) or loghub:SYSTEM "
+                             "(second half of SYSTEM_2k.log; retrieval from its first half)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Tokens evaluated per setting [4096; quick 512]."),
+    window: Optional[int] = typer.Option(None, "--window", help="Max tokens of text so far per block [1024; quick 256]."),
+    stride: int = typer.Option(16, "--stride", help="Retrieve every N tokens."),
+    query_tokens: int = typer.Option(32, "--query-tokens", help="Query with the last N tokens."),
+    top_k: str = typer.Option("1,2", "--top-k", help="Comma-separated top-k values (table columns)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Trained FlashBack adapter directory."),
+    train_adapter_steps: Optional[int] = typer.Option(
+        None, "--train-adapter-steps", help="Without --adapter: train a quick adapter on WikiText-2 valid for N "
+        "steps (cached; 0 skips the adapter rows) [100; quick 20]."),
+    quick: bool = typer.Option(False, "--quick", help="512 tokens, 256-token blocks, a 20-step adapter: a few minutes."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is faster on a busy CPU)."),
+    json_out: bool = typer.Option(False, "--json"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG: perplexity vs top-k, one line per setting."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Perplexity without retrieval, with prepended evidence (In-Context RALM), with appended marked
+    evidence (FlashBack) without and with an adapter, on the same tokens."""
+    import torch
+
+    from ..cli import emit, fail
+    from ..models import ModelLoadError, load_model
+    from .perplexity import (AdapterTrainConfig, PerplexityError, PplConfig, evaluate_perplexity, format_table,
+                             parse_data, train_ralm_adapter)
+
+    preset = QUICK if quick else FULL
+    ks = _top_ks(top_k)
+    cfg = PplConfig(tokens=tokens if tokens is not None else preset["tokens"],
+                    window=window if window is not None else preset["window"],
+                    stride=stride, query_tokens=query_tokens, top_ks=ks)
+    steps = train_adapter_steps if train_adapter_steps is not None else preset["train_steps"]
+    if threads is not None:
+        if threads < 1:
+            fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        cfg.check()
+        if steps < 0:
+            raise PerplexityError(f"--train-adapter-steps must be >= 0, got {steps}.")
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise PerplexityError(f"{adapter} is not an adapter directory (no adapter_config.json).")
+        ds = parse_data(data)
+        training: dict[str, Any] | None = None
+        note = ""
+        adapter_dir = str(adapter) if adapter is not None else None
+        if adapter_dir is None and steps > 0:
+            tcfg = AdapterTrainConfig(steps=steps, max_length=preset["train_max_length"], top_k=max(ks))
+            training = train_ralm_adapter(model, cfg, tcfg, progress=progress)
+            adapter_dir = training["adapter"]
+        elif adapter_dir is None:
+            note = "adapter rows skipped: no --adapter and --train-adapter-steps 0"
+        lm = load_model(model)
+        adapter_lm = load_model(model, adapter=adapter_dir) if adapter_dir else None
+        result = evaluate_perplexity(lm, ds, cfg, adapter_lm=adapter_lm, progress=progress)
+    except (PerplexityError, ModelLoadError) as exc:
+        fail(str(exc))
+        return
+    if training is not None:
+        result["adapter_training"] = training
+        result["seconds"] += training.get("seconds", 0.0)
+    if note:
+        result["note"] = note
+    result["threads"] = torch.get_num_threads()
+    if plot:
+        from .common import save_plot
+
+        save_plot(plot, list(cfg.top_ks), {r["setting"]: [r[f"ppl_top{k}"] for k in cfg.top_ks] for r in result["rows"]},
+                  "top-k", "perplexity", f"{result['model']}: {result['data']}")
+        result["plot"] = plot
+    if json_out:
+        emit(result, True)
+        return
+    typer.echo(f"{result['model']} on {result['data']}: {result['tokens_evaluated']} tokens evaluated, "
+               f"stride {cfg.stride}, query {cfg.query_tokens} tokens, blocks of <= {cfg.window} tokens")
+    if training is not None:
+        typer.echo(f"adapter: {training['adapter']} ({training['steps']} steps, "
+                   f"{'reused' if training.get('reused') else 'trained now'})")
+    elif adapter_dir:
+        typer.echo(f"adapter: {adapter_dir}")
+    typer.echo(format_table(result))
+    if note:
+        typer.echo(f"note: {note}")
+    typer.echo(f"total {result['seconds']:.1f}s")
