@@ -214,7 +214,9 @@ def build_systems(lm, spec: str, scenario: Scenario, only: list[str] | None = No
             meta = reply.usage_metadata or {}
             reused = (meta.get("input_token_details") or {}).get("cache_read", 0)
             return meta.get("input_tokens", 0) - reused, reused
-        return run_langchain("ChatFlashBack", chat, lm, scenario, results, usage)
+        # the replies are free text (no tool call ids), so tool results go in as human messages, as for
+        # ChatHuggingFace: the same text and token counts for both LangChain systems
+        return run_langchain("ChatFlashBack", chat, lm, scenario, results, usage, tool_as_human=True)
 
     def li_fb() -> SystemRun:
         from llama_index.llms.flashback import FlashBackLLM

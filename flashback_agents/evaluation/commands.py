@@ -23,6 +23,46 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("context")(context)
     bench_app.command("decode")(decode)
     bench_app.command("agent")(agent)
+    bench_app.command("long")(long)
+
+
+def long(
+    steps: int = typer.Option(60, help="Agent steps."),
+    tool_tokens: int = typer.Option(256, help="Tokens per tool result (T)."),
+    generate: int = typer.Option(24, help="Tokens generated per step (G), EOS ignored."),
+    budget: Optional[int] = typer.Option(None, help="Token budget (default: the window minus reply room)."),
+    shift: bool = typer.Option(False, help="Also run on_overflow='shift' (experimental)."),
+    quick: bool = typer.Option(False, help="12 steps, T=128, G=8, budget 1024: a smoke run."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    json_out: bool = typer.Option(False, "--json"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="PNG: seconds per step, one line per system."),
+) -> None:
+    """A long agent run on a budget: ChatFlashBack (evict) vs ChatHuggingFace + trim_messages."""
+    from ..cli import emit
+    from ..models import load_model
+    from .agent_bench import Scenario
+    from .common import save_plot
+    from .long_bench import bench_long
+
+    scenario = Scenario(12, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
+    budget = 1024 if quick and budget is None else budget
+    lm = load_model(model)
+    systems = ("flashback", "shift", "chathf") if shift else ("flashback", "chathf")
+    data = bench_long(lm, model, scenario, budget, systems)
+    if plot:
+        save_plot(plot, list(range(1, scenario.steps + 1)),
+                  {s["system"]: [x["seconds"] for x in s["steps"]] for s in data["systems"]},
+                  "agent step", "seconds", f"{lm.name}: {scenario.steps}-step agent on a {data['budget']}-token budget")
+        data["plot"] = plot
+    if json_out:
+        emit(data, True)
+        return
+    typer.echo(f"{data['model']} budget={data['budget']} scenario={data['scenario']}")
+    for s in data["systems"]:
+        typer.echo(f"  {s['system']:<34} total {s['total_s']:8.2f}s  compactions {s['compactions']:3d}  "
+                   f"recomputed {s['tokens_recomputed']:6d}  evicted {s['tokens_evicted']:6d}")
+    if "speedup_vs_chathf_trim" in data:
+        typer.echo(f"  FlashBack vs ChatHuggingFace + trim_messages: {data['speedup_vs_chathf_trim']:.2f}x")
 
 
 def agent(

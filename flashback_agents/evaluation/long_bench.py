@@ -1,0 +1,122 @@
+"""``bench long``: a long agent replay on a token budget, ours (evict) vs ChatHuggingFace + trim_messages.
+
+Each step generates G tokens (EOS ignored) and appends a tool result of T tokens; the budget is the
+model's window (8,192 for the default model) minus room for the reply. ChatFlashBack compacts its
+context (oldest tool results -> stubs, tail recomputed once); ChatHuggingFace gets the history
+trimmed by LangChain's ``trim_messages`` to the same budget and recomputes its whole prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .agent_bench import QUESTION, SYSTEM, Scenario, tool_results
+
+
+@dataclass
+class LongStep:
+    step: int
+    seconds: float
+    prompt_tokens: int
+    cache_read: int = 0
+    compacted: bool = False
+    tokens_evicted: int = 0
+    tokens_recomputed: int = 0
+
+
+@dataclass
+class LongRun:
+    name: str
+    steps: list[LongStep] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+
+def run_flashback(spec: str, lm, scenario: Scenario, results: list[str], budget: int,
+                  on_overflow: str = "evict") -> LongRun:
+    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+
+    from langchain_flashback import ChatFlashBack
+
+    from .agent_bench import TOOLS
+
+    chat = ChatFlashBack(model=spec, max_tokens=scenario.generate, max_context_tokens=budget,
+                         on_overflow=on_overflow).bind_tools(TOOLS[:1], tool_choice="search_logs")
+    history: list = [SystemMessage(SYSTEM), HumanMessage(QUESTION)]
+    run = LongRun(f"ChatFlashBack ({on_overflow})")
+    for i in tqdm(range(scenario.steps), desc=run.name, unit="step", leave=False):
+        t0 = time.perf_counter()
+        ai = chat.invoke(history)
+        dt = time.perf_counter() - t0
+        meta, usage = ai.response_metadata, ai.usage_metadata
+        run.steps.append(LongStep(i + 1, dt, usage["input_tokens"], usage["input_token_details"]["cache_read"],
+                                  meta["compacted"], meta["tokens_evicted"], meta["tokens_recomputed"]))
+        # each step is a real (grammar-constrained) tool call, and its result is appended marked
+        history += [ai, ToolMessage(results[i], tool_call_id=ai.tool_calls[0]["id"], name="search_logs")]
+    return run
+
+
+def run_chathf_trim(lm, scenario: Scenario, results: list[str], budget: int) -> LongRun:
+    from langchain_core.messages import HumanMessage, SystemMessage, trim_messages
+    from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
+    from transformers import pipeline
+
+    G = scenario.generate
+    pipe = pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=G,
+                    min_new_tokens=G, do_sample=False, return_full_text=False)
+    chat = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=lm.tokenizer)
+
+    roles = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
+
+    def count(msgs) -> int:  # tokens of the chat-templated prompt (what ChatHuggingFace will compute)
+        if not msgs:
+            return 0
+        text = lm.tokenizer.apply_chat_template([{"role": roles.get(m.type, "user"), "content": m.content}
+                                                 for m in msgs], tokenize=False, add_generation_prompt=True)
+        return len(lm.encode(text))
+
+    history: list = [SystemMessage(SYSTEM), HumanMessage(QUESTION)]
+    run = LongRun("ChatHuggingFace + trim_messages")
+    for i in tqdm(range(scenario.steps), desc=run.name, unit="step", leave=False):
+        t0 = time.perf_counter()
+        trimmed = trim_messages(history, max_tokens=budget, token_counter=count, strategy="last",
+                                include_system=True, start_on="human")
+        ai = chat.invoke(trimmed)
+        dt = time.perf_counter() - t0
+        run.steps.append(LongStep(i + 1, dt, count(trimmed)))
+        # ChatHuggingFace needs a human message last: tool results go in as human messages
+        history += [ai, HumanMessage(f"Tool result:\n{results[i]}")]
+    return run
+
+
+def bench_long(lm, spec: str, scenario: Scenario, budget: int | None = None,
+               systems: tuple[str, ...] = ("flashback", "chathf")) -> dict:
+    budget = budget or lm.max_positions - 2 * scenario.generate - 64
+    results = tool_results(lm, scenario)
+    runs = []
+    if "flashback" in systems:
+        runs.append(run_flashback(spec, lm, scenario, results, budget))
+    if "shift" in systems:
+        runs.append(run_flashback(spec, lm, scenario, results, budget, on_overflow="shift"))
+    if "chathf" in systems:
+        runs.append(run_chathf_trim(lm, scenario, results, budget))
+    out = {"model": lm.name, "threads": torch.get_num_threads(), "budget": budget,
+           "scenario": asdict(scenario), "systems": []}
+    for r in runs:
+        comp = [s for s in r.steps if s.compacted]
+        out["systems"].append({
+            "system": r.name, "total_s": r.total, "steps": [asdict(s) for s in r.steps],
+            "compactions": len(comp), "compaction_step_s": [s.seconds for s in comp],
+            "tokens_recomputed": sum(s.tokens_recomputed for s in comp),
+            "tokens_evicted": sum(s.tokens_evicted for s in comp)})
+    by = {s["system"]: s for s in out["systems"]}
+    fb, hf = by.get("ChatFlashBack (evict)"), by.get("ChatHuggingFace + trim_messages")
+    if fb and hf:
+        out["speedup_vs_chathf_trim"] = hf["total_s"] / fb["total_s"]
+    return out
