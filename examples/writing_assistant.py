@@ -1,0 +1,192 @@
+"""Writing assistant: drafts a section from a folder of notes with the FlashBack retrieval loop.
+
+Run:  python examples/writing_assistant.py                          (the notes in sample_data/notes)
+      python examples/writing_assistant.py --notes ~/notes --topic "Why prefix caching matters"
+
+The notes are indexed in Chroma (``flashback_agents.retrieval.index_paths``; re-running is
+incremental: unchanged chunks are not re-embedded). Drafting runs on the engine directly
+(:class:`flashback_agents.ralm.RetrievalLoop`): the question is placed first, then every ``stride``
+generated tokens the last ``query_tokens`` tokens query the store and the ``top_k`` chunks are
+appended, each as ``<MARK_L> [file:lines] chunk <MARK_R>``. Only the new evidence is computed; the
+console shows, per retrieval, the tokens computed vs reused, then the draft and the sources it used.
+
+The default model (SmolLM2-135M) writes weak prose; the point shown here is the mechanics (which
+notes were pulled in, and what each retrieval cost). Pass ``--adapter`` for a trained adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLE_NOTES = Path(__file__).resolve().parent / "sample_data" / "notes"
+DEFAULT_TOPIC = "Why appending retrieved evidence keeps the KV cache valid"
+SYSTEM = "You are a technical writer. Write clear, factual prose using the notes provided."
+PROMPT = ("Write a short section titled \"{topic}\". Use the facts in the notes that follow; "
+          "do not invent numbers.")
+
+
+@dataclass
+class WritingConfig:
+    """Options of one run (the command-line flags)."""
+
+    notes: str | None = None
+    topic: str = DEFAULT_TOPIC
+    model: str = "smollm2-135m-instruct"
+    adapter: str | None = None
+    max_new_tokens: int = 96
+    store: str | None = None
+    stride: int = 16
+    query_tokens: int = 32
+    top_k: int = 2
+    threads: int | None = None
+    quiet: bool = False
+
+
+@dataclass
+class Source:
+    label: str  # file.md:3-9
+    path: str
+    start_line: int
+    end_line: int
+    first_seen_at: int  # generated-token step of the retrieval that brought it in (0 = before decoding)
+
+
+@dataclass
+class Retrieval:
+    step: int
+    query: str
+    added: list[str]
+    computed: int
+    reused: int
+
+
+@dataclass
+class WritingResult:
+    draft: str
+    sources: list[Source]
+    retrievals: list[Retrieval]
+    prompt_tokens: int
+    generated_tokens: int
+    index_seconds: float
+    seconds: float
+    finish_reason: str
+    extra: dict = field(default_factory=dict)
+
+
+def default_store(notes: Path) -> Path:
+    from flashback_agents import cache_dir
+
+    key = hashlib.sha256(str(notes.resolve()).encode()).hexdigest()[:12]
+    return Path(cache_dir()) / "examples" / f"notes-{key}"
+
+
+def run(cfg: WritingConfig, out=print) -> WritingResult:
+    """Index the notes, draft with the retrieval loop, return the draft, sources and accounting."""
+    from flashback_agents import CachedContext, GenerationConfig, Message, shared_model
+    from flashback_agents.ralm import RetrievalLoop
+    from flashback_agents.retrieval import RetrievalError, index_paths, open_store
+
+    say = (lambda *a: None) if cfg.quiet else out
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    notes = Path(cfg.notes).expanduser() if cfg.notes else SAMPLE_NOTES
+    if not notes.exists():
+        raise RetrievalError(f"No such notes folder: {notes}. Pass --notes DIR (a folder of text/markdown files).")
+    if not cfg.topic.strip():
+        raise RetrievalError("The topic is empty: pass --topic TEXT.")
+    store = Path(cfg.store).expanduser() if cfg.store else default_store(notes)
+    t0 = time.perf_counter()
+    report = index_paths([notes], store, "chroma", chunk_tokens=96, overlap=8, progress=not cfg.quiet)
+    index_seconds = time.perf_counter() - t0
+    say(f"notes: {notes} -> {report.chunks_total} chunks in {store} "
+        f"(+{report.chunks_added} new, {report.chunks_unchanged} unchanged; {index_seconds:.1f}s)")
+    retriever = open_store(store)
+    lm = shared_model(cfg.model, adapter=cfg.adapter)
+    ctx = CachedContext(lm)
+    lay = ctx.layout
+    # [system][user: the task]  -> evidence for it goes here, after the question ->  [assistant prompt] draft
+    ids = lay.render([Message("system", SYSTEM), Message("user", PROMPT.format(topic=cfg.topic.strip()))],
+                     add_generation_prompt=False)
+    loop = RetrievalLoop(ctx, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens, top_k=cfg.top_k)
+    say(f"topic: {cfg.topic}")
+    # The draft starts with its title (part of the answer prefix): a small model then writes the
+    # section instead of ending its turn at once.
+    title = f"## {cfg.topic.strip()}\n\n"
+    res = loop.generate(ids, GenerationConfig(max_new_tokens=cfg.max_new_tokens),
+                        answer_prefix=lay.generation_prompt() + lm.encode(title))
+    by_id = {d.id: d for d in res.evidence}
+    sources: list[Source] = []
+    retrievals: list[Retrieval] = []
+    for r in res.retrievals:
+        labels = []
+        for i in r.added_ids:
+            d = by_id.get(i)
+            if d is None:
+                continue
+            label = d.label() or d.id
+            labels.append(label)
+            sources.append(Source(label, str(d.metadata.get("source", "")), int(d.metadata.get("start_line", 0)),
+                                  int(d.metadata.get("end_line", 0)), r.step))
+        retrievals.append(Retrieval(r.step, r.query, labels, r.tokens_computed, r.tokens_reused))
+        say(f"retrieval at token {r.step:3d}: +{len(labels)} chunk(s) {labels}  "
+            f"computed {r.tokens_computed} tokens, reused {r.tokens_reused}")
+    seconds = time.perf_counter() - t0
+    result = WritingResult(title + res.text.strip(), sources, retrievals, res.prompt_tokens, res.generated_tokens,
+                           index_seconds, seconds, res.finish_reason)
+    say("")
+    say("draft:")
+    say(result.draft or "(empty)")
+    say("")
+    say("sources used:")
+    for s in sources:
+        say(f"  [{s.label}] {s.path}")
+    s = ctx.stats
+    say(f"\ntotal: generated {res.generated_tokens} tokens, {len(res.retrievals)} retrievals; context computed "
+        f"{s.tokens_computed} tokens, reused {s.tokens_reused}; {seconds:.1f}s")
+    return result
+
+
+def parse_args(argv: Sequence[str] | None) -> WritingConfig:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--notes", help="folder of notes (default: examples/sample_data/notes)")
+    ap.add_argument("--topic", default=DEFAULT_TOPIC)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--adapter", help="directory of a trained FlashBack adapter")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--store", help="Chroma store directory (default: a cache directory per notes folder)")
+    ap.add_argument("--stride", type=int, default=16, help="retrieve every this many generated tokens")
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy, shared CPU)")
+    a = ap.parse_args(argv)
+    if a.max_new_tokens < 1:
+        ap.error("--max-new-tokens must be at least 1")
+    return WritingConfig(a.notes, a.topic, a.model, a.adapter, a.max_new_tokens, a.store, a.stride, 32, a.top_k,
+                         a.threads)
+
+
+def main(argv: Sequence[str] | None = None) -> WritingResult:
+    """Command-line entry point; returns the result (for tests) or exits with a clear message."""
+    from flashback_agents import ModelLoadError
+    from flashback_agents.retrieval import RetrievalError
+
+    cfg = parse_args(argv)
+    try:
+        return run(cfg)
+    except (RetrievalError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
