@@ -152,6 +152,9 @@ class ReplyMemo:
 
     Re-tokenizing generated text often yields different ids than were generated; reusing the
     generated ids keeps the next call's rendering a pure extension of the cached context.
+    Entries are keyed by the reply *and* the ids it followed (the same text generated twice in one
+    conversation, e.g. a repeated tool call, may have different ids each time), with the reply alone
+    as a fallback.
     """
 
     def __init__(self, max_entries: int = 4096):
@@ -172,6 +175,10 @@ class ReplyMemo:
             if ids is not None:
                 self._data.move_to_end(key)
             return ids
+
+
+def _prefix_key(prefix: Sequence[int], key: str) -> str:
+    return f"{hash(tuple(prefix))}:{len(prefix)}\x01{key}"
 
 
 class Layout:
@@ -206,8 +213,9 @@ class Layout:
     def generation_prompt(self) -> list[int]:
         return self._enc(self.fmt.generation_prompt)
 
-    def render_message(self, msg: Message, tools: Sequence[dict] | None = None) -> list[int]:
-        """Token ids of one message; the same message always gives the same ids."""
+    def render_message(self, msg: Message, tools: Sequence[dict] | None = None,
+                       prefix: Sequence[int] | None = None) -> list[int]:
+        """Token ids of one message; the same message after the same ``prefix`` always gives the same ids."""
         fmt = self.fmt
         role = msg.role
         if role not in ROLES:
@@ -222,7 +230,9 @@ class Layout:
             return (self._enc(fmt.prefix["tool"]) + self.marked(head + msg.content)
                     + self._enc(fmt.suffix["tool"]))
         if role == "assistant":
-            body = self.memo.get(msg.key())
+            body = self.memo.get(_prefix_key(prefix, msg.key())) if prefix is not None else None
+            if body is None:
+                body = self.memo.get(msg.key())
             prefix = self._enc(fmt.generation_prompt)
             suffix = self._enc(fmt.suffix["assistant"])
             if body is None:
@@ -248,14 +258,24 @@ class Layout:
             raise LayoutError(f"pattern must be 'append' or 'prepend', got {pattern!r}")
         ids: list[int] = []
         for i, msg in enumerate(msgs):
-            ids += self.render_message(msg, tools if i == 0 else None)
+            ids += self.render_message(msg, tools if i == 0 else None, prefix=ids if msg.role == "assistant" else None)
         if add_generation_prompt:
             ids += self.generation_prompt()
         return ids
 
-    def remember_reply(self, msg: Message, generated_ids: list[int]) -> None:
-        """Record the ids generated for an assistant message (see :class:`ReplyMemo`)."""
+    def remember_reply(self, msg: Message, generated_ids: list[int], prompt_ids: Sequence[int] | None = None) -> None:
+        """Record the ids generated for an assistant message (see :class:`ReplyMemo`).
+
+        ``prompt_ids``: the ids the reply was generated after (ending with the generation prompt);
+        given, the entry is also keyed by them, so a repeated identical reply keeps its own ids.
+        """
         self.memo.put(msg.key(), generated_ids)
+        if prompt_ids is not None:
+            gen = self.generation_prompt()
+            prefix = list(prompt_ids)
+            if gen and prefix[-len(gen):] == gen:
+                prefix = prefix[: -len(gen)]
+            self.memo.put(_prefix_key(prefix, msg.key()), generated_ids)
 
 
 def _prepend_order(msgs: list[Message]) -> list[Message]:

@@ -287,3 +287,20 @@ def test_default_model_loads_offline_and_answers(default_lm):
     assert "Paris" in res.text
     assert res.finish_reason == "stop"
     assert default_lm.max_positions == 8192
+
+
+def test_repeated_identical_reply_keeps_its_own_ids(tiny_lm):
+    """The same reply text generated twice with different ids: each re-renders to its own ids."""
+    lay = Layout(tiny_lm)
+    msgs = [Message("user", "go")]
+    p1 = lay.render(msgs)
+    first = tiny_lm.encode("same call")
+    lay.remember_reply(Message("assistant", "same call"), first + [2], prompt_ids=p1)
+    msgs2 = msgs + [Message("assistant", "same call"), Message("user", "again")]
+    p2 = lay.render(msgs2)
+    second = [tiny_lm.tokenizer.convert_tokens_to_ids(c) for c in "same"] + tiny_lm.encode(" call")
+    assert second != first and tiny_lm.decode(second) == "same call"  # other ids, same text
+    lay.remember_reply(Message("assistant", "same call"), second + [2], prompt_ids=p2)
+    full = lay.render(msgs2 + [Message("assistant", "same call")], add_generation_prompt=False)
+    assert full[: len(p1) + len(first)] == p1 + first  # the first reply still renders to its own ids
+    assert full[len(p2): len(p2) + len(second)] == second
