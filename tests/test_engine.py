@@ -294,14 +294,15 @@ def test_repeated_identical_reply_keeps_its_own_ids(tiny_lm):
     lay = Layout(tiny_lm)
     msgs = [Message("user", "go")]
     p1 = lay.render(msgs)
-    first = tiny_lm.encode("same call")
-    lay.remember_reply(Message("assistant", "same call"), first + [2], prompt_ids=p1)
-    msgs2 = msgs + [Message("assistant", "same call"), Message("user", "again")]
+    first = tiny_lm.encode("quick brown fox")
+    lay.remember_reply(Message("assistant", "quick brown fox"), first + [2], prompt_ids=p1)
+    msgs2 = msgs + [Message("assistant", "quick brown fox"), Message("user", "again")]
     p2 = lay.render(msgs2)
-    splits = ([tiny_lm.encode(t[:i]) + tiny_lm.encode(t[i:]) for i in range(1, len(t))] for t in ["same call"])
-    second = next(ids for ids in next(splits) if ids != first)
-    assert second != first and tiny_lm.decode(second) == "same call"  # other ids, same text
-    lay.remember_reply(Message("assistant", "same call"), second + [2], prompt_ids=p2)
-    full = lay.render(msgs2 + [Message("assistant", "same call")], add_generation_prompt=False)
+    t = "quick brown fox"
+    second = next(ids for ids in (tiny_lm.encode(t[:i]) + tiny_lm.encode(t[i:]) for i in range(1, len(t)))
+                  if ids != first)
+    assert second != first and tiny_lm.decode(second) == "quick brown fox"  # other ids, same text
+    lay.remember_reply(Message("assistant", "quick brown fox"), second + [2], prompt_ids=p2)
+    full = lay.render(msgs2 + [Message("assistant", "quick brown fox")], add_generation_prompt=False)
     assert full[: len(p1) + len(first)] == p1 + first  # the first reply still renders to its own ids
     assert full[len(p2): len(p2) + len(second)] == second
