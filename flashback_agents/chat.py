@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator, Sequence
 
+from .backends.base import Backend, BackendRun, Constraint
 from .context import ContextOverflowError
-from .generation import GenerationConfig, GenerationResult, stream
+from .generation import GenerationConfig, GenerationResult
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
 from .models import DEFAULT_MODEL, LoadedModel, shared_model
 from .pool import ContextPool
@@ -150,12 +150,17 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[dict] | None) -> str
 
 
 class _Plan:
-    """Everything one call needs, prepared (and validated) before any compute."""
+    """Everything one call needs, prepared (and validated) before any compute.
 
-    def __init__(self, ids: list[int], config: GenerationConfig, processors: list, allowed: set[str] | None,
-                 parse_tools: bool, remember: bool):
-        self.ids, self.config, self.processors = ids, config, processors
+    ``prepared`` is what the backend compiled for the call (logits processors locally, a request
+    constraint for a server).
+    """
+
+    def __init__(self, ids: list[int], config: GenerationConfig, prepared: Any, allowed: set[str] | None,
+                 parse_tools: bool, remember: bool, constraint: Constraint | None = None):
+        self.ids, self.config, self.prepared = ids, config, prepared
         self.allowed, self.parse_tools, self.remember = allowed, parse_tools, remember
+        self.constraint = constraint
 
 
 def _holdback(text: str, tag: str) -> int:
@@ -177,9 +182,12 @@ class ChatRun:
         self.reply: ChatReply | None = None
         self._cancelled = threading.Event()
         self._started = False
+        self._run: BackendRun | None = None
 
     def cancel(self) -> None:
         self._cancelled.set()
+        if self._run is not None:
+            self._run.cancel()
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
@@ -189,40 +197,25 @@ class ChatRun:
 
     def _iterate(self) -> Iterator[str]:
         engine, plan = self.engine, self.plan
-        t0 = time.perf_counter()
-        reserve = plan.config.max_new_tokens if plan.ids is not None else 0
-        with engine.pool.acquire(plan.ids, reserve=reserve) as lease:
-            ctx = lease.ctx
-            held = len(ctx)  # the prompt as held (after any compaction)
-            event = ctx.last_compaction
-            prefill = time.perf_counter() - t0  # the lease computes the new prompt tokens on entry
-            decode0 = ctx.stats.decode_seconds
-            run = stream(ctx, plan.config, plan.processors)
-            raw, emitted = "", 0
-            for delta in run:
-                raw += delta
-                if plan.parse_tools:
-                    cut = raw.find(TOOL_CALL_OPEN)
-                    visible = raw if cut < 0 else raw[:cut]
-                    safe = len(visible) - (_holdback(visible, TOOL_CALL_OPEN) if cut < 0 else 0)
-                else:
-                    visible, safe = raw, len(raw)
-                if safe > emitted:
-                    yield visible[emitted:safe]
-                    emitted = safe
-                if self._cancelled.is_set():
-                    break
-            result = run.result or GenerationResult(text=raw, token_ids=[], finish_reason="stop")
-            if run.result is None:  # cancelled: what was decoded so far
-                n = len(ctx) - held
-                result.token_ids = ctx.token_ids[held:] if n > 0 else []
-            usage = ChatUsage(input_tokens=held, output_tokens=len(result.token_ids),
-                              cache_read=lease.sync.reused, computed=lease.sync.computed,
-                              prefill_seconds=prefill, decode_seconds=ctx.stats.decode_seconds - decode0)
-            if event is not None:
-                usage.compacted = True
-                usage.tokens_evicted = event.tokens_evicted
-                usage.tokens_recomputed = event.tokens_recomputed
+        run = self._run = engine.backend.start(plan.ids, plan.config, plan.prepared)
+        if self._cancelled.is_set():
+            run.cancel()
+        raw, emitted = "", 0
+        for delta in run:
+            raw += delta
+            if plan.parse_tools:
+                cut = raw.find(TOOL_CALL_OPEN)
+                visible = raw if cut < 0 else raw[:cut]
+                safe = len(visible) - (_holdback(visible, TOOL_CALL_OPEN) if cut < 0 else 0)
+            else:
+                visible, safe = raw, len(raw)
+            if safe > emitted:
+                yield visible[emitted:safe]
+                emitted = safe
+            if self._cancelled.is_set():
+                run.cancel()  # the backend stops at its next token; iteration then ends
+        result = run.result or GenerationResult(text=raw, token_ids=[], finish_reason="stop")
+        usage = run.usage if run.usage is not None else ChatUsage()
         self.reply = engine._finish(plan, result, usage)
         if self.reply.text.startswith(raw[:emitted]) and len(self.reply.text) > emitted:
             yield self.reply.text[emitted:]
@@ -281,7 +274,8 @@ class ChatEngine:
 
     def __init__(self, lm: LoadedModel, *, max_cached_bytes: int | None = None,
                  max_context_tokens: int | None = None, model_name: str | None = None,
-                 on_overflow: str = "evict", low_water: float = 0.75):
+                 on_overflow: str = "evict", low_water: float = 0.75, backend: Backend | None = None):
+        from .backends.local import LocalBackend
         from .compaction import ON_OVERFLOW
 
         if on_overflow not in ON_OVERFLOW:
@@ -289,9 +283,15 @@ class ChatEngine:
         self.lm = lm
         self.on_overflow = on_overflow
         self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
-        self.pool = ContextPool(lm, max_bytes=max_cached_bytes or (2 << 30),
-                                max_context_tokens=self.max_context_tokens, on_overflow=on_overflow,
-                                low_water=low_water)
+        if backend is None:
+            self.pool: ContextPool | None = ContextPool(
+                lm, max_bytes=max_cached_bytes or (2 << 30), max_context_tokens=self.max_context_tokens,
+                on_overflow=on_overflow, low_water=low_water)
+            backend = LocalBackend(self.pool)
+        else:
+            self.pool = getattr(backend, "pool", None)  # a server backend has no local pool
+        #: where rendered ids run: in process (LocalBackend) or on a server (backends.server.ServerBackend)
+        self.backend: Backend = backend
         self.layout = self._layout_for(lm)  # one reply memo per model, shared by all its engines
         self.model_name = model_name or lm.name
 
@@ -308,7 +308,15 @@ class ChatEngine:
     def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = None,
                max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                on_overflow: str = "evict") -> "ChatEngine":
-        """The process-wide engine for these arguments (same args -> same engine, weights and pool)."""
+        """The process-wide engine for these arguments (same args -> same engine, weights and pool).
+
+        An ``http(s)://`` model spec is an OpenAI-compatible server (llama.cpp, vLLM, SGLang): the engine
+        renders locally (tokenizer only) and runs on the server (see :mod:`flashback_agents.backends.server`).
+        """
+        if isinstance(model, str) and model.strip().lower().startswith(("http://", "https://")):
+            from .backends.server import server_engine
+
+            return server_engine(model.strip(), adapter=adapter, max_context_tokens=max_context_tokens)
         if isinstance(model, LoadedModel):
             if adapter is not None:
                 raise ValueError("adapter= cannot be combined with an already loaded model")
@@ -339,7 +347,7 @@ class ChatEngine:
 
     def _plan(self, messages: Sequence[Message], tools: Sequence[dict] | None, tool_choice: Any,
               response_schema: dict | None, config: GenerationConfig | None) -> _Plan:
-        from .constrained import json_schema_processor, tool_call_processor, tool_name
+        from .constrained import tool_call_schema, tool_name
 
         config = replace(config) if config is not None else GenerationConfig()
         config.validate()
@@ -349,17 +357,18 @@ class ChatEngine:
         choice = normalize_tool_choice(tool_choice, tools)
         ids = self.layout.render(list(messages), tools=tools or None)
         self._check_room(ids)
-        processors: list = []
         allowed = {tool_name(t) for t in tools} if tools else None
         parse_tools = bool(tools) and choice != "none" and response_schema is None
+        constraint: Constraint | None = None
         if response_schema is not None:
-            processors.append(json_schema_processor(self.lm, response_schema))
+            constraint = Constraint("json", response_schema)
         elif choice not in (None, "none"):
-            processors.append(tool_call_processor(self.lm, tools, choice))
-        if processors and config.max_new_tokens < self.min_constrained_tokens:
+            constraint = Constraint("tool_call", tool_call_schema(tools, choice), tools=tools, choice=choice)
+        prepared = self.backend.prepare(ids, config, constraint)
+        if constraint is not None and config.max_new_tokens < self.min_constrained_tokens:
             # A constrained reply is only useful complete: a small max_tokens must not cut a required call.
             config.max_new_tokens = self.min_constrained_tokens
-        return _Plan(ids, config, processors, allowed, parse_tools, remember=True)
+        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, constraint=constraint)
 
     def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
         raw = result.text
@@ -371,7 +380,7 @@ class ChatEngine:
                           model_name=self.model_name, raw_text=raw, token_ids=list(result.token_ids))
         if plan.remember and result.stop_string is None and reply.token_ids:
             self.layout.remember_reply(Message("assistant", reply.text, tool_calls=reply.tool_calls),
-                                       reply.token_ids)
+                                       reply.token_ids, prompt_ids=plan.ids)
         return reply
 
     # ------------------------------------------------------------------ chat
@@ -412,7 +421,8 @@ class ChatEngine:
             start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
             ids = [int(start if start is not None else 0)]
         self._check_room(ids)
-        return _Plan(ids, config, [], None, parse_tools=False, remember=False)
+        return _Plan(ids, config, self.backend.prepare(ids, config, None), None, parse_tools=False,
+                     remember=False)
 
     def stream_complete(self, prompt: str, config: GenerationConfig | None = None) -> ChatRun:
         """Raw text completion (no chat template), streamed."""

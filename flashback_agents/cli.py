@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "flashback_agents.training.commands",
     "flashback_agents.evaluation.commands",
     "flashback_agents.evaluation.eval_commands",
+    "flashback_agents.server_commands",
 )
 
 

@@ -45,3 +45,25 @@ def build_tiny_model_dir(path: str | Path, *, vocab_size: int = 512, hidden: int
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(str(path))
     return path
+
+
+def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidden: int, layers: int, heads: int,
+                           kv_heads: int, intermediate: int, max_positions: int = 8192, dtype: str = "bfloat16",
+                           device: str = "cpu", seed: int = 0) -> Path:
+    """A randomly initialised Llama of a given shape with a real tokenizer: for *speed* benchmarks of
+    model sizes whose weights cannot be downloaded here (timings do not depend on weight values)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, rope_theta=100000.0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage, trim_messages
-from langchain_core.tools import tool
 
 from langchain_flashback import ChatFlashBack
 
 
-@tool
-def read_page(page: str) -> str:
-    """Read one page of the log file."""
-    return ""
+# a short, bounded argument keeps each constrained call to a few tokens
+read_page = {"type": "function", "function": {
+    "name": "read_page", "description": "Read one page of the log file.",
+    "parameters": {"type": "object", "properties": {"page": {"type": "string", "maxLength": 6}},
+                   "required": ["page"]}}}
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,12 @@ def agent(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG: seconds per step, one line per system."),
+    backend: str = typer.Option("local", "--backend", help="local: in-process systems; server: append vs "
+                                "prepend on a prefix-caching server (llama.cpp/vLLM/SGLang)."),
+    server: Optional[str] = typer.Option(None, "--server", help="With --backend server: the server URL "
+                                         "(http://HOST:PORT/v1); default: start the embedded llama.cpp server."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="With --backend server: tokenizer spec of "
+                                            "the served model (default: found from the server)."),
 ) -> None:
     """Replay one agent run through the ideal loop, ChatHuggingFace, LlamaIndex HuggingFaceLLM and ours."""
     from ..cli import emit
@@ -83,6 +89,25 @@ def agent(
     from .common import save_plot
 
     scenario = Scenario(4, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
+    if backend not in ("local", "server"):
+        from ..cli import fail
+
+        fail(f"--backend must be 'local' or 'server', got {backend!r}")
+    if backend == "server":
+        from ..backends.server import ServerError
+        from .server_bench import bench_server, print_report
+
+        try:
+            data = bench_server(server, scenario, model=model, tokenizer=tokenizer)
+        except ServerError as exc:
+            from ..cli import fail
+
+            fail(str(exc))
+        if json_out:
+            emit(data, True)
+        else:
+            print_report(data, typer.echo)
+        return
     lm = load_model(model)
     only = [s.strip() for s in systems.split(",")] if systems else None
     data = bench_agent(lm, model, scenario, only)

@@ -24,14 +24,23 @@ def filler_ids(lm, n: int) -> list[int]:
     return ids[:n]
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs (GPU work included)."""
     for _ in range(warmup):
         fn()
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

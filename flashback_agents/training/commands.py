@@ -146,13 +146,28 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
         base: Optional[str] = typer.Option(None, "--base", help="Base model spec (default: the one recorded in the adapter)."),
         dtype: str = typer.Option("float32", "--dtype"),
         as_json: bool = typer.Option(False, "--json"),
+        gguf: Optional[Path] = typer.Option(None, "--gguf", help="Also write a GGUF (Llama family) with the "
+                                            "marker tokens, for llama.cpp / `flashback-agents serve`."),
+        gguf_base: Optional[Path] = typer.Option(None, "--gguf-base", help="The base model's GGUF (metadata and "
+                                                 "tokenizer are copied from it; default: the base spec's GGUF)."),
+        gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="f16 or f32 tensors in the GGUF."),
     ) -> None:
         """Merge an adapter into its base model: a plain HF directory loadable with load_model(OUT)."""
         from ..cli import emit, fail
-        from .trainer import TrainError, export_merged
+        from .trainer import TrainError, export_merged, read_adapter_meta
 
         try:
             path = export_merged(adapter, out, base=base, dtype=dtype)
         except TrainError as exc:
             fail(str(exc))
-        emit({"merged_model": str(path)}, as_json)
+        result = {"merged_model": str(path)}
+        if gguf is not None:
+            from ..export_gguf import GGUFExportError, base_gguf_for, export_gguf
+            from ..models import ModelLoadError
+
+            try:
+                source = gguf_base or base_gguf_for(base or read_adapter_meta(adapter).get("base_model"))
+                result["gguf"] = str(export_gguf(path, gguf, source, dtype=gguf_dtype))
+            except (GGUFExportError, ModelLoadError) as exc:
+                fail(str(exc))
+        emit(result, as_json)

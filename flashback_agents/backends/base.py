@@ -1,0 +1,70 @@
+"""The execution side of the chat engine: one interface, two implementations.
+
+Rendering (``flashback_agents.layout``) is one code path; *where* the rendered token ids run is a
+backend: the in-process transformers backend (:class:`~flashback_agents.backends.local.LocalBackend`,
+a :class:`~flashback_agents.pool.ContextPool` of persistent KV caches) or an OpenAI-compatible server
+with prefix caching (:class:`~flashback_agents.backends.server.ServerBackend`: llama.cpp, vLLM,
+SGLang). Both receive the same plan (prompt ids, decoding settings, an optional output constraint)
+and report the same usage (``cache_read`` = prompt tokens the backend did not have to compute).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..generation import GenerationConfig, GenerationResult
+
+
+@dataclass
+class Constraint:
+    """What the output must be: ``kind="tool_call"`` (``<tool_call>{schema}</tool_call>``) or ``"json"``.
+
+    ``schema`` is the JSON schema of the call body / the JSON output; ``tools`` and ``choice`` are
+    kept for backends that build their own grammar from them (the local xgrammar path).
+    """
+
+    kind: str
+    schema: dict
+    tools: list[dict] = field(default_factory=list)
+    choice: str | None = None
+
+
+class BackendRun(ABC):
+    """One generation on a backend: iterate for raw text deltas (tool-call markup included).
+
+    After iteration ``result`` (a :class:`GenerationResult`) and ``usage`` (a ``ChatUsage``) are set.
+    ``cancel()`` asks the run to stop at the next token; iteration then ends normally.
+    """
+
+    result: GenerationResult | None = None
+    usage: Any = None
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[str]:
+        ...
+
+    @abstractmethod
+    def cancel(self) -> None:
+        ...
+
+
+class Backend(ABC):
+    """Runs prompts given as token ids of the engine's layout."""
+
+    #: short name for messages and metadata ("local", "server")
+    kind: str = "backend"
+    #: whether the backend needs logits processors (in-process decoding) built for a constraint
+    in_process: bool = False
+
+    @abstractmethod
+    def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> Any:
+        """Validate and compile what a call needs before any compute (errors raise here)."""
+
+    @abstractmethod
+    def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> BackendRun:
+        """Begin a run; nothing is computed until the run is iterated."""
+
+    def close(self) -> None:  # pragma: no cover - default: nothing to release
+        """Release connections or memory held by the backend."""

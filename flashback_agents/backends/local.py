@@ -1,0 +1,83 @@
+"""The in-process backend: transformers weights and a pool of persistent KV caches.
+
+A call acquires the pooled context with the longest common prefix (only the new tail is computed),
+decodes on it (generated tokens stay cached for the next step) and reports what it reused.
+Constraints become xgrammar logits processors (see :mod:`flashback_agents.constrained`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator
+
+from ..generation import GenerationConfig, GenerationResult, stream
+from ..pool import ContextPool
+from .base import Backend, BackendRun, Constraint
+
+
+class LocalRun(BackendRun):
+    """One generation on a pooled context; the lease is held only while iterating."""
+
+    def __init__(self, pool: ContextPool, ids: list[int], config: GenerationConfig, processors: list):
+        self.pool, self.ids, self.config, self.processors = pool, ids, config, processors
+        self.result: GenerationResult | None = None
+        self.usage: Any = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        from ..chat import ChatUsage
+
+        t0 = time.perf_counter()
+        with self.pool.acquire(self.ids, reserve=self.config.max_new_tokens) as lease:
+            ctx = lease.ctx
+            held = len(ctx)  # the prompt as held (after any compaction)
+            event = ctx.last_compaction
+            prefill = time.perf_counter() - t0  # the lease computes the new prompt tokens on entry
+            decode0 = ctx.stats.decode_seconds
+            run = stream(ctx, self.config, self.processors)
+            raw = ""
+            for delta in run:
+                raw += delta
+                yield delta
+                if self._cancelled.is_set():
+                    break
+            result = run.result or GenerationResult(text=raw, token_ids=[], finish_reason="stop")
+            if run.result is None:  # cancelled: what was decoded so far
+                n = len(ctx) - held
+                result.token_ids = ctx.token_ids[held:] if n > 0 else []
+            usage = ChatUsage(input_tokens=held, output_tokens=len(result.token_ids),
+                              cache_read=lease.sync.reused, computed=lease.sync.computed,
+                              prefill_seconds=prefill, decode_seconds=ctx.stats.decode_seconds - decode0)
+            if event is not None:
+                usage.compacted = True
+                usage.tokens_evicted = event.tokens_evicted
+                usage.tokens_recomputed = event.tokens_recomputed
+        self.result, self.usage = result, usage
+
+
+class LocalBackend(Backend):
+    """Runs on a :class:`ContextPool` in this process (today's default)."""
+
+    kind = "local"
+    in_process = True
+
+    def __init__(self, pool: ContextPool):
+        self.pool = pool
+        self.lm = pool.lm
+
+    def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> list:
+        """xgrammar logits processors for the constraint (compiled now, so schema errors raise early)."""
+        from ..constrained import json_schema_processor, tool_call_processor
+
+        if constraint is None:
+            return []
+        if constraint.kind == "json":
+            return [json_schema_processor(self.lm, constraint.schema)]
+        return [tool_call_processor(self.lm, constraint.tools, constraint.choice)]
+
+    def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> LocalRun:
+        return LocalRun(self.pool, ids, config, list(prepared or []))
