@@ -197,6 +197,7 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
 
     target = target or _converted_dir_for_gguf(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        _drop_gguf_quantization(target / "config.json")
         return target
     logger.warning("flashback-agents: converting %s to safetensors under %s (one time, ~30 s)", gguf.name, target)
     steps = tqdm(total=3, desc=f"Converting {gguf.name} (one time)", unit="step")
@@ -215,6 +216,8 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         model.generation_config = gguf_model.generation_config
+        if hasattr(model.config, "quantization_config"):  # the weights are plain fp32 now
+            del model.config.quantization_config
         del gguf_model
         steps.update(1)
         steps.set_postfix_str("saving")
@@ -230,6 +233,15 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
     finally:
         steps.close()
     return target
+
+
+def _drop_gguf_quantization(config_path: Path) -> None:
+    """Older conversions kept the GGUF ``quantization_config``, which makes ``save_pretrained`` refuse
+    the (fully dequantized) model: remove it in place."""
+    cfg = json.loads(config_path.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        config_path.write_text(json.dumps(cfg, indent=2))
 
 
 def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) -> tuple[Any, Any]:
