@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 EXTRAS ?= langchain,llamaindex,train,server,bench,dev
 
-.PHONY: install demo test test-fast bench-quick
+.PHONY: install demo test test-fast
 
 install:
 	$(PIP) install torch==2.13.0
@@ -11,7 +11,7 @@ install:
 	$(PIP) install -e ".[$(EXTRAS)]"
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(PY) examples/log_analysis_agent.py
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -262,7 +262,7 @@ def _fmt_args(args: dict) -> str:
 def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print) -> AgentResult:
     """Run the tool loop; ``out`` receives the console lines (``print`` by default)."""
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
-    from langchain_flashback.chat_models import ChatFlashBack  # (the package __init__ needs a fresh `pip install -e .`)
+    from langchain_flashback import ChatFlashBack
 
     if cfg.max_steps < 2:
         raise ValueError("--max-steps must be at least 2 (one tool call, then final_answer).")

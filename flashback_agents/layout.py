@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .models import MARK_L, MARK_R, LoadedModel
+from .models import LoadedModel
 
 ROLES = ("system", "user", "assistant", "tool", "evidence")
 DEFAULT_SYSTEM = "You are a helpful assistant."

@@ -38,16 +38,20 @@ class BackendRun(ABC):
     ``cancel()`` asks the run to stop at the next token; iteration then ends normally.
     """
 
-    result: GenerationResult | None = None
-    usage: Any = None
+    def __init__(self, ids: list[int], config: GenerationConfig):
+        import threading
+
+        self.ids, self.config = ids, config
+        self.result: GenerationResult | None = None
+        self.usage: Any = None
+        self._cancelled = threading.Event()
 
     @abstractmethod
     def __iter__(self) -> Iterator[str]:
         ...
 
-    @abstractmethod
     def cancel(self) -> None:
-        ...
+        self._cancelled.set()
 
 
 class Backend(ABC):

@@ -7,7 +7,6 @@ Constraints become xgrammar logits processors (see :mod:`flashback_agents.constr
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Iterator
 
@@ -20,13 +19,8 @@ class LocalRun(BackendRun):
     """One generation on a pooled context; the lease is held only while iterating."""
 
     def __init__(self, pool: ContextPool, ids: list[int], config: GenerationConfig, processors: list):
-        self.pool, self.ids, self.config, self.processors = pool, ids, config, processors
-        self.result: GenerationResult | None = None
-        self.usage: Any = None
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
+        super().__init__(ids, config)
+        self.pool, self.processors = pool, processors
 
     def __iter__(self) -> Iterator[str]:
         from ..chat import ChatUsage

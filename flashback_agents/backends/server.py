@@ -537,13 +537,8 @@ class ServerRun(BackendRun):
     """One streamed completion on the server. Closing the stream (cancel) stops the server's decoding."""
 
     def __init__(self, backend: ServerBackend, ids: list[int], config: GenerationConfig, prepared: _Prepared):
-        self.backend, self.ids, self.config, self.prepared = backend, ids, config, prepared
-        self.result: GenerationResult | None = None
-        self.usage: Any = None
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
+        super().__init__(ids, config)
+        self.backend, self.prepared = backend, prepared
 
     def __iter__(self) -> Iterator[str]:
         import httpx

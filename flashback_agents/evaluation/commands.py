@@ -24,6 +24,26 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("decode")(decode)
     bench_app.command("agent")(agent)
     bench_app.command("long")(long)
+    bench_app.command("shift-drift")(shift_drift_cmd)
+
+
+def shift_drift_cmd(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    budget: int = typer.Option(1200, help="Token budget; the conversation grows until it compacts."),
+    tool_tokens: int = typer.Option(200, help="Tokens per tool result."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """How far on_overflow='shift' (no recompute) drifts from 'evict' (exact): logits and perplexity."""
+    from ..cli import emit, fail
+    from ..models import load_model
+    from .long_bench import shift_drift
+
+    lm = load_model(model)
+    try:
+        data = shift_drift(lm, steps=64, tool_tokens=tool_tokens, budget=budget)
+    except ValueError as exc:
+        fail(str(exc))
+    emit({"model": lm.name, **data}, json_out)
 
 
 def long(

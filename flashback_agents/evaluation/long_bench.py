@@ -120,3 +120,55 @@ def bench_long(lm, spec: str, scenario: Scenario, budget: int | None = None,
     if fb and hf:
         out["speedup_vs_chathf_trim"] = hf["total_s"] / fb["total_s"]
     return out
+
+
+@torch.inference_mode()
+def shift_drift(lm, steps: int = 10, tool_tokens: int = 200, budget: int = 1200, probe_tokens: int = 64) -> dict:
+    """How far ``on_overflow="shift"`` drifts from ``"evict"`` (which equals a full recompute).
+
+    The same conversation (tool results of ``tool_tokens``) is synced step by step into two contexts
+    with the same budget; after the first compaction, the next-token logits are compared, and a
+    probe text appended to both is scored (perplexity under each cache).
+    """
+    from ..context import CachedContext
+    from ..layout import Layout, Message, ToolCall
+
+    lay = Layout(lm)
+    results = tool_results(lm, Scenario(steps, tool_tokens, 8))
+    evict = CachedContext(lm, max_context_tokens=budget, on_overflow="evict")
+    shift = CachedContext(lm, max_context_tokens=budget, on_overflow="shift")
+    msgs = [Message("system", SYSTEM), Message("user", QUESTION)]
+    compacted_at = None
+    for i in range(steps):
+        call = ToolCall("search_logs", {"pattern": f"ERROR {i}"}, id=f"c{i}")
+        msgs += [Message("assistant", "", tool_calls=[call]),
+                 Message("tool", results[i], tool_call_id=f"c{i}", name="search_logs")]
+        ids = lay.render(msgs)
+        evict.sync(ids)
+        shift.sync(ids)
+        if shift.last_compaction is not None and compacted_at is None:
+            compacted_at = i + 1
+            break
+    if compacted_at is None:
+        raise ValueError("no compaction happened: lower the budget or raise steps/tool_tokens")
+    assert evict.token_ids == shift.token_ids
+    le, ls = evict.next_token_logits(), shift.next_token_logits()
+    pe, ps = torch.log_softmax(le, -1), torch.log_softmax(ls, -1)
+    kl = float((pe.exp() * (pe - ps)).sum())
+    probe = lm.encode(tool_results(lm, Scenario(1, probe_tokens, 8))[0])
+
+    def nll(ctx) -> float:
+        total = 0.0
+        for t in probe:
+            total -= float(torch.log_softmax(ctx.next_token_logits(), -1)[t])
+            ctx.append([t])
+        return total / len(probe)
+
+    import math
+
+    return {"compacted_at_step": compacted_at, "context_tokens": len(evict), "budget": budget,
+            "max_abs_logit_diff": float((le - ls).abs().max()), "kl_evict_to_shift": kl,
+            "same_argmax": bool(int(le.argmax()) == int(ls.argmax())),
+            "probe_ppl_evict": math.exp(nll(evict)), "probe_ppl_shift": math.exp(nll(shift)),
+            "recompute_tokens_evict": evict.stats.tokens_recomputed,
+            "recompute_tokens_shift": shift.stats.tokens_recomputed}

@@ -27,14 +27,12 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice
-from flashback_agents.generation import GenerationConfig
 from flashback_agents.layout import Message, ToolCall
-from flashback_agents.models import DEFAULT_MODEL
 
-PROVIDER = "flashback"
+from ._params import PROVIDER, FlashBackParams
 DOCUMENTS_KEY = "documents"  # HumanMessage.additional_kwargs key holding retrieved documents
 
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "human": "user",
@@ -159,7 +157,7 @@ def _last_chunk(reply: ChatReply) -> AIMessageChunk:
 
 
 # --------------------------------------------------------------------------- the model
-class ChatFlashBack(BaseChatModel):
+class ChatFlashBack(FlashBackParams, BaseChatModel):
     """Local chat model on a persistent, shared KV cache (FlashBack append layout).
 
     Weights and the context pool are shared per process, so constructing it is cheap; the model
@@ -169,32 +167,13 @@ class ChatFlashBack(BaseChatModel):
         llm.bind_tools([my_tool], tool_choice="any").invoke("...")
     """
 
-    model: str = Field(default=DEFAULT_MODEL, description="Model spec (see flashback_agents.load_model).")
-    adapter: str | None = Field(default=None, description="Directory of a trained FlashBack adapter.")
-    temperature: float = 0.0
-    max_tokens: int | None = 256
-    stop: list[str] | None = None
-    top_p: float = 1.0
-    seed: int | None = None
-    streaming: bool = False
-    max_cached_bytes: int | None = None
-    max_context_tokens: int | None = None
-    on_overflow: str = "evict"  # "evict" (oldest tool results/documents -> stubs), "shift" or "error"
-    min_tokens: int = 0  # EOS masked until this many tokens (fixed-length benchmark runs)
     timeout: float | None = None  # accepted for API compatibility (local model: no network timeout)
     max_retries: int = 0  # accepted for API compatibility (nothing to retry locally)
-
-    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
     # ------------------------------------------------------------------ plumbing
     @property
     def _llm_type(self) -> str:
         return "flashback-chat"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "adapter": self.adapter, "temperature": self.temperature,
-                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed}
 
     @classmethod
     def is_lc_serializable(cls) -> bool:
@@ -213,27 +192,9 @@ class ChatFlashBack(BaseChatModel):
             params["ls_stop"] = list(stop)
         return params
 
-    @property
-    def engine(self) -> ChatEngine:
-        """The process-wide engine (weights + context pool) for this model spec."""
-        return ChatEngine.shared(self.model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
-
     def _engine_for(self, kwargs: dict) -> ChatEngine:
         model = kwargs.get("model") or self.model
-        if model == self.model:
-            return self.engine
-        return ChatEngine.shared(model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
-
-    def _config(self, stop: list[str] | None, kwargs: dict) -> GenerationConfig:
-        stops = stop if stop is not None else (kwargs.get("stop") or self.stop or [])
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        return GenerationConfig(max_new_tokens=int(max_tokens) if max_tokens is not None else 256,
-                                min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),
-                                temperature=float(kwargs.get("temperature", self.temperature) or 0.0),
-                                top_p=float(kwargs.get("top_p", self.top_p)), seed=kwargs.get("seed", self.seed),
-                                stop=tuple(stops))
+        return self.engine if model == self.model else self._engine_for_model(model)
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[ChatEngine, list[Message], dict]:
         engine = self._engine_for(kwargs)

@@ -1,0 +1,58 @@
+"""Settings shared by ChatFlashBack and FlashBackLLM: one definition of the fields and of how they
+become an engine and a GenerationConfig."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flashback_agents.chat import ChatEngine
+from flashback_agents.generation import GenerationConfig
+from flashback_agents.models import DEFAULT_MODEL
+
+PROVIDER = "flashback"
+
+
+class FlashBackParams(BaseModel):
+    """Model spec, decoding settings and the cache budget (a mixin for the LangChain classes)."""
+
+    model: str = Field(default=DEFAULT_MODEL, description="Model spec (see flashback_agents.load_model), "
+                       "or an http(s) URL of an OpenAI-compatible server.")
+    adapter: str | None = Field(default=None, description="Directory of a trained FlashBack adapter.")
+    temperature: float = 0.0
+    max_tokens: int | None = 256
+    stop: list[str] | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+    streaming: bool = False
+    max_cached_bytes: int | None = None
+    max_context_tokens: int | None = None
+    on_overflow: str = "evict"  # "evict" (oldest tool results/documents -> stubs), "shift" or "error"
+    min_tokens: int = 0  # EOS masked until this many tokens (fixed-length benchmark runs)
+
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "adapter": self.adapter, "temperature": self.temperature,
+                "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed}
+
+    def _engine_for_model(self, model: str) -> ChatEngine:
+        return ChatEngine.shared(model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
+                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
+
+    @property
+    def engine(self) -> ChatEngine:
+        """The process-wide engine (weights + context pool) for this model spec."""
+        return self._engine_for_model(self.model)
+
+    def _config(self, stop: list[str] | None, kwargs: dict) -> GenerationConfig:
+        """Decoding settings from the fields, overridable per call."""
+        stops = stop if stop is not None else (kwargs.get("stop") or self.stop or [])
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        return GenerationConfig(max_new_tokens=int(max_tokens) if max_tokens is not None else 256,
+                                min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),
+                                temperature=float(kwargs.get("temperature", self.temperature) or 0.0),
+                                top_p=float(kwargs.get("top_p", self.top_p)), seed=kwargs.get("seed", self.seed),
+                                stop=tuple(stops))
