@@ -316,3 +316,34 @@ def test_writing_assistant_drafts_with_sources(tmp_path, capsys):
     later = [r for r in res.retrievals if r.step > 0]
     assert all(r.reused > 0 for r in later)
     assert all(r.computed <= 200 for r in later)
+
+
+def test_loghub_transcripts_are_exact_and_readable(shared_data, tmp_path):
+    """The adapter recipe's training data: valid transcripts whose answers match the CSVs."""
+    import csv
+    import json
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import loghub_transcripts
+
+    from flashback_agents.training.transcripts import read_transcripts
+
+    out = tmp_path / "lh.jsonl"
+    assert loghub_transcripts.main(["--data", str(shared_data / "loghub"), "--out", str(out),
+                                    "--per-system", "5"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 40
+    assert len(read_transcripts([str(out)]).conversations) == 40
+    for line in lines:
+        msgs = json.loads(line)["messages"]
+        q, answer = msgs[1]["content"], msgs[-1]["content"]
+        system = q.split("In the ")[1].split(" log")[0]
+        field, value = q.split(" have ")[1].rstrip("?").split(" ", 1)
+        path = next((shared_data / "loghub" / system).glob("*_structured.csv"))
+        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+            rows = list(csv.DictReader(fh))
+        key = {"level": "Level", "component": "Component", "program": "Program", "eventid": "EventId"}[field]
+        assert answer.startswith(f"{Counter(r[key] for r in rows)[value]} lines")

@@ -28,11 +28,11 @@ from .common import filler_ids
 TOOLS = [
     {"type": "function", "function": {
         "name": "search_logs", "description": "Search the log file with a regular expression.",
-        "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}},
+        "parameters": {"type": "object", "properties": {"pattern": {"type": "string", "maxLength": 32}},
                        "required": ["pattern"]}}},
     {"type": "function", "function": {
         "name": "count_by_level", "description": "Count log lines by level (INFO, WARN, ERROR).",
-        "parameters": {"type": "object", "properties": {"window": {"type": "string"}}}}},
+        "parameters": {"type": "object", "properties": {"window": {"type": "string", "maxLength": 32}}}}},
 ]
 SYSTEM = "You are a log analysis agent. Use the tools, then answer briefly."
 QUESTION = "Which component reports the most errors, and since when?"

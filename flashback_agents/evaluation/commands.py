@@ -52,7 +52,7 @@ def long(
     generate: int = typer.Option(24, help="Tokens generated per step (G), EOS ignored."),
     budget: Optional[int] = typer.Option(None, help="Token budget (default: the window minus reply room)."),
     shift: bool = typer.Option(False, help="Also run on_overflow='shift' (experimental)."),
-    quick: bool = typer.Option(False, help="12 steps, T=128, G=8, budget 1024: a smoke run."),
+    quick: bool = typer.Option(False, help="12 steps, T=128, G=8, budget 1536: a smoke run."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG: seconds per step, one line per system."),
@@ -65,7 +65,7 @@ def long(
     from .long_bench import bench_long
 
     scenario = Scenario(12, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
-    budget = 1024 if quick and budget is None else budget
+    budget = 1536 if quick and budget is None else budget
     lm = load_model(model)
     systems = ("flashback", "shift", "chathf") if shift else ("flashback", "chathf")
     data = bench_long(lm, model, scenario, budget, systems)

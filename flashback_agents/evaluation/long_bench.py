@@ -22,6 +22,7 @@ class LongStep:
     step: int
     seconds: float
     prompt_tokens: int
+    output_tokens: int = 0
     cache_read: int = 0
     compacted: bool = False
     tokens_evicted: int = 0
@@ -55,14 +56,21 @@ def run_flashback(spec: str, lm, scenario: Scenario, results: list[str], budget:
         ai = chat.invoke(history)
         dt = time.perf_counter() - t0
         meta, usage = ai.response_metadata, ai.usage_metadata
-        run.steps.append(LongStep(i + 1, dt, usage["input_tokens"], usage["input_token_details"]["cache_read"],
-                                  meta["compacted"], meta["tokens_evicted"], meta["tokens_recomputed"]))
+        run.steps.append(LongStep(i + 1, dt, usage["input_tokens"], usage["output_tokens"],
+                                  usage["input_token_details"]["cache_read"], meta["compacted"],
+                                  meta["tokens_evicted"], meta["tokens_recomputed"]))
         # each step is a real (grammar-constrained) tool call, and its result is appended marked
+        if not ai.tool_calls:
+            raise RuntimeError(f"step {i + 1}: the reply was cut before its tool call completed "
+                               f"(finish_reason={meta.get('finish_reason')!r}, prompt {usage['input_tokens']} "
+                               f"tokens of a {budget}-token budget): raise --budget")
         history += [ai, ToolMessage(results[i], tool_call_id=ai.tool_calls[0]["id"], name="search_logs")]
     return run
 
 
-def run_chathf_trim(lm, scenario: Scenario, results: list[str], budget: int) -> LongRun:
+def run_chathf_trim(lm, scenario: Scenario, results: list[str], budget: int,
+                    gen_per_step: list[int] | None = None) -> LongRun:
+    """``gen_per_step``: tokens to generate at each step (ours' reply lengths, so both decode the same)."""
     from langchain_core.messages import HumanMessage, SystemMessage, trim_messages
     from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
     from transformers import pipeline
@@ -87,9 +95,10 @@ def run_chathf_trim(lm, scenario: Scenario, results: list[str], budget: int) -> 
         t0 = time.perf_counter()
         trimmed = trim_messages(history, max_tokens=budget, token_counter=count, strategy="last",
                                 include_system=True, start_on="human")
-        ai = chat.invoke(trimmed)
+        g = gen_per_step[i] if gen_per_step else G
+        ai = chat.invoke(trimmed, pipeline_kwargs={"max_new_tokens": g, "min_new_tokens": g})
         dt = time.perf_counter() - t0
-        run.steps.append(LongStep(i + 1, dt, count(trimmed)))
+        run.steps.append(LongStep(i + 1, dt, count(trimmed), g))
         # ChatHuggingFace needs a human message last: tool results go in as human messages
         history += [ai, HumanMessage(f"Tool result:\n{results[i]}")]
     return run
@@ -104,8 +113,9 @@ def bench_long(lm, spec: str, scenario: Scenario, budget: int | None = None,
         runs.append(run_flashback(spec, lm, scenario, results, budget))
     if "shift" in systems:
         runs.append(run_flashback(spec, lm, scenario, results, budget, on_overflow="shift"))
-    if "chathf" in systems:
-        runs.append(run_chathf_trim(lm, scenario, results, budget))
+    if "chathf" in systems:  # same number of generated tokens per step as ours (its tool calls vary in length)
+        gen = [s.output_tokens for s in runs[0].steps] if runs else None
+        runs.append(run_chathf_trim(lm, scenario, results, budget, gen))
     out = {"model": lm.name, "threads": torch.get_num_threads(), "budget": budget,
            "scenario": asdict(scenario), "systems": []}
     for r in runs:
