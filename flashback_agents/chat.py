@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 from .backends.base import Backend, BackendRun, Constraint
 from .context import ContextOverflowError
-from .generation import GenerationConfig, GenerationResult
+from .generation import GenerationConfig, GenerationResult, _holdback
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
 from .models import DEFAULT_MODEL, LoadedModel, shared_model
 from .pool import ContextPool
@@ -163,13 +163,6 @@ class _Plan:
         self.constraint = constraint
 
 
-def _holdback(text: str, tag: str) -> int:
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
-
-
 class ChatRun:
     """One streamed reply: iterate for content deltas; ``reply`` is set once iteration ends.
 
@@ -206,7 +199,7 @@ class ChatRun:
             if plan.parse_tools:
                 cut = raw.find(TOOL_CALL_OPEN)
                 visible = raw if cut < 0 else raw[:cut]
-                safe = len(visible) - (_holdback(visible, TOOL_CALL_OPEN) if cut < 0 else 0)
+                safe = len(visible) - (_holdback(visible, (TOOL_CALL_OPEN,)) if cut < 0 else 0)
             else:
                 visible, safe = raw, len(raw)
             if safe > emitted:
