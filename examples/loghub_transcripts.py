@@ -61,9 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--per-system", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude", default="", help="Comma-separated systems left out (a validation split for the "
+                                                  "log agent: its answers are measured on logs not trained on).")
     args = ap.parse_args(argv)
     root = Path(args.data)
-    csvs = sorted(root.glob("*/*_structured.csv"))
+    skip = {s.strip().lower() for s in args.exclude.split(",") if s.strip()}
+    csvs = sorted(p for p in root.glob("*/*_structured.csv") if p.parent.name.lower() not in skip)
     if not csvs:
         print(f"error: no Loghub *_structured.csv files under {root}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
 Every ``stride`` generated tokens the loop queries the retriever with the last ``query_tokens``
 tokens of the input + generated text and places the ``top_k`` chunks in the context:
 
-- ``pattern="append"`` (FlashBack): each new chunk goes *after* everything so far as
-  ``<MARK_L> chunk <MARK_R>``; the KV cache stays valid, so only the evidence (plus the one pending
-  generated token) is computed.
+- ``pattern="append"`` (FlashBack): the one RALM layout of :mod:`.ralm_layout`, as the adapter was
+  trained: the text so far, then the current chunks as ``<MARK_L> chunk <MARK_R>``, then the
+  continuation. At the next retrieval the old evidence is cropped off and only the last stride of
+  text plus the new evidence are computed. ``keep_evidence=True`` keeps every block instead
+  (``text E1 text E2 ...``; nothing is recomputed, the context grows by ``top_k`` chunks a stride).
 - ``pattern="prepend"`` (In-Context RALM): the evidence replaces the previous evidence *before* the
   input, ``[prefix][evidence][prompt + generated so far]``; everything after the first changed token
   is recomputed (``ctx.sync``).
@@ -24,6 +26,7 @@ from typing import Any, Sequence
 
 from .context import CachedContext
 from .generation import GenerationConfig, LogitsProcessor, _Run
+from .ralm_layout import evidence_ids
 from .retrieval.base import Document, RetrievalError, Retriever
 
 PATTERNS = ("append", "prepend")
@@ -98,8 +101,8 @@ class RetrievalLoop:
     """Generate on a :class:`CachedContext`, retrieving every ``stride`` tokens (see module doc)."""
 
     def __init__(self, context: CachedContext, retriever: Retriever | None, stride: int = 16,
-                 query_tokens: int = 32, top_k: int = 2, pattern: str = "append", keep_evidence: bool = True,
-                 retrieve_at_start: bool = True, label_sources: bool = True):
+                 query_tokens: int = 32, top_k: int = 2, pattern: str = "append", keep_evidence: bool = False,
+                 retrieve_at_start: bool = True, label_sources: bool = False):
         if pattern not in PATTERNS:
             raise RetrievalError(f"pattern must be one of {PATTERNS}, got {pattern!r}.")
         for name, value, low in (("stride", stride, 1), ("query_tokens", query_tokens, 1), ("top_k", top_k, 0)):
@@ -116,7 +119,10 @@ class RetrievalLoop:
 
     # ------------------------------------------------------------------------------ helpers
     def _evidence_ids(self, doc: Document) -> list[int]:
-        return self.ctx.layout.evidence(doc.text, doc.label() if self.label_sources else None)
+        """One chunk's block in the one RALM layout (:func:`.ralm_layout.evidence_ids`); with
+        ``label_sources`` its text starts with ``[source:lines]`` (for citations)."""
+        label = doc.label() if self.label_sources else None
+        return evidence_ids(self.ctx.layout, [f"[{label}] {doc.text}" if label else doc.text])
 
     def _layout_ids(self) -> list[int]:
         """The id sequence the context must hold for the current segments and pattern."""
@@ -141,7 +147,12 @@ class RetrievalLoop:
         for d in docs:
             if d.id not in {w.id for w in wanted}:
                 wanted.append(d)
-        replace = self.pattern == "prepend" or not self.keep_evidence
+        if self.pattern == "append" and not self.keep_evidence:
+            # The paper's layout: text so far, then only the current evidence (in rank order), then the
+            # continuation. Old evidence goes; the pending text and the new evidence are computed.
+            text = [s for s in self._segs if s.doc is None]
+            return text + [_Seg(self._evidence_ids(d), d) for d in wanted], [d.id for d in wanted], list(present)
+        replace = self.pattern == "prepend"
         keep_ids = {d.id for d in wanted}
         segs = [s for s in self._segs if s.doc is None or not replace or s.doc.id in keep_ids]
         removed = [i for i in present if replace and i not in keep_ids]

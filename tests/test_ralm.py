@@ -63,7 +63,7 @@ def test_top_k_zero_equals_plain_generate(tiny_lm):
 def test_append_computes_only_evidence_and_new_tokens(tiny_lm):
     ctx = CachedContext(tiny_lm)
     retr = ScriptedRetriever(ctx)
-    loop = RetrievalLoop(ctx, retr, stride=8, query_tokens=64, top_k=2, pattern="append")
+    loop = RetrievalLoop(ctx, retr, stride=8, query_tokens=64, top_k=2, pattern="append", keep_evidence=True)
     res = loop.generate(PROMPT, CFG)
     prompt_len = len(tiny_lm.encode(PROMPT))
     assert [r.step for r in res.retrievals] == [0, 8, 16, 24, 32]
@@ -113,11 +113,24 @@ def test_prepend_recomputes_everything_after_the_evidence(tiny_lm):
 
 def test_same_chunk_is_not_appended_twice(tiny_lm):
     ctx = CachedContext(tiny_lm)
-    res = RetrievalLoop(ctx, ScriptedRetriever(same=True), stride=8, query_tokens=64, top_k=1).generate(PROMPT, CFG)
+    res = RetrievalLoop(ctx, ScriptedRetriever(same=True), stride=8, query_tokens=64, top_k=1,
+                        keep_evidence=True).generate(PROMPT, CFG)
     assert res.retrievals[0].added_ids == ["doc0"]
     for rec in res.retrievals[1:]:
         assert rec.doc_ids == ["doc0"] and rec.added_ids == [] and rec.tokens_computed == 0
     assert ctx.text().count("ZEBRAEVIDENCE") == 1
+
+
+def test_default_layout_moves_a_re_retrieved_chunk_after_the_new_text(tiny_lm):
+    """The paper's layout (the default): the evidence always sits right before the current stride,
+    even when the same chunk comes back, so each retrieval computes the stride + the evidence."""
+    ctx = CachedContext(tiny_lm)
+    res = RetrievalLoop(ctx, ScriptedRetriever(same=True), stride=8, query_tokens=64, top_k=1).generate(PROMPT, CFG)
+    assert ctx.text().count("ZEBRAEVIDENCE") == 1
+    for prev, rec in zip(res.retrievals, res.retrievals[1:]):
+        assert rec.removed_ids == ["doc0"] == rec.added_ids
+        assert rec.tokens_computed == (rec.step - prev.step) + rec.evidence_tokens
+    assert_cache_matches_recompute(ctx)
 
 
 def test_keep_evidence_false_removes_old_evidence_and_pays_the_recompute(tiny_lm):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ pytest.importorskip("accelerate")
 from flashback_agents import Layout, Message, load_model  # noqa: E402
 from flashback_agents.training import (IGNORE, TrainConfig, TrainError, TranscriptError, checkpoints,  # noqa: E402
                                        conversation_sample, conversation_samples, evaluate, export_merged,
-                                       length_batches, parse_conversation, ralm_samples, read_transcripts, train)
+                                       length_batches, parse_conversation, read_transcripts, train)
 from flashback_agents.training.transcripts import Conversation  # noqa: E402
 
 
@@ -191,63 +190,6 @@ def test_truncation_drops_whole_documents_and_turns(tiny_lm):
     assert conversation_sample(layout, conv, max_length=20)[0] is None
 
 
-@dataclass
-class Hit:
-    text: str
-
-
-class FakeRetriever:
-    def __init__(self):
-        self.queries: list[tuple[str, int]] = []
-
-    def retrieve(self, query: str, k: int):
-        self.queries.append((query, k))
-        return [Hit(f"doc{len(self.queries)}-{j}") for j in range(k)]
-
-
-def test_ralm_samples_interleave_marked_retrievals(tiny_lm):
-    lm, fake = tiny_lm, FakeRetriever()
-    layout = Layout(lm)
-    text = "2024-01-01 12:00:00 INFO server started on port 8080 and then ERROR disk full " * 3
-    tokens = lm.encode(text)
-    stride, l, k = 8, 5, 2
-    samples, stats = ralm_samples(lm, [text], fake, stride=stride, query_tokens=l, top_k=k, max_length=4096)
-    assert len(samples) == 1
-    s = samples[0]
-    n_ret = (len(tokens) - 1) // stride
-    assert stats.retrievals == n_ret == len(fake.queries)
-    # queries: the last l tokens before each retrieval point
-    for r, (q, kk) in enumerate(fake.queries):
-        pos = (r + 1) * stride
-        assert kk == k and q == lm.decode(tokens[pos - l:pos], skip_special_tokens=True)
-    # layout: text[0:s] + blocks + text[s:2s] + blocks ...
-    expected, labels = [], []
-    for r in range(n_ret + 1):
-        chunk = tokens[r * stride:(r + 1) * stride]
-        expected += chunk
-        labels += chunk if r else [IGNORE] * len(chunk)
-        if r < n_ret:
-            for j in range(k):
-                block = layout.marked(f"doc{r + 1}-{j}")
-                expected += block
-                labels += [IGNORE] * len(block)
-    assert s.input_ids == expected and s.labels == labels
-    # a short max_length splits the text into several samples and never cuts a marked block
-    fake2 = FakeRetriever()
-    short, _ = ralm_samples(lm, [text], fake2, stride=stride, query_tokens=l, top_k=k, max_length=40)
-    left, right = lm.marker_ids
-    assert len(short) > 1
-    for sm in short:
-        assert len(sm) <= 40 and sm.input_ids.count(left) == sm.input_ids.count(right)
-        depth = 0
-        for t in sm.input_ids:
-            depth += (t == left) - (t == right)
-            assert depth in (0, 1)
-        assert depth == 0
-    text_tokens = [t for sm in short for t, lab in zip(sm.input_ids, sm.labels) if lab != IGNORE]
-    assert set(text_tokens) <= set(tokens)
-
-
 def test_length_batches_deterministic_and_complete():
     lengths = [5, 50, 7, 48, 6, 49, 8, 51, 9, 47, 4, 46]
     a = length_batches(lengths, 2, seed=1, epoch=0, bucket_batches=6)
@@ -419,12 +361,18 @@ def test_cli_train_on_ralm_corpus_with_a_store(tiny_model_dir, tmp_path):
                                    "--top-k", "1", "--save-every", "0", "--eval-every", "0", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout[res.stdout.index("{"):])
-    assert summary["ralm_texts"] == len(_CORPUS) and summary["ralm_samples"] >= len(_CORPUS)
+    assert summary["ralm_texts"] == len(_CORPUS) and summary["ralm_samples"] >= 1  # own file never retrieved
     assert summary["retrievals"] > 0 and summary["step"] == 2
     assert (out / "adapter_config.json").is_file()
+    # without a store, the corpus's own chunks are the retrieval index (never a text's own file)
+    out2 = tmp_path / "ralm-adapter-2"
     res = CliRunner().invoke(app, ["train", "--ralm-corpus", str(corpus), "--model", str(tiny_model_dir),
-                                   "--out", str(out)])
-    assert res.exit_code == 1 and "--retriever-store" in res.output
+                                   "--out", str(out2), "--steps", "1", "--batch-size", "1", "--stride", "8",
+                                   "--query-tokens", "8", "--top-k", "1", "--ralm-window", "48",
+                                   "--chunk-tokens", "16", "--save-every", "0", "--eval-every", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["ralm_samples"] > 0 and (out2 / "adapter_config.json").is_file()
 
 
 @pytest.mark.model

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import kvcache
+from ..ralm_layout import evidence_ids, query_text, retrieval_points, step_ids
 
 
 class PerplexityError(ValueError):
@@ -136,17 +137,13 @@ def parse_data(spec: str, data_dir: str | Path | None = None) -> EvalData:
 
 
 def build_retriever(lm: Any, texts: Sequence[tuple[str, str]], cfg: PplConfig) -> Any:
-    """BM25 over token-sized chunks of ``texts``."""
-    from ..retrieval.bm25 import BM25Retriever
-    from ..retrieval.chunking import ChunkingConfig, chunk_text
+    """BM25 over token-sized chunks of ``texts`` (the same retriever the trainer builds)."""
+    from ..training.ralm_corpus import CorpusError, chunk_retriever
 
-    chunks = []
-    for source, text in texts:
-        chunks += chunk_text(text, source, lm.tokenizer, ChunkingConfig(cfg.chunk_tokens, cfg.chunk_overlap))
-    if not chunks:
-        raise PerplexityError("The retrieval corpus is empty.")
-    return BM25Retriever.from_texts([c.text for c in chunks], [c.id for c in chunks],
-                                    [c.full_metadata() for c in chunks])
+    try:
+        return chunk_retriever(lm.tokenizer, texts, cfg.chunk_tokens, cfg.chunk_overlap)
+    except CorpusError as exc:
+        raise PerplexityError(str(exc)) from None
 
 
 def eval_ids(lm: Any, text: str, n: int) -> list[int]:
@@ -169,7 +166,8 @@ def make_blocks(ids: Sequence[int], window: int, stride: int) -> list[list[int]]
 
 
 def chunk_starts(block: Sequence[int], stride: int) -> list[int]:
-    return list(range(stride, len(block), stride))
+    """The retrieval points of a block (:func:`..ralm_layout.retrieval_points`)."""
+    return retrieval_points(len(block), stride)
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -238,7 +236,7 @@ def score_append(lm: Any, blocks: Sequence[Sequence[int]], stride: int, evidence
             cont = list(block[i:i + stride])
             ev = evidence(b, i) if evidence is not None else []
             if ev:
-                pred = _forward(lm, ev + cont[:-1], cache, len(cont))
+                pred = _forward(lm, step_ids(block, i, ev, len(cont))[i:-1], cache, len(cont))
                 res.tokens_computed += len(ev) + len(cont) - 1
                 kvcache.crop_to(cache, i)
                 if n + 1 < len(starts):
@@ -303,7 +301,7 @@ class Retrievals:
         with tqdm(total=total, desc="retrieve", unit="query", disable=not progress, leave=False) as bar:
             for b, block in enumerate(blocks):
                 for i in chunk_starts(block, cfg.stride):
-                    query = lm.decode(list(block[max(0, i - cfg.query_tokens):i]), skip_special_tokens=True).strip()
+                    query = query_text(lm, block, i, cfg.query_tokens)
                     docs = [d.text for d in retriever.retrieve(query, k)] if query else []
                     out.docs[(b, i)] = docs
                     out.queries += 1
@@ -326,20 +324,11 @@ class Retrievals:
         return fn
 
     def append_fn(self, lm: Any, k: int) -> EvidenceFn:
-        """FlashBack: ``<MARK_L> doc <MARK_R>`` per document (rank order), as the adapter was trained."""
+        """FlashBack: the one RALM layout's evidence block (:func:`..ralm_layout.evidence_ids`)."""
         from ..layout import Layout
 
         layout = Layout(lm)
-        memo: dict[str, list[int]] = {}
-
-        def fn(b: int, i: int) -> list[int]:
-            ids: list[int] = []
-            for text in self.docs.get((b, i), [])[:k]:
-                if text not in memo:
-                    memo[text] = layout.marked(text)
-                ids += memo[text]
-            return ids
-        return fn
+        return lambda b, i: evidence_ids(layout, self.docs.get((b, i), [])[:k])
 
 
 # ------------------------------------------------------------------------------ the adapter
@@ -353,21 +342,23 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
                        wikitext_dir: str | Path | None = None, out_dir: str | Path | None = None,
                        progress: bool = True) -> dict[str, Any]:
     """Train (or reuse, when one with the same settings exists) a quick FlashBack adapter on RALM
-    samples from WikiText-2 *valid*: texts from its second half, retrieval from its first half (so a
-    text never retrieves itself). Never touches the test split. Returns where it is and what it did."""
+    samples from WikiText-2 *valid* in the one RALM layout, retrieving from valid's chunks but never
+    from a text's own article. Never touches the test split. Returns where it is and what it did."""
     from ..models import load_model
     from ..training import TrainConfig, ralm_samples, train
+    from ..training.ralm_corpus import chunk_retriever, split_articles
+    from ..training.samples import RalmSampleConfig
 
     d = Path(wikitext_dir) if wikitext_dir is not None else shared_data_dir() / "wikitext-2"
     valid = d / "valid.txt"
     if not valid.is_file():
         raise PerplexityError(f"Training an adapter needs WikiText-2 valid.txt under {d}; pass --adapter DIR instead.")
     key = hashlib.sha256(json.dumps({"model": model_spec, "t": asdict(tcfg), "stride": cfg.stride,
-                                     "q": cfg.query_tokens, "chunk": cfg.chunk_tokens, "v": 1},
+                                     "q": cfg.query_tokens, "chunk": cfg.chunk_tokens, "v": 2},
                                     sort_keys=True).encode()).hexdigest()[:16]
     out = Path(out_dir) if out_dir is not None else adapter_cache_dir() / key
     info: dict[str, Any] = {"adapter": str(out), "steps": tcfg.steps, "train_config": asdict(tcfg),
-                            "data": "wikitext-2 valid (texts: 2nd half, retrieval: 1st half)"}
+                            "data": "wikitext-2 valid (retrieval: valid, never a text's own article)"}
     if (out / "adapter_config.json").is_file() and (out / "flashback_adapter.json").is_file():
         meta = json.loads((out / "flashback_adapter.json").read_text())
         info.update(reused=True, steps=meta.get("step", tcfg.steps), seconds=0.0)
@@ -375,15 +366,14 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
     shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier run
     t0 = time.perf_counter()
     lm = load_model(model_spec)  # fresh: the trainer wraps it in place
-    articles = _articles(valid.read_text(encoding="utf-8"))
-    half = len(articles) // 2
-    retriever = build_retriever(lm, [("wikitext-2/valid.txt[1st half]", "".join(articles[:half]))], cfg)
+    articles = split_articles(valid.read_text(encoding="utf-8"), "wikitext-2/valid.txt")
+    retriever = chunk_retriever(lm.tokenizer, articles, cfg.chunk_tokens, cfg.chunk_overlap)
     need = tcfg.steps * tcfg.batch_size
+    rcfg = RalmSampleConfig(stride=cfg.stride, query_tokens=cfg.query_tokens, top_k=tcfg.top_k,
+                            window=min(tcfg.max_length, 384), branches=8, seed=tcfg.seed)
     samples: list = []
-    stats = None
-    for art in articles[half:]:  # only as many texts as the steps need
-        got, stats = ralm_samples(lm, [art], retriever, stride=cfg.stride, query_tokens=cfg.query_tokens,
-                                  top_k=tcfg.top_k, max_length=tcfg.max_length)
+    for art in articles:  # only as many texts as the steps need; never retrieving a text's own article
+        got, _ = ralm_samples(lm, [art], retriever, rcfg)
         samples += got
         if len(samples) >= need:
             break
@@ -400,17 +390,6 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
                 first_loss=loss[0][1] if loss else None, last_loss=loss[-1][1] if loss else None)
     del lm, result
     return info
-
-
-def _articles(text: str) -> list[str]:
-    """WikiText articles (a line `` = Title = `` starts one; `` = = Section = = `` does not)."""
-    out: list[list[str]] = []
-    for line in text.splitlines(keepends=True):
-        s = line.strip()
-        if s.startswith("= ") and s.endswith(" =") and not s.startswith("= =") or not out:
-            out.append([])
-        out[-1].append(line)
-    return ["".join(a) for a in out if "".join(a).strip()]
 
 
 # ------------------------------------------------------------------------------ the evaluation

@@ -2,42 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".log", ".text", ".py", ".json"}
-
-
-def read_corpus(path: str | Path) -> list[str]:
-    """Texts for RALM samples: a text file, a ``.jsonl`` file (``{"text": ...}`` or a string per line)
-    or a directory of such files (recursively, sorted)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"}))
-    elif p.is_file():
-        files = [p]
-    else:
-        raise FileNotFoundError(f"RALM corpus not found: {p}")
-    texts = []
-    for f in files:
-        if f.suffix.lower() == ".jsonl":
-            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{f}:{lineno}: invalid JSON ({exc.msg})") from None
-                text = value.get("text") if isinstance(value, dict) else value
-                if not isinstance(text, str):
-                    raise ValueError(f"{f}:{lineno}: expected a string or an object with a 'text' string")
-                texts.append(text)
-        else:
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
-    return [t for t in texts if t.strip()]
+from .ralm_corpus import CorpusError, read_corpus  # noqa: F401  (read_corpus: re-exported for callers)
 
 
 def open_retriever(store: str) -> Any:
@@ -53,7 +23,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
         data: Optional[list[Path]] = typer.Option(None, "--data", help="Transcript file(s) (.jsonl / .json) or directories."),
         format: str = typer.Option("auto", "--format", help="openai | langchain | llamaindex | auto"),
         ralm_corpus: Optional[Path] = typer.Option(None, "--ralm-corpus", help="Texts for RALM samples (file or directory)."),
-        retriever_store: Optional[str] = typer.Option(None, "--retriever-store", help="Store to retrieve RALM evidence from."),
+        retriever_store: Optional[str] = typer.Option(None, "--retriever-store", help="Store to retrieve RALM evidence "
+                                                      "from (default: BM25 over the corpus's own chunks, never a "
+                                                      "text's own article)."),
         model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model spec."),
         out: Path = typer.Option(..., "--out", help="Output adapter directory."),
         steps: int = typer.Option(200, "--steps"),
@@ -74,14 +46,20 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
         target_modules: str = typer.Option("k_proj,v_proj", "--target-modules"),
         stride: int = typer.Option(16, "--stride", help="RALM: retrieve every N tokens."),
         query_tokens: int = typer.Option(32, "--query-tokens", help="RALM: query with the last N tokens."),
-        top_k: int = typer.Option(2, "--top-k", help="RALM: chunks appended per retrieval."),
+        top_k: int = typer.Option(2, "--top-k", help="RALM: chunks appended per retrieval (1..N per point)."),
+        ralm_window: int = typer.Option(512, "--ralm-window", help="RALM: clean text tokens per sample."),
+        ralm_branches: int = typer.Option(6, "--ralm-branches", help="RALM: retrieval points packed per sample "
+                                          "(0: one plain sample per point)."),
+        chunk_tokens: int = typer.Option(128, "--chunk-tokens", help="RALM: chunk size of the default retriever."),
+        eval_max_samples: int = typer.Option(64, "--eval-max-samples", help="Held-out samples for the eval loss."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (1 on a busy machine)."),
         mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16"),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Train a FlashBack adapter (LoRA on K/V + marker rows) from transcripts and/or a RALM corpus."""
         from ..cli import emit, fail
         from ..models import load_model
-        from .samples import conversation_samples, ralm_samples
+        from .samples import RalmSampleConfig, conversation_samples, ralm_samples
         from .trainer import TrainConfig, TrainError, train
         from .transcripts import FORMATS, TranscriptError, read_transcripts
 
@@ -89,16 +67,17 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
             fail("nothing to train on: pass --data FILE.jsonl and/or --ralm-corpus DIR_OR_FILE.")
         if format not in FORMATS:
             fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
-        if ralm_corpus and not retriever_store:
-            fail("--ralm-corpus needs --retriever-store DIR (a store built with `flashback-agents index`).")
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
         transcripts = None
         if data:
             try:
                 transcripts = read_transcripts(list(data), format=format, skip_invalid=skip_invalid)
             except TranscriptError as exc:
-                fail(f"{exc} (pass --skip-invalid to skip malformed conversations)")
-            except (FileNotFoundError, OSError) as exc:
                 fail(str(exc))
+            except (OSError, ValueError) as exc:  # unreadable file: one line, no traceback
+                fail(f"cannot read {', '.join(map(str, data))}: {exc}")
             if transcripts.n_skipped:
                 typer.secho(f"skipped {transcripts.n_skipped} malformed conversation(s); first: "
                             f"{transcripts.skipped[0]}", fg=typer.colors.YELLOW, err=True)
@@ -108,8 +87,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
             save_every=save_every, resume=resume, seed=seed, gradient_checkpointing=gradient_checkpointing,
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             target_modules=[t.strip() for t in target_modules.split(",") if t.strip()],
-            mixed_precision=mixed_precision)
-        lm = load_model(model, device="cpu", dtype=config.dtype)  # accelerate moves it to its device
+            mixed_precision=mixed_precision, eval_max_samples=eval_max_samples)
+        from ..models import ModelLoadError
+
+        try:
+            lm = load_model(model, device="cpu", dtype=config.dtype)  # accelerate moves it to its device
+        except ModelLoadError as exc:
+            fail(str(exc))
         samples = []
         summary: dict[str, Any] = {}
         if transcripts is not None:
@@ -119,15 +103,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
                             "conversation_samples": len(conv), "truncated": stats.truncated,
                             "dropped_empty": stats.dropped})
         if ralm_corpus:
+            from .ralm_corpus import chunk_retriever
+
             try:
-                texts = read_corpus(ralm_corpus)
-                retriever = open_retriever(retriever_store)
+                articles = read_corpus(ralm_corpus)
+                retriever = (open_retriever(retriever_store) if retriever_store
+                             else chunk_retriever(lm.tokenizer, articles, chunk_tokens, chunk_tokens // 8))
+                rcfg = RalmSampleConfig(stride=stride, query_tokens=query_tokens, top_k=top_k, window=ralm_window,
+                                        branches=ralm_branches, seed=seed)
+                rcfg.check()
             except (OSError, ValueError, RuntimeError) as exc:
                 fail(str(exc))
-            ralm, rstats = ralm_samples(lm, texts, retriever, stride=stride, query_tokens=query_tokens,
-                                        top_k=top_k, max_length=max_length, progress=True)
+            ralm, rstats = ralm_samples(lm, articles, retriever, rcfg, progress=True)
             samples += ralm
-            summary.update({"ralm_texts": len(texts), "ralm_samples": len(ralm), "retrievals": rstats.retrievals})
+            summary.update({"ralm_texts": len(articles), "ralm_samples": len(ralm), "retrievals": rstats.retrievals,
+                            "ralm_trained_tokens": rstats.trained_tokens})
         try:
             result = train(config, samples, lm=lm)
         except TrainError as exc:

@@ -6,12 +6,12 @@ Two sources:
   ``Layout.render_message`` exactly as the integrations render it at inference, and the ids are
   concatenated. Loss is on assistant tokens only: the assistant header (the generation prompt the
   runtime appends itself) is not trained; the reply content and its end-of-turn token are.
-- **Retrieval corpora** (the paper's RALM setup): for a text, every ``stride`` tokens the last
-  ``query_tokens`` tokens query a retriever and the hits are appended as
-  ``<MARK_L> chunk <MARK_R>``; loss is on the continuation text after the first retrieval.
+- **Retrieval corpora** (the paper's RALM setup): the one RALM layout of :mod:`..ralm_layout`,
+  ``text[:i] <MARK_L> chunk <MARK_R> text[i:i+stride]`` with the loss on the stride only; several
+  points of one text may be packed into one sequence (tree attention, exact per branch).
 
-Truncation to ``max_length`` never cuts inside a marked block or a message: whole documents,
-chunks and turns are dropped instead.
+Conversation truncation to ``max_length`` never cuts inside a marked block or a message: whole
+documents and turns are dropped instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from ..layout import Layout, Message
 from ..models import LoadedModel
+from ..ralm_layout import RalmLayoutConfig, evidence_ids, query_text, retrieval_points, step_ids
 from .transcripts import Conversation
 
 IGNORE = -100
@@ -40,6 +41,18 @@ class Sample:
     input_ids: list[int]
     labels: list[int]
     source: str = ""
+    position_ids: list[int] | None = None  # packed samples: positions continue the text in each branch
+    branch: list[int] | None = None        # packed samples: -1 for the clean text, b for branch b
+    visible: list[int] | None = None       # packed samples: clean tokens a branch token may attend to
+
+    @property
+    def packed(self) -> bool:
+        return self.branch is not None
+
+    @property
+    def span(self) -> int:
+        """Positions the sample occupies (its length, or the largest position id + 1 when packed)."""
+        return max(self.position_ids) + 1 if self.position_ids else len(self.input_ids)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -135,70 +148,142 @@ def _count(samples: list[Sample], stats: SampleStats) -> None:
 
 # ----------------------------------------------------------------------------- RALM
 
-def ralm_sample_ids(layout: Layout, tokens: list[int], retriever: Retriever, *, stride: int = 16,
-                    query_tokens: int = 32, top_k: int = 2, max_length: int = 1024,
-                    source: str = "", stats: SampleStats | None = None) -> list[Sample]:
-    """RALM samples from one tokenized text (paper, section 3): text every ``stride`` tokens interleaved
-    with marked retrievals made from the last ``query_tokens`` text tokens; loss on the text after the
-    first retrieval of each sample. A long text becomes several samples."""
-    if stride < 1 or query_tokens < 1 or top_k < 1:
-        raise ValueError("stride, query_tokens and top_k must be >= 1")
+@dataclass
+class RalmSampleConfig:
+    """How RALM samples are cut from a text (the paper's schedule, plus CPU-friendly packing).
+
+    Each text is cut into windows of at most ``window`` clean tokens. In a window, a retrieval point
+    every ``stride`` tokens queries with the last ``query_tokens`` tokens; ``branches`` of those points
+    (chosen with ``seed``) become training branches ``[evidence][next stride tokens]`` with the loss on
+    those ``stride`` tokens only (:func:`..ralm_layout.step_ids`). ``branches=0`` makes one plain
+    sample per point instead of one packed sample per window. With ``vary_top_k`` each branch takes
+    1..``top_k`` chunks (the evaluation reports top-1 and top-2).
+    """
+
+    stride: int = 16
+    query_tokens: int = 32
+    top_k: int = 2
+    window: int = 512
+    branches: int = 6
+    vary_top_k: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        RalmLayoutConfig(self.stride, self.query_tokens, self.top_k).check()
+        if self.window <= self.stride:
+            raise ValueError(f"window ({self.window}) must be larger than stride ({self.stride}).")
+        if self.branches < 0:
+            raise ValueError(f"branches must be >= 0, got {self.branches}.")
+
+
+def ralm_point_sample(text_ids: Sequence[int], i: int, evidence: Sequence[int], stride: int,
+                      source: str = "") -> Sample:
+    """One plain sample at point ``i``: ``text[:i] evidence text[i:i+stride]``, loss on the stride."""
+    ids = step_ids(text_ids, i, evidence, stride)
+    n_cont = len(ids) - i - len(evidence)
+    return Sample(ids, [IGNORE] * (i + len(evidence)) + ids[len(ids) - n_cont:], source)
+
+
+def packed_ralm_sample(text_ids: Sequence[int], branches: Sequence[tuple[int, Sequence[int]]], stride: int,
+                       source: str = "") -> Sample:
+    """Several points of one text in one sequence (tree-attention packing).
+
+    The clean text comes first (no loss); each branch ``[evidence][text[i:i+stride]]`` follows, with
+    position ids that continue the text at ``i`` and attention to the clean tokens before ``i`` and to
+    itself only, so each branch computes exactly what :func:`ralm_point_sample` would (tested).
+    """
+    if not branches:
+        raise ValueError("packed_ralm_sample needs at least one branch.")
+    last = max(i for i, _ in branches)
+    ids = list(text_ids[:last])
+    labels = [IGNORE] * len(ids)
+    pos = list(range(len(ids)))
+    branch = [-1] * len(ids)
+    visible = [0] * len(ids)
+    for b, (i, ev) in enumerate(branches):
+        cont = list(text_ids[i:i + stride])
+        seg = list(ev) + cont
+        ids += seg
+        labels += [IGNORE] * len(ev) + cont
+        pos += list(range(i, i + len(seg)))
+        branch += [b] * len(seg)
+        visible += [i] * len(seg)
+    return Sample(ids, labels, source, position_ids=pos, branch=branch, visible=visible)
+
+
+def _hits(retriever: Retriever, query: str, k: int, exclude_source: str | None) -> list[str]:
+    """Top ``k`` chunk texts, never from ``exclude_source`` (a text must not retrieve its own future)."""
+    if not query:
+        return []
+    extra = 8 if exclude_source is not None else 0
+    out = []
+    for hit in retriever.retrieve(query, k + extra):
+        meta = getattr(hit, "metadata", None) or {}
+        if exclude_source is not None and meta.get("source") == exclude_source:
+            continue
+        out.append(hit if isinstance(hit, str) else getattr(hit, "text", str(hit)))
+        if len(out) == k:
+            break
+    return out
+
+
+def ralm_text_samples(layout: Layout, tokens: Sequence[int], retriever: Retriever, cfg: RalmSampleConfig, *,
+                      source: str = "", exclude_source: str | None = None, rng: random.Random | None = None,
+                      stats: SampleStats | None = None) -> list[Sample]:
+    """RALM samples of one tokenized text in the one RALM layout (see :class:`RalmSampleConfig`)."""
+    cfg.check()
     stats = stats if stats is not None else SampleStats()
+    rng = rng or random.Random(cfg.seed)
     lm = layout.lm
-    samples = []
-    pos = 0
-    while pos < len(tokens):
-        ids: list[int] = []
-        labels: list[int] = []
-        retrieved = False
-        while pos < len(tokens) and len(ids) < max_length:
-            chunk = tokens[pos:pos + stride][: max_length - len(ids)]
-            ids += chunk
-            labels += chunk if retrieved else [IGNORE] * len(chunk)
-            pos += len(chunk)
-            if pos >= len(tokens) or len(ids) >= max_length:
-                break
-            query = lm.decode(tokens[max(0, pos - query_tokens):pos], skip_special_tokens=True)
-            hits = retriever.retrieve(query, top_k)
+    skip = set(lm.marker_ids)
+    out: list[Sample] = []
+    for w0 in range(0, len(tokens), cfg.window):
+        text = list(tokens[w0:w0 + cfg.window])
+        points = retrieval_points(len(text), cfg.stride)
+        if not points:
+            continue
+        if cfg.branches and len(points) > cfg.branches:
+            points = sorted(rng.sample(points, cfg.branches))
+        chosen: list[tuple[int, list[int]]] = []
+        for i in points:
+            k = rng.randint(1, cfg.top_k) if cfg.vary_top_k else cfg.top_k
+            docs = _hits(retriever, query_text(lm, text, i, cfg.query_tokens, skip), k, exclude_source)
             stats.retrievals += 1
-            full = False
-            for hit in list(hits)[:top_k]:
-                block = layout.marked(getattr(hit, "text", hit) if not isinstance(hit, str) else hit)
-                if len(ids) + len(block) >= max_length:  # never cut a block; leave room for text after it
-                    full = True
-                    stats.truncated += 1
-                    break
-                ids += block
-                labels += [IGNORE] * len(block)
-                retrieved = True
-            if full:
-                break
-        sample = Sample(ids, labels, source)
-        if sample.n_trained:
-            samples.append(sample)
+            if not docs:
+                stats.dropped += 1
+                continue
+            chosen.append((i, evidence_ids(layout, docs)))
+        if not chosen:
+            continue
+        if cfg.branches:
+            out.append(packed_ralm_sample(text, chosen, cfg.stride, source))
         else:
-            stats.dropped += 1
-    return samples
+            out += [ralm_point_sample(text, i, ev, cfg.stride, source) for i, ev in chosen]
+    return out
 
 
-def ralm_samples(lm: LoadedModel, texts: Iterable[str], retriever: Retriever, *, stride: int = 16,
-                 query_tokens: int = 32, top_k: int = 2, max_length: int = 1024,
-                 layout: Layout | None = None, progress: bool = False) -> tuple[list[Sample], SampleStats]:
-    """RALM samples for many texts (see :func:`ralm_sample_ids`)."""
+def ralm_samples(lm: LoadedModel, texts: Iterable[str | tuple[str, str]], retriever: Retriever,
+                 config: RalmSampleConfig | None = None, *, layout: Layout | None = None,
+                 exclude_own_source: bool = True, progress: bool = False) -> tuple[list[Sample], SampleStats]:
+    """RALM samples for many texts; a text given as ``(source, text)`` never retrieves chunks whose
+    metadata ``source`` is its own (WikiText articles: their title; files: their path)."""
+    cfg = config or RalmSampleConfig()
+    cfg.check()
     layout = layout or Layout(lm)
     stats = SampleStats()
+    rng = random.Random(cfg.seed)
     out: list[Sample] = []
-    texts = list(texts)
-    it: Iterable = texts
+    items = [t if isinstance(t, tuple) else (f"text[{i}]", t) for i, t in enumerate(texts)]
+    it: Iterable = items
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(texts, desc="RALM samples", unit="text")
-    for i, text in enumerate(it):
-        out += ralm_sample_ids(layout, lm.encode(text), retriever, stride=stride, query_tokens=query_tokens,
-                               top_k=top_k, max_length=max_length, source=f"text[{i}]", stats=stats)
-    dropped, truncated = stats.dropped, stats.truncated
+        it = tqdm(items, desc="RALM samples", unit="text")
+    for source, text in it:
+        out += ralm_text_samples(layout, lm.encode(text), retriever, cfg, source=source,
+                                 exclude_source=source if exclude_own_source else None, rng=rng, stats=stats)
+    dropped, retrievals = stats.dropped, stats.retrievals
     _count(out, stats)
-    stats.dropped, stats.truncated = dropped, truncated
+    stats.dropped, stats.retrievals = dropped, retrievals
     return out, stats
 
 
@@ -225,8 +310,36 @@ def length_batches(lengths: Sequence[int], batch_size: int, *, seed: int = 0, ep
     return batches
 
 
+def packed_attention_mask(samples: Sequence[Sample], width: int) -> Any:
+    """A boolean ``[batch, 1, width, width]`` mask (True = may attend) for a batch with packed samples.
+
+    Plain samples get the causal mask; packed ones: clean text causal, a branch token sees the clean
+    tokens before its point and its own branch causally. Padding attends to itself only (no NaNs).
+    """
+    import torch
+
+    mask = torch.zeros((len(samples), 1, width, width), dtype=torch.bool)
+    eye = torch.eye(width, dtype=torch.bool)
+    for r, s in enumerate(samples):
+        n = len(s)
+        causal = torch.tril(torch.ones((n, n), dtype=torch.bool))
+        if s.packed:
+            br = torch.tensor(s.branch)
+            vis = torch.tensor(s.visible)
+            idx = torch.arange(n)
+            clean_k = (br == -1)[None, :]
+            q_clean = (br == -1)[:, None]
+            sees_clean = clean_k & torch.where(q_clean, torch.ones((n, n), dtype=torch.bool), idx[None, :] < vis[:, None])
+            same = (br[:, None] == br[None, :]) & (br[:, None] >= 0)
+            causal = causal & (sees_clean | same)
+        mask[r, 0, :n, :n] = causal
+        mask[r, 0, n:, :] = eye[n:]
+    return mask
+
+
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding); with packed samples
+    in the batch also position_ids and a 4-D attention mask (:func:`packed_attention_mask`)."""
     import torch
 
     width = max(len(s) for s in samples)
@@ -238,8 +351,17 @@ def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, Any]:
         ids[r, :n] = torch.tensor(s.input_ids, dtype=torch.long)
         labels[r, :n] = torch.tensor(s.labels, dtype=torch.long)
         mask[r, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(s.packed for s in samples):
+        pos = torch.zeros((len(samples), width), dtype=torch.long)
+        for r, s in enumerate(samples):
+            p = s.position_ids if s.position_ids is not None else list(range(len(s)))
+            pos[r, :len(s)] = torch.tensor(p, dtype=torch.long)
+        batch["position_ids"] = pos
+        batch["attention_mask"] = packed_attention_mask(samples, width)
+    return batch
 
 
-__all__ = ["IGNORE", "Retriever", "Sample", "SampleStats", "collate", "conversation_sample",
-           "conversation_samples", "length_batches", "ralm_sample_ids", "ralm_samples"]
+__all__ = ["IGNORE", "RalmSampleConfig", "Retriever", "Sample", "SampleStats", "collate", "conversation_sample",
+           "conversation_samples", "length_batches", "packed_attention_mask", "packed_ralm_sample",
+           "ralm_point_sample", "ralm_samples", "ralm_text_samples"]

@@ -135,10 +135,17 @@ def build_peft_model(lm: LoadedModel, config: TrainConfig) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """RNG state as tensors and plain values only, so it loads with ``torch.load(weights_only=True)``
+    (a checkpoint file must never be able to run code when it is read)."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": [int(version), torch.tensor(internal, dtype=torch.int64),
+                                        None if gauss is None else float(gauss)],
+                             "torch": torch.get_rng_state()}
     try:
         import numpy as np
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                          float(cached)]
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():
@@ -147,13 +154,27 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy as np
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _safe_load(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainError(
+            f"Cannot resume from {path}: it is not a checkpoint this version can read safely "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). Checkpoints are "
+            "loaded with weights_only=True (no code from files); delete the checkpoint directory, or train "
+            "without --resume.") from exc
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -221,7 +242,7 @@ def evaluate(model: Any, samples: Sequence[Sample], pad_id: int, batch_size: int
         batch = {k: v.to(device) for k, v in collate([samples[i] for i in b], pad_id).items()}
         ctx = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
         with ctx:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
         logits = out.logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
@@ -266,7 +287,7 @@ def train(config: TrainConfig, samples: Sequence[Sample], eval_samples: Sequence
     set_seed(config.seed)
     if lm is None:
         lm = load_model(config.model, device=str(accelerator.device), dtype=config.dtype)
-    too_long = max(len(s) for s in samples)
+    too_long = max(s.span for s in samples)
     if too_long > lm.max_positions:
         raise TrainError(f"A sample has {too_long} tokens but the model's window is {lm.max_positions}; "
                          "lower max_length.")
@@ -312,7 +333,7 @@ def train(config: TrainConfig, samples: Sequence[Sample], eval_samples: Sequence
                 loss = model(**batch, use_cache=False).loss / config.grad_accum
             accelerator.backward(loss)
             loss_sum += loss.detach()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["input_ids"].numel())
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
@@ -385,7 +406,10 @@ def _save_checkpoint(out_dir: Path, step: int, model: Any, lm: LoadedModel, opti
 
 def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig,
                      accelerator: Any, history: dict) -> int:
-    state = torch.load(path / _STATE_FILE, map_location="cpu", weights_only=False)
+    state = _safe_load(path / _STATE_FILE)
+    if not isinstance(state, dict) or not all(k in state for k in ("step", "trainable", "optimizer", "scheduler")):
+        raise TrainError(f"Cannot resume from {path}: {_STATE_FILE} lacks step/trainable/optimizer/scheduler. "
+                         "Delete the checkpoint directory, or train without --resume.")
     saved = state.get("config", {})
     diff = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(config, k)]
     if diff:
@@ -404,7 +428,7 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, con
     history.update({k: [tuple(x) for x in v] for k, v in state.get("history", {}).items()})
     rng = path / f"rng_{accelerator.process_index}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        _set_rng_state(_safe_load(rng))
     return int(state["step"])
 
 

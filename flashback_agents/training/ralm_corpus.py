@@ -1,0 +1,85 @@
+"""RALM training corpora: texts as ``(source, text)`` articles, and a retriever over their chunks.
+
+A training text must never retrieve its own article (the paper's forbidden titles): otherwise the
+adapter learns to copy its own future instead of reading evidence. Every text therefore carries a
+source name, and the chunks it may retrieve carry theirs (``metadata["source"]``). WikiText-style
+files are split into articles at their `` = Title = `` lines; any other file is one article named
+by its path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".log", ".text", ".py", ".json"}
+_TITLE = re.compile(r"^ ?= ([^=].*?) = ?$")
+
+
+class CorpusError(ValueError):
+    """A RALM corpus that cannot be read (missing path, bad JSONL line); the message says where."""
+
+
+def split_articles(text: str, source: str) -> list[tuple[str, str]]:
+    """``(title, article)`` pairs for a WikiText-style text (`` = Title = `` starts an article;
+    `` = = Section = = `` does not); any other text is one article named ``source``."""
+    out: list[tuple[str, list[str]]] = []
+    for line in text.splitlines(keepends=True):
+        m = _TITLE.match(line.rstrip("\n"))
+        if m:
+            out.append((f"{source}#{m.group(1).strip()}", []))
+        elif not out:
+            out.append((source, []))
+        out[-1][1].append(line)
+    arts = [(name, "".join(lines)) for name, lines in out]
+    return [(name, body) for name, body in arts if body.strip()]
+
+
+def read_corpus(path: str | Path) -> list[tuple[str, str]]:
+    """Articles of a text file, a ``.jsonl`` file (``{"text": ...}`` or a string per line, one article
+    each) or a directory of such files (recursively, sorted)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"}))
+    elif p.is_file():
+        files = [p]
+    else:
+        raise CorpusError(f"RALM corpus not found: {p}")
+    articles: list[tuple[str, str]] = []
+    for f in files:
+        if f.suffix.lower() == ".jsonl":
+            for lineno, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(f"{f}:{lineno}: invalid JSON ({exc.msg})") from None
+                text = value.get("text") if isinstance(value, dict) else value
+                if not isinstance(text, str):
+                    raise CorpusError(f"{f}:{lineno}: expected a string or an object with a 'text' string")
+                articles.append((f"{f}:{lineno}", text))
+        else:
+            articles += split_articles(f.read_text(encoding="utf-8", errors="replace"), str(f))
+    return [(s, t) for s, t in articles if t.strip()]
+
+
+def chunk_retriever(tokenizer: Any, articles: Sequence[tuple[str, str]], chunk_tokens: int = 128,
+                    overlap: int = 16) -> Any:
+    """An in-memory BM25 retriever over ``chunk_tokens``-token chunks; each chunk's metadata
+    ``source`` is its article's name (what :func:`..samples.ralm_samples` excludes)."""
+    from ..retrieval.bm25 import BM25Retriever
+    from ..retrieval.chunking import ChunkingConfig, chunk_text
+
+    chunks = []
+    for source, text in articles:
+        chunks += chunk_text(text, source, tokenizer, ChunkingConfig(chunk_tokens, overlap))
+    if not chunks:
+        raise CorpusError("The retrieval corpus is empty.")
+    return BM25Retriever.from_texts([c.text for c in chunks], [c.id for c in chunks],
+                                    [c.full_metadata() for c in chunks])
+
+
+__all__ = ["CorpusError", "chunk_retriever", "read_corpus", "split_articles"]
