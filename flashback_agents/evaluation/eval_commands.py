@@ -13,7 +13,7 @@ eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: pre
                        no_args_is_help=True)
 
 QUICK = {"tokens": 512, "window": 256, "train_steps": 20, "train_max_length": 256}
-FULL = {"tokens": 4096, "window": 1024, "train_steps": 100, "train_max_length": 512}
+FULL = {"tokens": 8192, "window": 512, "train_steps": 100, "train_max_length": 512}
 
 
 def register(app: typer.Typer, bench_app: Any) -> None:  # noqa: ARG001 - no bench commands here
@@ -37,16 +37,17 @@ def _top_ks(text: str) -> tuple[int, ...]:
 def ppl(
     data: str = typer.Option("wikitext", "--data", help="wikitext (test; retrieval from valid) or loghub:SYSTEM "
                              "(second half of SYSTEM_2k.log; retrieval from its first half)."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", help="Tokens evaluated per setting [4096; quick 512]."),
-    window: Optional[int] = typer.Option(None, "--window", help="Max tokens of text so far per block [1024; quick 256]."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Tokens evaluated per setting [8192; quick 512]."),
+    window: Optional[int] = typer.Option(None, "--window", help="Max tokens of text so far per block [512; quick 256]."),
     stride: int = typer.Option(16, "--stride", help="Retrieve every N tokens."),
     query_tokens: int = typer.Option(32, "--query-tokens", help="Query with the last N tokens."),
     top_k: str = typer.Option("1,2", "--top-k", help="Comma-separated top-k values (table columns)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Trained FlashBack adapter directory."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Trained FlashBack adapter directory "
+                                           "[default: the adapter shipped for the model]."),
     train_adapter_steps: Optional[int] = typer.Option(
-        None, "--train-adapter-steps", help="Without --adapter: train a quick adapter on WikiText-2 valid for N "
-        "steps (cached; 0 skips the adapter rows) [100; quick 20]."),
-    quick: bool = typer.Option(False, "--quick", help="512 tokens, 256-token blocks, a 20-step adapter: a few minutes."),
+        None, "--train-adapter-steps", help="For a model without a shipped adapter and no --adapter: train a quick "
+        "adapter on WikiText-2 valid for N steps (cached; 0 skips the adapter rows) [100; quick 20]."),
+    quick: bool = typer.Option(False, "--quick", help="512 tokens, 256-token blocks: a few minutes."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is faster on a busy CPU)."),
     json_out: bool = typer.Option(False, "--json"),
@@ -58,7 +59,7 @@ def ppl(
     import torch
 
     from ..cli import emit, fail
-    from ..models import ModelLoadError, load_model
+    from ..models import ModelLoadError, load_model, shipped_adapter
     from .perplexity import (AdapterTrainConfig, PerplexityError, PplConfig, evaluate_perplexity, format_table,
                              parse_data, train_ralm_adapter)
 
@@ -81,14 +82,15 @@ def ppl(
         ds = parse_data(data)
         training: dict[str, Any] | None = None
         note = ""
-        adapter_dir = str(adapter) if adapter is not None else None
+        lm = load_model(model, adapter=None)
+        shipped = shipped_adapter(lm.name)
+        adapter_dir = str(adapter) if adapter is not None else (str(shipped) if shipped else None)
         if adapter_dir is None and steps > 0:
             tcfg = AdapterTrainConfig(steps=steps, max_length=preset["train_max_length"], top_k=max(ks))
             training = train_ralm_adapter(model, cfg, tcfg, progress=progress)
             adapter_dir = training["adapter"]
         elif adapter_dir is None:
             note = "adapter rows skipped: no --adapter and --train-adapter-steps 0"
-        lm = load_model(model)
         adapter_lm = load_model(model, adapter=adapter_dir) if adapter_dir else None
         result = evaluate_perplexity(lm, ds, cfg, adapter_lm=adapter_lm, progress=progress)
     except (PerplexityError, ModelLoadError) as exc:

@@ -365,7 +365,7 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
         return info
     shutil.rmtree(out, ignore_errors=True)  # an unfinished earlier run
     t0 = time.perf_counter()
-    lm = load_model(model_spec)  # fresh: the trainer wraps it in place
+    lm = load_model(model_spec, adapter=None)  # fresh: the trainer wraps it in place
     articles = split_articles(valid.read_text(encoding="utf-8"), "wikitext-2/valid.txt")
     retriever = chunk_retriever(lm.tokenizer, articles, cfg.chunk_tokens, cfg.chunk_overlap)
     need = tcfg.steps * tcfg.batch_size
@@ -394,9 +394,11 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
 
 # ------------------------------------------------------------------------------ the evaluation
 def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: Any = None,
-                        retriever: Any = None, progress: bool = True) -> dict[str, Any]:
-    """The table: no retrieval, prepend, append, append + adapter (when ``adapter_lm`` is given),
-    each at every top-k, on the same evaluated tokens. Returns a JSON-able dict (``rows``)."""
+                        retriever: Any = None, progress: bool = True, plain_append: bool = True) -> dict[str, Any]:
+    """The table: no retrieval, prepend, append without markers (``plain_append``: the evidence as
+    plain text, what an un-adapted model may get instead of markers), append with markers, and with
+    ``adapter_lm`` the adapter's rows (no retrieval, prepend, append), each at every top-k, on the same
+    evaluated tokens. Returns a JSON-able dict (``rows``)."""
     from tqdm.auto import tqdm
 
     cfg.check()
@@ -426,6 +428,12 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
     for k in cfg.top_ks:
         jobs.append(("prepend (In-Context RALM)", k,
                      lambda r, bar, k=k: score_prepend(lm, blocks, cfg.stride, ret.prepend_fn(lm, k), r, bar)))
+        if adapter_lm is not None:
+            jobs.append(("prepend + adapter", k, lambda r, bar, k=k: score_prepend(
+                adapter_lm, blocks, cfg.stride, ret.prepend_fn(adapter_lm, k), r, bar)))
+        if plain_append:
+            jobs.append(("append, no markers", k,
+                         lambda r, bar, k=k: score_append(lm, blocks, cfg.stride, ret.prepend_fn(lm, k), r, bar)))
         jobs.append(("append, no adapter", k,
                      lambda r, bar, k=k: score_append(lm, blocks, cfg.stride, ret.append_fn(lm, k), r, bar)))
         if adapter_lm is not None:
@@ -445,6 +453,7 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
         if r.setting not in order:
             order.append(r.setting)
     rows = []
+    by = {(r.setting, r.top_k): r.ppl for r in results}
     for name in order:
         mine = [r for r in results if r.setting == name]
         row: dict[str, Any] = {"setting": name, "tokens": mine[0].tokens}
@@ -458,7 +467,27 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
             "data": data.name, "config": asdict(cfg), "tokens_evaluated": results[0].tokens,
             "blocks": len(blocks), "strides": n_chunks, "retrievals": ret.queries, "empty_retrievals": ret.empty,
             "index_seconds": index_seconds, "retrieval_seconds": ret.seconds, "rows": rows,
+            "ratios": _ratios(by, cfg.top_ks),
             "results": [r.as_dict() for r in results], "seconds": time.perf_counter() - t_start}
+
+
+def _ratios(by: dict[tuple[str, int], float], ks: Sequence[int]) -> dict[str, float]:
+    """The claims, as ratios of perplexities: does evidence help (vs no retrieval), and is append +
+    adapter as good as prepend (the paper: close to or better)."""
+    out: dict[str, float] = {}
+    pairs = [("prepend / no retrieval", "prepend (In-Context RALM)", "no retrieval"),
+             ("append + adapter / no retrieval + adapter", "append + adapter (FlashBack)", "no retrieval + adapter"),
+             ("append + adapter / prepend", "append + adapter (FlashBack)", "prepend (In-Context RALM)"),
+             ("prepend + adapter / no retrieval + adapter", "prepend + adapter", "no retrieval + adapter"),
+             ("append, no markers / no retrieval", "append, no markers", "no retrieval"),
+             ("append, no adapter / no retrieval", "append, no adapter", "no retrieval")]
+    for k in ks:
+        for name, num, den in pairs:
+            a = by.get((num, k))
+            b = by.get((den, k), by.get((den, 0)))
+            if a is not None and b:
+                out[f"{name} (top-{k})"] = a / b
+    return out
 
 
 def format_table(data: dict[str, Any]) -> str:
@@ -469,6 +498,8 @@ def format_table(data: dict[str, Any]) -> str:
     for row in data["rows"]:
         cells = "".join(f"{row.get(f'ppl_top{k}', float('nan')):>10.3f}" for k in ks)
         lines.append(f"{row['setting']:<30}{cells}{row['tokens']:>8}")
+    for name, value in data.get("ratios", {}).items():
+        lines.append(f"  {name}: {value:.3f}")
     return "\n".join(lines)
 
 
