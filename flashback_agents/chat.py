@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import uuid
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -23,11 +26,11 @@ from .backends.base import Backend, BackendRun, Constraint
 from .context import ContextOverflowError
 from .generation import GenerationConfig, GenerationResult, _holdback
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
-from .models import DEFAULT_MODEL, LoadedModel, shared_model
-from .pool import ContextPool
+from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel, shared_model
+from .pool import ContextPool, MemoryBudget
 
 __all__ = ["ChatEngine", "ChatReply", "ChatUsage", "ChatRun", "AsyncChatRun", "parse_tool_calls",
-           "normalize_tool_choice"]
+           "normalize_tool_choice", "release_engines"]
 
 
 
@@ -124,7 +127,7 @@ def parse_tool_calls(raw: str, allowed: set[str] | None = None) -> tuple[str, li
 
 def normalize_tool_choice(tool_choice: Any, tools: Sequence[dict] | None) -> str | None:
     """Map a tool choice to None (free), "none", "any" (some tool required) or a tool name."""
-    from .constrained import tool_name
+    from .constrained import ConstraintError, tool_name
 
     if tool_choice is None or tool_choice is False or tool_choice == "auto":
         return None
@@ -136,17 +139,113 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[dict] | None) -> str
         fn = tool_choice.get("function", tool_choice)
         choice = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(choice, str):
-            raise ValueError(f"Unsupported tool_choice {tool_choice!r}.")
+            raise ConstraintError(f"Unsupported tool_choice {tool_choice!r}; use None, 'auto', 'none', 'any' "
+                                  "or a tool name.")
     elif isinstance(tool_choice, str):
         choice = tool_choice
     else:
-        raise ValueError(f"Unsupported tool_choice {tool_choice!r}; use None, 'auto', 'none', 'any' or a tool name.")
+        raise ConstraintError(f"Unsupported tool_choice {tool_choice!r}; use None, 'auto', 'none', 'any' or a "
+                              "tool name.")
     if not tools:
-        raise ValueError(f"tool_choice={tool_choice!r} requires tools, but none were given.")
+        raise ConstraintError(f"tool_choice={tool_choice!r} requires tools, but none were given; bind tools "
+                              "or drop tool_choice.")
     names = [tool_name(t) for t in tools]
     if choice != "any" and choice not in names:
-        raise ValueError(f"tool_choice {choice!r} is not one of the available tools {names}.")
+        raise ConstraintError(f"tool_choice {choice!r} is not one of the available tools {names}.")
     return choice
+
+
+def _json_text(value: Any, what: str, error: type[Exception]) -> str:
+    """``value`` as JSON text, or ``error`` saying what in it is not JSON (a set, NaN, a lone surrogate)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, sort_keys=True)
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise error(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); use only dicts, lists, "
+                    "str, numbers (finite), bools and None; convert sets and tuples to lists.") from exc
+    return text
+
+
+def _check_text(value: Any, what: str) -> None:
+    if not isinstance(value, str):
+        raise LayoutError(f"{what} must be a str, got {type(value).__name__}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LayoutError(f"{what} contains a character that is not valid Unicode ({exc.reason} at position "
+                          f"{exc.start}: {value[exc.start:exc.end]!r}); decode the input with errors='replace' "
+                          "or remove the lone surrogate.") from exc
+
+
+def check_messages(messages: Any) -> None:
+    """Reject messages the tokenizer or the JSON encoder would fail on, with our error, before any compute."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise LayoutError("messages must be a non-empty list of Message objects.")
+    seen_calls: set[str] = set()
+    for i, m in enumerate(messages):
+        if not isinstance(m, Message):
+            raise LayoutError(f"Message {i} is a {type(m).__name__}, not a flashback_agents Message; build "
+                              "Message(role, content) (the integrations convert their own message types).")
+        if m.role == "system" and i != 0:
+            raise LayoutError(f"Message {i} is a system message; only the first message may be one: move it to "
+                              "the front (or merge it into the first system message).")
+        if m.role == "tool" and m.tool_call_id and isinstance(m.tool_calls, (list, tuple)) and \
+                m.tool_call_id not in seen_calls:
+            raise LayoutError(f"Message {i} is a tool result for call id {m.tool_call_id!r}, but no earlier assistant "
+                              "message made a call with that id: pass the assistant message with that call "
+                              "(ToolCall(..., id=...)) before it, or drop tool_call_id.")
+        for c in m.tool_calls if isinstance(m.tool_calls, (list, tuple)) else ():
+            if isinstance(c, ToolCall) and isinstance(c.id, str) and c.id:
+                seen_calls.add(c.id)
+        if not isinstance(m.role, str):
+            raise LayoutError(f"Message {i} has a role of type {type(m.role).__name__}; use 'system', 'user', "
+                              "'assistant', 'tool' or 'evidence'.")
+        _check_text(m.content, f"Message {i} content")
+        for attr in ("name", "tool_call_id"):
+            if getattr(m, attr) is not None:
+                _check_text(getattr(m, attr), f"Message {i} {attr}")
+        if not isinstance(m.documents, (list, tuple)):
+            raise LayoutError(f"Message {i} documents must be a list of str.")
+        for j, d in enumerate(m.documents):
+            _check_text(d, f"Message {i} document {j}")
+        if not isinstance(m.tool_calls, (list, tuple)):
+            raise LayoutError(f"Message {i} tool_calls must be a list of ToolCall.")
+        for j, c in enumerate(m.tool_calls):
+            if not isinstance(c, ToolCall):
+                raise LayoutError(f"Message {i} tool call {j} is a {type(c).__name__}, not a ToolCall; build "
+                                  "ToolCall(name, arguments_dict, id).")
+            _check_text(c.name, f"Message {i} tool call {j} name")
+            if not isinstance(c.arguments, dict):
+                raise LayoutError(f"Message {i} tool call {j} arguments must be a dict, got "
+                                  f"{type(c.arguments).__name__}.")
+            _json_text(c.arguments, f"Message {i} tool call {j} arguments", LayoutError)
+
+
+def check_tools(tools: Any) -> list[dict]:
+    """Tools as a list of OpenAI-style dicts whose schemas are JSON, or a :class:`ConstraintError`."""
+    from .constrained import ConstraintError, tool_name
+
+    if tools is None:
+        return []
+    if isinstance(tools, dict):
+        tools = [tools]
+    if isinstance(tools, (str, bytes)) or not isinstance(tools, (list, tuple)):
+        raise ConstraintError(f"tools must be a list of OpenAI-style tool dicts ({{'type': 'function', 'function': "
+                              f"{{'name': ..., 'parameters': {{...}}}}}}), got {type(tools).__name__} {tools!r:.60}.")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ConstraintError(f"Tool {i} is a {type(t).__name__} ({t!r:.60}), not an OpenAI-style tool dict; "
+                                  "convert functions with langchain's convert_to_openai_tool or pass "
+                                  "{'type': 'function', 'function': {'name': ..., 'parameters': {...}}}.")
+        name = tool_name(t)
+        fn = t.get("function", t)
+        if not isinstance(fn, dict) or not isinstance(fn.get("parameters", {}) or {}, dict):
+            raise ConstraintError(f"Tool {name!r} has parameters that are not a JSON schema object; pass a dict such "
+                                  "as {'type': 'object', 'properties': {...}}.")
+        if not isinstance(fn.get("description", "") or "", str):
+            raise ConstraintError(f"Tool {name!r} has a description that is not a str; pass a str (or leave it out).")
+        _json_text(t, f"Tool {name!r}", ConstraintError)
+    return list(tools)
 
 
 class _Plan:
@@ -157,17 +256,21 @@ class _Plan:
     """
 
     def __init__(self, ids: list[int], config: GenerationConfig, prepared: Any, allowed: set[str] | None,
-                 parse_tools: bool, remember: bool, constraint: Constraint | None = None):
+                 parse_tools: bool, remember: bool, constraint: Constraint | None = None,
+                 timeout: float | None = None):
         self.ids, self.config, self.prepared = ids, config, prepared
         self.allowed, self.parse_tools, self.remember = allowed, parse_tools, remember
         self.constraint = constraint
+        self.timeout = timeout  # seconds to wait for a free context (None: the engine's acquire_timeout)
 
 
 class ChatRun:
     """One streamed reply: iterate for content deltas; ``reply`` is set once iteration ends.
 
     Tool-call markup is not streamed as content; the parsed calls are on ``reply.tool_calls``.
-    The context lease is held only while iterating; ``cancel()`` stops decoding at the next token.
+    The context lease is held only while iterating; ``cancel()`` stops decoding at the next token;
+    ``close()`` (or dropping the iterator: the garbage collector closes it) releases the context of a
+    stream abandoned mid-way at once.
     """
 
     def __init__(self, engine: "ChatEngine", plan: _Plan):
@@ -176,21 +279,41 @@ class ChatRun:
         self._cancelled = threading.Event()
         self._started = False
         self._run: BackendRun | None = None
+        self._gen: weakref.ref | None = None  # weak: the iterator must stay collectable when dropped
 
     def cancel(self) -> None:
         self._cancelled.set()
         if self._run is not None:
             self._run.cancel()
 
+    def close(self) -> None:
+        """Stop and release the context now (a stream the caller will not finish)."""
+        self.cancel()
+        gen = self._gen() if self._gen is not None else None
+        if gen is not None:
+            try:
+                gen.close()
+            except ValueError:  # "generator already executing": it is being iterated in another thread
+                pass
+
+    def __enter__(self) -> "ChatRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __iter__(self) -> Iterator[str]:
         if self._started:
             raise RuntimeError("a ChatRun can be iterated only once")
         self._started = True
-        return self._iterate()
+        gen = self._iterate()
+        self._gen = weakref.ref(gen)
+        return gen
 
     def _iterate(self) -> Iterator[str]:
         engine, plan = self.engine, self.plan
         run = self._run = engine.backend.start(plan.ids, plan.config, plan.prepared)
+        run.timeout = plan.timeout if plan.timeout is not None else engine.acquire_timeout
         if self._cancelled.is_set():
             run.cancel()
         raw, emitted = "", 0
@@ -256,18 +379,43 @@ class AsyncChatRun:
             self._run.cancel()  # consumer stopped early: stop decoding at the next token
 
 
-class ChatEngine:
-    """Weights, a context pool and a layout for one model; shared per process via :meth:`shared`."""
+class _ModelShare:
+    """What all engines of one model share: the layout (reply memo) and one byte budget."""
 
-    _SHARED: dict[tuple, "ChatEngine"] = {}
-    _LAYOUTS: dict[int, tuple[LoadedModel, Layout]] = {}
+    def __init__(self, lm: LoadedModel, max_bytes: int):
+        self.lm = lm
+        self.layout = Layout(lm)
+        self.budget = MemoryBudget(max_bytes)
+        self.engines: weakref.WeakSet[ChatEngine] = weakref.WeakSet()
+
+
+_DEFAULT_BYTES = 2 << 30
+
+
+class ChatEngine:
+    """Weights, a context pool and a layout for one model; shared per process via :meth:`shared`.
+
+    Process-wide state is bounded: at most :attr:`max_shared_engines` shared engines (least recently
+    used closed first), one :class:`~flashback_agents.pool.MemoryBudget` per model for all its pools,
+    and :meth:`close` / :func:`release_engines` to free caches (the model too, with its last engine).
+    """
+
+    _SHARED: "OrderedDict[tuple, ChatEngine]" = OrderedDict()
+    _LAYOUTS: dict[int, _ModelShare] = {}
     _LOCK = threading.RLock()
     #: token budget floor for constrained replies (required tool calls, JSON schema output)
     min_constrained_tokens: int = 256
+    #: most engines kept by :meth:`shared` (an engine holds a pool; each distinct setting makes one)
+    max_shared_engines: int = 8
 
     def __init__(self, lm: LoadedModel, *, max_cached_bytes: int | None = None,
                  max_context_tokens: int | None = None, model_name: str | None = None,
-                 on_overflow: str = "evict", low_water: float = 0.75, backend: Backend | None = None):
+                 on_overflow: str = "evict", low_water: float = 0.75, backend: Backend | None = None,
+                 acquire_timeout: float | None = 300.0):
+        """``acquire_timeout``: seconds a call waits for a free pooled context before raising
+        :class:`~flashback_agents.pool.PoolTimeoutError` (None: wait forever); a call's ``timeout=``
+        overrides it. ``max_cached_bytes`` sets the byte budget shared by every pool of this model
+        (the smallest value given wins; default 2 GiB)."""
         from .backends.local import LocalBackend
         from .compaction import ON_OVERFLOW
 
@@ -275,43 +423,87 @@ class ChatEngine:
             raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         self.lm = lm
         self.on_overflow = on_overflow
+        self.acquire_timeout = acquire_timeout
         self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
+        share = self._share_for(lm, max_cached_bytes)
         if backend is None:
             self.pool: ContextPool | None = ContextPool(
-                lm, max_bytes=max_cached_bytes or (2 << 30), max_context_tokens=self.max_context_tokens,
-                on_overflow=on_overflow, low_water=low_water)
+                lm, max_context_tokens=self.max_context_tokens, on_overflow=on_overflow, low_water=low_water,
+                budget=share.budget)
             backend = LocalBackend(self.pool)
         else:
             self.pool = getattr(backend, "pool", None)  # a server backend has no local pool
         #: where rendered ids run: in process (LocalBackend) or on a server (backends.server.ServerBackend)
         self.backend: Backend = backend
-        self.layout = self._layout_for(lm)  # one reply memo per model, shared by all its engines
+        self.layout = share.layout  # one reply memo per model, shared by all its engines
         self.model_name = model_name or lm.name
+        self.closed = False
+        with self._LOCK:
+            share.engines.add(self)
+        weakref.finalize(self, ChatEngine._drop_share_if_unused, id(lm))
+
+    @classmethod
+    def _share_for(cls, lm: LoadedModel, max_cached_bytes: int | None) -> _ModelShare:
+        with cls._LOCK:
+            share = cls._LAYOUTS.get(id(lm))
+            if share is None or share.lm is not lm:
+                share = _ModelShare(lm, max_cached_bytes or _DEFAULT_BYTES)
+                cls._LAYOUTS[id(lm)] = share
+            elif max_cached_bytes is not None and max_cached_bytes < share.budget.max_bytes:
+                share.budget.max_bytes = max_cached_bytes
+            return share
 
     @classmethod
     def _layout_for(cls, lm: LoadedModel) -> Layout:
-        with cls._LOCK:
-            entry = cls._LAYOUTS.get(id(lm))
-            if entry is None or entry[0] is not lm:
-                entry = (lm, Layout(lm))
-                cls._LAYOUTS[id(lm)] = entry
-            return entry[1]
+        return cls._share_for(lm, None).layout
 
     @classmethod
-    def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = None,
+    def _drop_share_if_unused(cls, lm_id: int) -> bool:
+        """Forget a model's layout and budget once no engine uses it (True if dropped)."""
+        with cls._LOCK:
+            share = cls._LAYOUTS.get(lm_id)
+            if share is None or len(share.engines):
+                return False
+            del cls._LAYOUTS[lm_id]
+            return True
+
+    def close(self) -> None:
+        """Release this engine: drop its idle cached contexts, its place among the shared engines and
+        its backend's connections; with the last engine of a model, the model itself is forgotten by
+        the process-wide caches (weights are freed once nothing else references them).
+
+        A closed engine still answers calls (its pool fills again) but is no longer shared.
+        """
+        with self._LOCK:
+            for key in [k for k, e in self._SHARED.items() if e is self]:
+                del self._SHARED[key]
+            share = self._LAYOUTS.get(id(self.lm))
+            if share is not None and share.lm is self.lm:
+                share.engines.discard(self)
+            self.closed = True
+            last = self._drop_share_if_unused(id(self.lm))
+        if self.pool is not None:
+            self.pool.clear()
+        self.backend.close()
+        if last:
+            _forget_model(self.lm)
+
+    @classmethod
+    def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = AUTO_ADAPTER,
                max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                on_overflow: str = "evict") -> "ChatEngine":
         """The process-wide engine for these arguments (same args -> same engine, weights and pool).
 
         An ``http(s)://`` model spec is an OpenAI-compatible server (llama.cpp, vLLM, SGLang): the engine
         renders locally (tokenizer only) and runs on the server (see :mod:`flashback_agents.backends.server`).
+        At most :attr:`max_shared_engines` are kept: the least recently used one is closed beyond that.
         """
         if isinstance(model, str) and model.strip().lower().startswith(("http://", "https://")):
             from .backends.server import server_engine
 
             return server_engine(model.strip(), adapter=adapter, max_context_tokens=max_context_tokens)
         if isinstance(model, LoadedModel):
-            if adapter is not None:
+            if adapter not in (None, AUTO_ADAPTER):
                 raise ValueError("adapter= cannot be combined with an already loaded model")
             key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens, on_overflow)
         else:
@@ -320,15 +512,24 @@ class ChatEngine:
         with cls._LOCK:
             engine = cls._SHARED.get(key)
             if engine is not None and (not isinstance(model, LoadedModel) or engine.lm is model):
+                cls._SHARED.move_to_end(key)
                 return engine
         lm = model if isinstance(model, LoadedModel) else shared_model(model or DEFAULT_MODEL, adapter=adapter)
+        evicted: list[ChatEngine] = []
         with cls._LOCK:
             engine = cls._SHARED.get(key)
             if engine is None or engine.lm is not lm:
                 engine = cls(lm, max_cached_bytes=max_cached_bytes, max_context_tokens=max_context_tokens,
                              on_overflow=on_overflow)
                 cls._SHARED[key] = engine
-            return engine
+            cls._SHARED.move_to_end(key)
+            while len(cls._SHARED) > cls.max_shared_engines:
+                _, old = cls._SHARED.popitem(last=False)
+                evicted.append(old)
+        for old in evicted:
+            if old is not engine and not any(e is old for e in cls._SHARED.values()):
+                old.close()
+        return engine
 
     # ------------------------------------------------------------------ planning
     def _check_room(self, ids: list[int]) -> None:
@@ -339,16 +540,25 @@ class ChatEngine:
                                        "conversation (prompt plus at least one generated token)")
 
     def _plan(self, messages: Sequence[Message], tools: Sequence[dict] | None, tool_choice: Any,
-              response_schema: dict | None, config: GenerationConfig | None) -> _Plan:
-        from .constrained import tool_call_schema, tool_name
+              response_schema: dict | None, config: GenerationConfig | None,
+              timeout: float | None = None) -> _Plan:
+        from .constrained import ConstraintError, tool_call_schema, tool_name
 
-        config = replace(config) if config is not None else GenerationConfig()
-        config.validate()
-        tools = list(tools or [])
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise LayoutError("messages must be a non-empty list of Message objects.")
+        config = _config_copy(config)
+        check_messages(messages)
+        tools = check_tools(tools)
+        timeout = _check_timeout(timeout)
         choice = normalize_tool_choice(tool_choice, tools)
-        ids = self.layout.render(list(messages), tools=tools or None)
+        if response_schema is not None:
+            if not isinstance(response_schema, dict):
+                raise ConstraintError(f"response_schema must be a JSON schema dict, got "
+                                      f"{type(response_schema).__name__}.")
+            _json_text(response_schema, "response_schema", ConstraintError)
+        try:
+            ids = self.layout.render(list(messages), tools=tools or None)
+        except (TypeError, UnicodeError) as exc:  # anything check_messages did not foresee: still ours
+            raise LayoutError(f"Cannot render these messages ({type(exc).__name__}: {exc}); pass Message objects "
+                              "with str content and JSON tool arguments.") from exc
         self._check_room(ids)
         allowed = {tool_name(t) for t in tools} if tools else None
         parse_tools = bool(tools) and choice != "none" and response_schema is None
@@ -357,11 +567,16 @@ class ChatEngine:
             constraint = Constraint("json", response_schema)
         elif choice not in (None, "none"):
             constraint = Constraint("tool_call", tool_call_schema(tools, choice), tools=tools, choice=choice)
-        prepared = self.backend.prepare(ids, config, constraint)
+        try:
+            prepared = self.backend.prepare(ids, config, constraint)
+        except ConstraintError as exc:
+            raise ConstraintError(f"{str(exc).strip()} (fix the JSON schema of the tools / response_schema: check "
+                                  "its types, properties and required lists)") from exc
         if constraint is not None and config.max_new_tokens < self.min_constrained_tokens:
             # A constrained reply is only useful complete: a small max_tokens must not cut a required call.
             config.max_new_tokens = self.min_constrained_tokens
-        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, constraint=constraint)
+        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, constraint=constraint,
+                     timeout=timeout)
 
     def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
         raw = result.text
@@ -379,35 +594,44 @@ class ChatEngine:
     # ------------------------------------------------------------------ chat
     def stream_chat(self, messages: Sequence[Message], *, tools: Sequence[dict] | None = None,
                     tool_choice: Any = None, response_schema: dict | None = None,
-                    config: GenerationConfig | None = None) -> ChatRun:
-        """Prepare a reply (errors raise here, before any compute); iterate the run for deltas."""
-        return ChatRun(self, self._plan(messages, tools, tool_choice, response_schema, config))
+                    config: GenerationConfig | None = None, timeout: float | None = None) -> ChatRun:
+        """Prepare a reply (errors raise here, before any compute); iterate the run for deltas.
+
+        ``timeout``: seconds to wait for a free context (default: the engine's ``acquire_timeout``).
+        """
+        return ChatRun(self, self._plan(messages, tools, tool_choice, response_schema, config, timeout))
 
     def chat(self, messages: Sequence[Message], *, tools: Sequence[dict] | None = None,
              tool_choice: Any = None, response_schema: dict | None = None,
-             config: GenerationConfig | None = None) -> ChatReply:
+             config: GenerationConfig | None = None, timeout: float | None = None) -> ChatReply:
         """Reply to a conversation; only tokens not already cached are computed."""
         run = self.stream_chat(messages, tools=tools, tool_choice=tool_choice,
-                               response_schema=response_schema, config=config)
+                               response_schema=response_schema, config=config, timeout=timeout)
         for _ in run:
             pass
         assert run.reply is not None
         return run.reply
 
     async def achat(self, messages: Sequence[Message], **kwargs: Any) -> ChatReply:
-        """:meth:`chat` in a worker thread, so the event loop keeps running."""
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
+        """:meth:`chat` decoding in a worker thread, so the event loop keeps running.
+
+        Cancelling the awaiting task stops decoding at the next token and releases the context (the
+        tokens decoded so far stay cached, consistent with a recompute).
+        """
+        run = await asyncio.to_thread(self.stream_chat, messages, **kwargs)  # planning may compile a grammar
+        return await _drain(AsyncChatRun(run))
 
     def astream_chat(self, messages: Sequence[Message], **kwargs: Any) -> AsyncChatRun:
         """Async iterator of deltas (decoding in a worker thread); ``.reply`` after iteration."""
         return AsyncChatRun(self.stream_chat(messages, **kwargs))
 
     # ------------------------------------------------------------------ completion
-    def _complete_plan(self, prompt: str, config: GenerationConfig | None) -> _Plan:
+    def _complete_plan(self, prompt: str, config: GenerationConfig | None, timeout: float | None = None) -> _Plan:
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        config = replace(config) if config is not None else GenerationConfig()
-        config.validate()
+            raise LayoutError(f"prompt must be a string, got {type(prompt).__name__}")
+        _check_text(prompt, "prompt")
+        config = _config_copy(config)
+        timeout = _check_timeout(timeout)
         ids = self.lm.encode(prompt)
         if not ids:  # an empty prompt still needs one token to condition on
             tok = self.lm.tokenizer
@@ -415,22 +639,92 @@ class ChatEngine:
             ids = [int(start if start is not None else 0)]
         self._check_room(ids)
         return _Plan(ids, config, self.backend.prepare(ids, config, None), None, parse_tools=False,
-                     remember=False)
+                     remember=False, timeout=timeout)
 
-    def stream_complete(self, prompt: str, config: GenerationConfig | None = None) -> ChatRun:
+    def stream_complete(self, prompt: str, config: GenerationConfig | None = None,
+                        timeout: float | None = None) -> ChatRun:
         """Raw text completion (no chat template), streamed."""
-        return ChatRun(self, self._complete_plan(prompt, config))
+        return ChatRun(self, self._complete_plan(prompt, config, timeout))
 
-    def complete(self, prompt: str, config: GenerationConfig | None = None) -> ChatReply:
+    def complete(self, prompt: str, config: GenerationConfig | None = None, timeout: float | None = None) -> ChatReply:
         """Raw text completion (no chat template) on the same pool."""
-        run = self.stream_complete(prompt, config)
+        run = self.stream_complete(prompt, config, timeout)
         for _ in run:
             pass
         assert run.reply is not None
         return run.reply
 
-    async def acomplete(self, prompt: str, config: GenerationConfig | None = None) -> ChatReply:
-        return await asyncio.to_thread(self.complete, prompt, config)
+    async def acomplete(self, prompt: str, config: GenerationConfig | None = None,
+                        timeout: float | None = None) -> ChatReply:
+        run = await asyncio.to_thread(self.stream_complete, prompt, config, timeout)
+        return await _drain(AsyncChatRun(run))
 
-    def astream_complete(self, prompt: str, config: GenerationConfig | None = None) -> AsyncChatRun:
-        return AsyncChatRun(self.stream_complete(prompt, config))
+    def astream_complete(self, prompt: str, config: GenerationConfig | None = None,
+                         timeout: float | None = None) -> AsyncChatRun:
+        return AsyncChatRun(self.stream_complete(prompt, config, timeout))
+
+
+def _config_copy(config: Any) -> GenerationConfig:
+    from .generation import GenerationConfigError
+
+    if config is None:
+        config = GenerationConfig()
+    elif not isinstance(config, GenerationConfig):
+        raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}.")
+    config = replace(config)
+    config.validate()
+    return config
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    from .generation import GenerationConfigError
+
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
+        raise GenerationConfigError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}.")
+    return float(timeout)
+
+
+async def _drain(run: AsyncChatRun) -> ChatReply:
+    async for _ in run:
+        pass
+    assert run.reply is not None
+    return run.reply
+
+
+def _forget_model(lm: LoadedModel) -> None:
+    """Drop ``lm`` from the process-wide caches that hold models (shared weights, grammar compilers)."""
+    from . import constrained, models
+
+    with models._SHARED_LOCK:
+        for key in [k for k, v in models._SHARED.items() if v is lm]:
+            del models._SHARED[key]
+    grammars = constrained.GRAMMARS
+    with grammars._lock:
+        entry = grammars._compilers.get(id(lm))
+        if entry is not None and entry[0] is lm:
+            del grammars._compilers[id(lm)]
+            for key in [k for k in grammars._grammars if k[0] == id(lm)]:
+                del grammars._grammars[key]
+
+
+def release_engines() -> int:
+    """Close every shared engine (local and server) and free their caches and models; returns how many.
+
+    Call it when an application is done with its models (or between test modules): later calls to
+    :meth:`ChatEngine.shared` load again.
+    """
+    with ChatEngine._LOCK:
+        engines = list(dict.fromkeys(ChatEngine._SHARED.values()))
+    for engine in engines:
+        engine.close()
+    try:
+        from .backends import server
+
+        with server._ENGINES_LOCK:
+            n_server = len(server._ENGINES)
+        server.clear_server_engines()
+    except ImportError:  # pragma: no cover - httpx missing
+        n_server = 0
+    return len(engines) + n_server

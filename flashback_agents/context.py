@@ -8,6 +8,8 @@ never pays an extra forward for it). ``next_token_logits()`` equals a full recom
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import threading
 import time
@@ -20,7 +22,8 @@ import torch
 from . import kvcache
 from .models import LoadedModel
 
-_FORMAT = "flashback-context-v1"
+_FORMAT = "flashback-context-v2"
+_FORMATS = ("flashback-context-v1", _FORMAT)  # v1: no on_overflow / low_water / prefill_chunk / evictions
 
 
 class ContextOverflowError(RuntimeError):
@@ -39,8 +42,21 @@ class ContextOverflowError(RuntimeError):
         )
 
 
-class ContextLoadError(ValueError):
-    """A saved context that cannot be used with this model (other weights, tokenizer or format)."""
+class ContextError(ValueError):
+    """A call a context cannot honour (bad token ids, bad counts, bad settings); nothing was changed."""
+
+
+class _ContextTypeError(ContextError, TypeError):
+    """A :class:`ContextError` for a value of the wrong type (also a ``TypeError``)."""
+
+
+class ContextLoadError(ContextError):
+    """A saved context that cannot be used with this model (other weights, tokenizer or format, or a
+    file that is corrupt or was not written by :meth:`CachedContext.save`)."""
+
+
+class _ContextFileNotFound(ContextLoadError, FileNotFoundError):
+    """No file at the path given to :meth:`CachedContext.load` (also a ``FileNotFoundError``)."""
 
 
 @dataclass
@@ -87,7 +103,12 @@ class CachedContext:
         from .compaction import ON_OVERFLOW
 
         if on_overflow not in ON_OVERFLOW:
-            raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
+            raise ContextError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
+        if isinstance(low_water, bool) or not isinstance(low_water, (int, float)) or not 0 < low_water <= 1:
+            raise ContextError(f"low_water must be a fraction in (0, 1] of the budget, got {low_water!r}")
+        if max_context_tokens is not None and (isinstance(max_context_tokens, bool)
+                                               or not isinstance(max_context_tokens, int) or max_context_tokens < 1):
+            raise ContextError(f"max_context_tokens must be a positive integer or None, got {max_context_tokens!r}")
         self.lm = lm
         self.on_overflow = on_overflow
         self.low_water = low_water
@@ -96,8 +117,15 @@ class CachedContext:
         self._cache = kvcache.new_cache(lm.model)
         self._logits: torch.Tensor | None = None  # next-token logits after token_ids, when known
         self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be >= 1")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ContextError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        if on_overflow == "shift" and kvcache.shift_unsupported_reason(lm.model):
+            raise ContextError(f"on_overflow='shift' does not work with this model: "
+                               f"{kvcache.shift_unsupported_reason(lm.model)}. Use on_overflow='evict' "
+                               "(recomputes the tail after an evicted block) or 'error'.")
+        if on_overflow != "error" and self.max_context_tokens < 16:
+            raise ContextError(f"on_overflow={on_overflow!r} needs max_context_tokens >= 16 (room for stubs), got "
+                               f"{self.max_context_tokens}; raise it or use on_overflow='error'.")
         self.prefill_chunk = prefill_chunk
         self.stats = ContextStats()
         self.lock = threading.RLock()
@@ -154,16 +182,30 @@ class CachedContext:
             raise ContextOverflowError(total, self.max_context_tokens, what, self.on_overflow != "error")
 
     def _validate_ids(self, ids: Sequence[int]) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise _ContextTypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}; "
+                                    "pass text as a str to append() or encode it with lm.encode first.")
         vocab = self.lm.model.get_input_embeddings().weight.shape[0]
         out = []
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, (int,)) and not (hasattr(t, "__index__")):
-                raise TypeError(f"token ids must be integers, got {type(t).__name__}")
+                raise _ContextTypeError(f"token ids must be integers, got {type(t).__name__}")
             t = int(t)
             if t < 0 or t >= vocab:
-                raise ValueError(f"token id {t} is outside the model's vocabulary (0..{vocab - 1})")
+                raise ContextError(f"token id {t} is outside the model's vocabulary (0..{vocab - 1}); "
+                                   "encode text with this model's tokenizer (lm.encode).")
             out.append(t)
         return out
+
+    def _encode(self, text: str) -> list[int]:
+        """Tokenize ``text``; text the tokenizer cannot take (a lone surrogate) is our error, not its."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ContextError(f"the text contains a character that is not valid Unicode ({exc.reason} at "
+                               f"position {exc.start}: {text[exc.start:exc.end]!r}); decode the input with "
+                               "errors='replace' or remove the lone surrogate.") from exc
+        return self.lm.encode(text)
 
     @torch.inference_mode()
     def _run(self, ids: list[int], decode: bool = False) -> torch.Tensor:
@@ -196,7 +238,8 @@ class CachedContext:
             self._ids = self._ids[:n]
             self._logits = None
         if kvcache.cache_len(self._cache) > n:
-            kvcache.crop_to(self._cache, n)
+            kept = kvcache.crop_to(self._cache, n)  # < n: a hybrid model restarted from a state checkpoint
+            self.stats.tokens_recomputed += n - kept  # those tokens are now pending: run by the next call
             self._logits = None
 
     def _extend(self, new: list[int]) -> None:
@@ -206,6 +249,7 @@ class CachedContext:
             return
         pending = self._ids[kvcache.cache_len(self._cache):]
         self._logits = self._run(pending + new)
+        kvcache.checkpoint(self._cache)  # hybrid models: state at this message boundary (no-op otherwise)
         self._ids.extend(new)
         self.stats.tokens_computed += len(new)
 
@@ -213,7 +257,7 @@ class CachedContext:
     def append(self, text_or_ids: str | Sequence[int]) -> SyncResult:
         """Append text (tokenized without special tokens) or ids; compute only those tokens."""
         with self.lock:
-            ids = self.lm.encode(text_or_ids) if isinstance(text_or_ids, str) else self._validate_ids(text_or_ids)
+            ids = self._encode(text_or_ids) if isinstance(text_or_ids, str) else self._validate_ids(text_or_ids)
             if self.on_overflow != "error" and len(self._ids) + len(ids) > self.max_context_tokens:
                 return self.sync(self._ids + ids)
             self.last_compaction = None
@@ -224,6 +268,13 @@ class CachedContext:
 
     def append_evidence(self, text: str, source: str | None = None) -> SyncResult:
         """Append ``<MARK_L> text <MARK_R>``: evidence after what is cached, so nothing is recomputed."""
+        if not isinstance(text, str):
+            raise _ContextTypeError(f"evidence text must be a str, got {type(text).__name__}")
+        for name, value in (("text", text), ("source", source)):
+            if value is not None and not isinstance(value, str):
+                raise _ContextTypeError(f"evidence {name} must be a str, got {type(value).__name__}")
+            if value is not None:
+                self._encode(value)  # a clear error for text the tokenizer cannot take
         return self.append(self.layout.evidence(text, source))
 
     def sync(self, ids: Sequence[int], reserve: int = 0) -> SyncResult:
@@ -293,10 +344,11 @@ class CachedContext:
     def rollback(self, n_tokens: int) -> None:
         """Forget the last ``n_tokens`` tokens (and their cache)."""
         with self.lock:
-            if not isinstance(n_tokens, int) or n_tokens < 0:
-                raise ValueError(f"rollback needs a non-negative token count, got {n_tokens!r}")
+            if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+                raise ContextError(f"rollback needs a non-negative token count, got {n_tokens!r}")
             if n_tokens > len(self._ids):
-                raise ValueError(f"cannot roll back {n_tokens} tokens: the context holds {len(self._ids)}")
+                raise ContextError(f"cannot roll back {n_tokens} tokens: the context holds {len(self._ids)}; "
+                                   "pass at most len(ctx).")
             self._truncate(len(self._ids) - n_tokens)
 
     def reset(self) -> None:
@@ -307,12 +359,13 @@ class CachedContext:
         """Logits for the token after ``token_ids`` (float32, shape [vocab])."""
         with self.lock:
             if not self._ids:
-                raise ValueError("the context is empty: append something first")
+                raise ContextError("the context is empty: append something first")
             if self._logits is None:
                 cached = kvcache.cache_len(self._cache)
                 if cached == len(self._ids):  # logits forgotten (e.g. after a crop): recompute the last token
-                    kvcache.crop_to(self._cache, cached - 1)
-                    cached -= 1
+                    kept = kvcache.crop_to(self._cache, cached - 1)
+                    self.stats.tokens_recomputed += cached - 1 - kept
+                    cached = kept
                 self._logits = self._run(self._ids[cached:], decode=True)
             return self._logits
 
@@ -345,6 +398,7 @@ class CachedContext:
                                   low_water=self.low_water)
             cached = min(n, kvcache.cache_len(self._cache))
             other._cache = kvcache.copy_prefix(self.lm.model, self._cache, cached)
+            other.stats.tokens_recomputed += cached - kvcache.cache_len(other._cache)  # hybrid: from a checkpoint
             other._ids = self._ids[:n]
             if n == len(self._ids) and self._logits is not None:
                 other._logits = self._logits.clone()
@@ -355,14 +409,25 @@ class CachedContext:
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Save token ids, KV tensors and the model fingerprint (atomically)."""
+        """Save token ids, KV tensors, the model fingerprint and every setting that decides what the
+        context does next (budget, ``on_overflow``, ``low_water``, ``prefill_chunk``, the blocks it
+        evicted), atomically. Tensors and plain values only: it loads with ``weights_only=True``."""
         with self.lock:
             self.flush()
-            tensors = [(k.contiguous().cpu(), v.contiguous().cpu())
-                       for k, v in (kvcache.layer_tensors(self._cache) if self._ids else [])]
+            # A hybrid model's recurrent state is not saved: its ids are recomputed on load (counted).
+            plain = kvcache.is_plain(self._cache)
+            tensors = [(k[..., : len(self._ids), :].contiguous().cpu(), v[..., : len(self._ids), :].contiguous().cpu())
+                       for k, v in (kvcache.layer_tensors(self._cache) if self._ids and plain else [])]
+            evicted = None
+            if self._compactor is not None:
+                evicted = {"stubs": {k: list(v) for k, v in self._compactor._stubs.items()},
+                           "stub_keys": sorted(self._compactor._stub_keys)}
             payload = {"format": _FORMAT, "fingerprint": self.lm.fingerprint, "model": self.lm.name,
                        "token_ids": list(self._ids), "kv": tensors,
-                       "max_context_tokens": self.max_context_tokens}
+                       "max_context_tokens": self.max_context_tokens, "on_overflow": self.on_overflow,
+                       "low_water": float(self.low_water), "prefill_chunk": int(self.prefill_chunk),
+                       "evicted": evicted}
+            payload["checksum"] = _checksum(payload)
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
@@ -371,27 +436,140 @@ class CachedContext:
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | os.PathLike) -> "CachedContext":
-        """Load a saved context; refuse one made with other weights or another tokenizer."""
+        """Load a saved context; refuse one made with other weights or another tokenizer.
+
+        The file is not trusted: it is read with ``weights_only=True`` (no code runs) and every key,
+        type, dtype, shape, id range and length is checked before anything is built, so a corrupt or
+        crafted file raises :class:`ContextLoadError` here instead of failing later inside torch.
+        """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"No saved context at {path}")
+            raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save wrote.")
         try:
-            payload = torch.load(path, map_location=lm.device, weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ContextLoadError(f"{path} is not a saved flashback-agents context ({exc.__class__.__name__}).") from exc
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ContextLoadError(f"{path} is not a saved flashback-agents context (format {_FORMAT}).")
+            raise ContextLoadError(f"{path} is not a saved flashback-agents context ({exc.__class__.__name__}); "
+                                   "pass a file written by CachedContext.save, or rebuild the context.") from exc
+        return cls._from_payload(lm, payload, path)
+
+    @classmethod
+    def _from_payload(cls, lm: LoadedModel, payload: object, path: Path) -> "CachedContext":
+        def bad(what: str) -> ContextLoadError:
+            return ContextLoadError(f"{path} is corrupt or not a saved context: {what}. Rebuild the context "
+                                    "(or save it again) with CachedContext.save.")
+
+        if not isinstance(payload, dict) or payload.get("format") not in _FORMATS:
+            raise ContextLoadError(f"{path} is not a saved flashback-agents context (format {_FORMAT}); pass a "
+                                   "file written by CachedContext.save.")
+        v2 = payload["format"] == _FORMAT
+        required = ("fingerprint", "token_ids", "kv", "max_context_tokens") + (
+            ("on_overflow", "low_water", "prefill_chunk", "evicted", "checksum") if v2 else ())
+        missing = [k for k in required if k not in payload]
+        if missing:
+            raise bad(f"missing {missing}")
+        if not isinstance(payload["fingerprint"], str):
+            raise bad("the model fingerprint is not a string")
         if payload["fingerprint"] != lm.fingerprint:
             raise ContextLoadError(
                 f"{path} was saved with another model or tokenizer ({payload.get('model')!r}, fingerprint "
                 f"{payload['fingerprint']}); this one is {lm.name!r} ({lm.fingerprint}). Rebuild the context "
                 "with this model instead.")
-        ctx = cls(lm, max_context_tokens=payload.get("max_context_tokens"))
-        ids = list(payload["token_ids"])
-        if ids:
-            kv = [(k.to(lm.dtype), v.to(lm.dtype)) for k, v in payload["kv"]]
-            if not kv or kv[0][0].shape[-2] != len(ids):
-                raise ContextLoadError(f"{path} is corrupt: {len(ids)} ids but a cache of another length.")
-            ctx._cache = kvcache.cache_from_tensors(lm.model, kv)
-            ctx._ids = ids
+        ids = payload["token_ids"]
+        if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise bad("token_ids is not a list of integers")
+        vocab = lm.model.get_input_embeddings().weight.shape[0]
+        if any(t < 0 or t >= vocab for t in ids):
+            raise bad(f"token ids outside this model's vocabulary (0..{vocab - 1})")
+        budget = payload["max_context_tokens"]
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise bad(f"max_context_tokens is {budget!r}")
+        held = min(budget or lm.max_positions, lm.max_positions)
+        if len(ids) > held:
+            raise bad(f"it holds {len(ids)} tokens but its budget (max_context_tokens, capped at the model's "
+                      f"window) is {held}")
+        settings = {"on_overflow": payload.get("on_overflow", "error"), "low_water": payload.get("low_water", 0.75),
+                    "prefill_chunk": payload.get("prefill_chunk", 512)}
+        try:
+            ctx = cls(lm, max_context_tokens=budget, **settings)
+            if settings["on_overflow"] != "error":
+                ctx.compactor  # noqa: B018 - builds it now, so a bad budget/low_water raises here
+        except (ContextError, ValueError) as exc:
+            raise bad(f"settings {settings} with max_context_tokens={budget!r} ({exc})") from exc
+        evicted = payload.get("evicted")
+        if evicted is not None:
+            stubs = evicted.get("stubs") if isinstance(evicted, dict) else None
+            keys = evicted.get("stub_keys") if isinstance(evicted, dict) else None
+            if not isinstance(stubs, dict) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise bad("the record of evicted blocks is malformed")
+            for k, stub in stubs.items():
+                if not isinstance(k, str) or not isinstance(stub, list) or any(
+                        isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in stub):
+                    raise bad("an evicted block's stub is not a list of valid token ids")
+            if settings["on_overflow"] == "error":
+                raise bad("it records evicted blocks but on_overflow is 'error'")
+            ctx.compactor._stubs = {k: list(v) for k, v in stubs.items()}
+            ctx.compactor._stub_keys = set(keys)
+        kv = payload["kv"]
+        if not ids:
+            _verify_checksum(payload, bad)
+            return ctx
+        if isinstance(kv, (list, tuple)) and not kv and not kvcache.is_plain(ctx._cache):
+            _verify_checksum(payload, bad)  # a hybrid model: ids only, recomputed when next used
+            ctx._ids = list(ids)
+            ctx.stats.tokens_recomputed += len(ids)
+            return ctx
+        n_layers = len(kvcache.new_cache(lm.model).layers)
+        if not isinstance(kv, (list, tuple)) or len(kv) != n_layers:
+            raise bad(f"the cache has {len(kv) if isinstance(kv, (list, tuple)) else 'no'} layers, this model {n_layers}")
+        heads, head_dim = _kv_shape(lm)
+        tensors = []
+        for i, pair in enumerate(kv):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+                raise bad(f"layer {i} is not a (keys, values) pair of tensors")
+            for name, t in zip(("keys", "values"), pair):
+                if not t.is_floating_point():
+                    raise bad(f"layer {i} {name} have dtype {t.dtype}, not a floating point type")
+                if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != len(ids):
+                    raise bad(f"layer {i} {name} have shape {tuple(t.shape)}; expected [1, heads, {len(ids)}, head_dim] "
+                              f"({len(ids)} ids)")
+                if (heads is not None and t.shape[1] != heads) or (head_dim is not None and t.shape[3] != head_dim):
+                    raise bad(f"layer {i} {name} have shape {tuple(t.shape)}; this model needs "
+                              f"[1, {heads}, {len(ids)}, {head_dim}]")
+                if not bool(torch.isfinite(t).all()):
+                    raise bad(f"layer {i} {name} hold NaN or infinite values")
+            tensors.append((pair[0].to(lm.device, lm.dtype), pair[1].to(lm.device, lm.dtype)))
+        _verify_checksum(payload, bad)
+        ctx._cache = kvcache.cache_from_tensors(lm.model, tensors)
+        ctx._ids = list(ids)
         return ctx
+
+
+def _checksum(payload: dict) -> str:
+    """SHA-256 over every field and tensor byte of a saved context: a file altered after ``save``
+    (a flipped byte in a key tensor loads as valid floats) is refused instead of silently diverging."""
+    h = hashlib.sha256()
+    meta = {k: payload[k] for k in sorted(payload) if k not in ("kv", "checksum")}
+    h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
+    for pair in payload["kv"]:
+        for t in pair:
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _verify_checksum(payload: dict, bad) -> None:
+    if "checksum" not in payload:  # format v1 had none
+        return
+    if not isinstance(payload["checksum"], str) or payload["checksum"] != _checksum(payload):
+        raise bad("its checksum does not match its contents (the file was altered or damaged after it was saved)")
+
+
+def _kv_shape(lm: LoadedModel) -> tuple[int | None, int | None]:
+    """(kv heads, head size) the model's cache layers have, from its config (None where it does not say)."""
+    cfg = lm.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is None and getattr(cfg, "hidden_size", None) and getattr(cfg, "num_attention_heads", None):
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return (int(heads) if heads else None), (int(head_dim) if head_dim else None)

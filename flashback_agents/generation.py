@@ -6,6 +6,7 @@ identical by construction. Generated tokens stay in the context: the next turn r
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -15,6 +16,31 @@ import torch
 from .context import CachedContext
 
 LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
+
+
+class GenerationConfigError(ValueError):
+    """Decoding settings that cannot work (negative or NaN temperature, top_p outside (0, 1], ...)."""
+
+
+def normalize_stop(stop: object) -> tuple[str, ...]:
+    """Stop strings as a tuple: a plain ``str`` is ONE stop string (not one per character).
+
+    Frameworks pass ``stop="END"`` as often as ``stop=["END"]``; iterating a str would stop at "E".
+    """
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    if isinstance(stop, (bytes, bytearray)) or not hasattr(stop, "__iter__"):
+        raise GenerationConfigError(f"stop must be a string or a list of strings, got {type(stop).__name__}.")
+    out = []
+    for s in stop:  # type: ignore[union-attr]
+        if not isinstance(s, str):
+            raise GenerationConfigError(f"stop strings must be str, got {type(s).__name__} ({s!r}); pass "
+                                        "stop='END' or stop=['END', ...].")
+        if s:
+            out.append(s)
+    return tuple(out)
 
 
 @dataclass
@@ -30,15 +56,32 @@ class GenerationConfig:
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str) or self.stop is None:
+            self.stop = normalize_stop(self.stop)
+
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        """Raise :class:`GenerationConfigError` (saying what to pass) before any compute."""
+        def number(name: str, value: object, integer: bool = False) -> float:
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok or not math.isfinite(value):  # type: ignore[arg-type]
+                kind = "an integer" if integer else "a finite number"
+                raise GenerationConfigError(f"{name} must be {kind}, got {value!r}.")
+            return value  # type: ignore[return-value]
+
+        if number("max_new_tokens", self.max_new_tokens, True) < 0:
+            raise GenerationConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens!r}.")
+        if number("min_new_tokens", self.min_new_tokens, True) < 0:
+            raise GenerationConfigError(f"min_new_tokens must be >= 0, got {self.min_new_tokens!r}.")
+        if number("temperature", self.temperature) < 0:
+            raise GenerationConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if not 0 < number("top_p", self.top_p) <= 1:
+            raise GenerationConfigError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}.")
+        if number("top_k", self.top_k, True) < 0:
+            raise GenerationConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise GenerationConfigError(f"seed must be an integer or None, got {self.seed!r}.")
+        self.stop = normalize_stop(self.stop)
 
 
 @dataclass
@@ -80,7 +123,15 @@ class Sampler:
 
 
 def _holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing chars might start a stop string (not yet safe to emit)."""
+    """How many trailing chars might start a stop string (not yet safe to emit).
+
+    Trailing U+FFFD (the bytes of a character split across byte-level tokens, not yet complete) are
+    never safe, and the check runs on the text before them: the completed character may finish a
+    stop string that the chars before it begin (stop ``" 中"`` after ``"ok "`` + half of ``中``).
+    """
+    stable = text.rstrip("\ufffd")
+    if len(stable) < len(text):
+        return len(text) - len(stable) + _holdback(stable, stops)
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -95,6 +146,9 @@ class _Run:
 
     def __init__(self, ctx: CachedContext, config: GenerationConfig,
                  processors: Sequence[LogitsProcessor] = (), on_token: Callable[[int], None] | None = None):
+        if not isinstance(config, GenerationConfig):
+            raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}; build one "
+                                        "with GenerationConfig(max_new_tokens=..., ...).")
         config.validate()
         self.ctx, self.cfg, self.processors = ctx, config, list(processors)
         self.on_token = on_token
@@ -105,14 +159,16 @@ class _Run:
         lm = ctx.lm
         eos = lm.eos_token_ids if cfg.stop_at_eos else set()
         sample = Sampler(cfg)
-        stops = [s for s in cfg.stop if s]
+        stops = list(normalize_stop(cfg.stop))
         gen: list[int] = []
         emitted = 0
         text = ""
         finish, stop_hit = "length", None
         t0 = time.perf_counter()
-        with ctx.lock:
-            for _ in range(cfg.max_new_tokens):
+        # The lock is taken per token, never held across a ``yield``: a stream abandoned mid-way (or
+        # closed by the garbage collector in another thread) must not leave the context locked.
+        for _ in range(cfg.max_new_tokens):
+            with ctx.lock:
                 if len(ctx) >= ctx.max_context_tokens:
                     finish = "context"
                     break
@@ -128,27 +184,25 @@ class _Run:
                     logits = scores[0]
                 tok = sample(logits)
                 ctx.push_generated(tok)
-                if self.on_token is not None:
-                    self.on_token(tok)
-                if tok in eos:
+            if self.on_token is not None:
+                self.on_token(tok)
+            if tok in eos:
+                finish = "stop"
+                break
+            gen.append(tok)
+            text = lm.decode(gen, skip_special_tokens=True)
+            if stops:
+                window = max(0, emitted - max(len(s) for s in stops))
+                hits = [(text.find(s, window), s) for s in stops if text.find(s, window) >= 0]
+                if hits:
+                    pos, stop_hit = min(hits)
+                    text = text[:pos]
                     finish = "stop"
                     break
-                gen.append(tok)
-                text = lm.decode(gen, skip_special_tokens=True)
-                if stops:
-                    window = max(0, emitted - max(len(s) for s in stops))
-                    hits = [(text.find(s, window), s) for s in stops if text.find(s, window) >= 0]
-                    if hits:
-                        pos, stop_hit = min(hits)
-                        text = text[:pos]
-                        finish = "stop"
-                        break
-                safe = len(text) - _holdback(text, stops)
-                if text.endswith("\ufffd"):
-                    safe = min(safe, len(text) - 1)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
+            safe = len(text) - _holdback(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
         if len(text) > emitted:
             yield text[emitted:]
         all_ids = gen + ([ctx._ids[-1]] if finish == "stop" and stop_hit is None and ctx._ids and ctx._ids[-1] in eos else [])

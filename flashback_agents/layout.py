@@ -188,16 +188,28 @@ class Layout:
         self.lm = lm
         self.memo = memo if memo is not None else ReplyMemo()
         self.fmt = fmt or ChatFormat.from_tokenizer(lm.tokenizer)
-        self._enc_cache: dict[str, list[int]] = {}
+        # Bounded LRU of short texts (role wrappers, "\n", repeated short messages): an unbounded dict
+        # grew by one entry per distinct short message for the life of the process.
+        self._enc_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._enc_lock = threading.Lock()
+
+    #: entries kept by the encode cache (texts shorter than 256 chars), least recently used dropped
+    ENC_CACHE_ENTRIES = 2048
 
     def _enc(self, text: str) -> list[int]:
         if not text:
             return []
-        ids = self._enc_cache.get(text)
-        if ids is None:
-            ids = self.lm.encode(text)
-            if len(text) < 256:
+        with self._enc_lock:
+            ids = self._enc_cache.get(text)
+            if ids is not None:
+                self._enc_cache.move_to_end(text)
+                return list(ids)
+        ids = tuple(self.lm.encode(text))
+        if len(text) < 256:
+            with self._enc_lock:
                 self._enc_cache[text] = ids
+                while len(self._enc_cache) > self.ENC_CACHE_ENTRIES:
+                    self._enc_cache.popitem(last=False)
         return list(ids)
 
     def marked(self, text: str) -> list[int]:

@@ -405,6 +405,12 @@ def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any
         raise ModelLoadError(f"{meta_path} is not readable JSON ({exc}); retrain or re-export the adapter.") from None
     if not isinstance(meta, dict):
         raise ModelLoadError(f"{meta_path} must hold a JSON object; retrain or re-export the adapter.")
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8", errors="strict"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{adapter}/adapter_config.json is not readable JSON ({exc}); retrain the adapter.") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{adapter}/adapter_config.json must hold a JSON object; retrain the adapter.")
     check_adapter_base(adapter, model, meta)
     if (adapter / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(adapter))
@@ -414,7 +420,7 @@ def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any
                              f"tokenizer gives {list(ids)}: it was trained for another tokenizer.")
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"Cannot load the adapter {adapter} on this model ({type(exc).__name__}: {exc}); "
                              "it was probably trained for another base model.") from None
     return peft_model.merge_and_unload(), tokenizer

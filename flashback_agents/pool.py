@@ -7,14 +7,51 @@ in use by one caller is never handed to another; idle contexts are evicted LRU u
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from .context import CachedContext, SyncResult, common_prefix
 from .models import LoadedModel
+
+logger = logging.getLogger("flashback_agents")
+
+
+class PoolTimeoutError(TimeoutError):
+    """Every context of the pool stayed busy for the whole timeout; nothing was computed."""
+
+
+class PoolBudgetWarning(UserWarning):
+    """One conversation alone is larger than the pool's byte budget (kept anyway: it is the newest)."""
+
+
+class MemoryBudget:
+    """One byte budget (and one lock) shared by every pool of a model.
+
+    Engines with different settings (say two ``max_context_tokens``) each have a pool; without a
+    shared budget each pool had its own 2 GiB, so the process-wide cache had no bound. Pools that
+    share a budget evict least recently used idle contexts across all of them.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.free = threading.Condition(self.lock)
+        self._pools: weakref.WeakSet[ContextPool] = weakref.WeakSet()
+
+    def pools(self) -> list["ContextPool"]:
+        return list(self._pools)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pools())
 
 
 @dataclass
@@ -36,16 +73,29 @@ class ContextPool:
     """Holds contexts for one model; ``acquire(ids)`` yields a synced, exclusively held context."""
 
     def __init__(self, lm: LoadedModel, *, max_bytes: int = 2 << 30, max_contexts: int = 16,
-                 max_context_tokens: int | None = None, on_overflow: str = "error", low_water: float = 0.75):
+                 max_context_tokens: int | None = None, on_overflow: str = "error", low_water: float = 0.75,
+                 budget: MemoryBudget | None = None):
+        """``budget``: a :class:`MemoryBudget` shared with other pools of the same model (then
+        ``max_bytes`` is ignored: the shared budget's ``max_bytes`` applies to all of them together)."""
         self.lm = lm
-        self.max_bytes = max_bytes
+        self.budget = budget if budget is not None else MemoryBudget(max_bytes)
+        self.budget._pools.add(self)
         self.max_contexts = max_contexts
         self.max_context_tokens = max_context_tokens
         self.on_overflow = on_overflow
         self.low_water = low_water
         self._entries: list[_Entry] = []
-        self._lock = threading.Lock()
-        self._free = threading.Condition(self._lock)
+        self._lock = self.budget.lock
+        self._free = self.budget.free
+        self._warned_oversize = False
+
+    @property
+    def max_bytes(self) -> int:
+        return self.budget.max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        self.budget.max_bytes = value
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -79,12 +129,15 @@ class ContextPool:
 
         ``reserve``: tokens of room wanted for the reply (used by contexts that compact on overflow).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         with self._free:
             while all(e.busy for e in self._entries) and len(self._entries) >= self.max_contexts:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError("all contexts in the pool are busy")
+                    raise PoolTimeoutError(
+                        f"All {len(self._entries)} contexts of the pool stayed busy for {timeout:g} s (held by "
+                        "calls or streams that have not finished). Finish, close() or cancel() the streams you "
+                        "started, raise max_contexts, or pass a larger timeout.")
                 self._free.wait(remaining)
             entry, fork = self._pick(ids)
             if fork:
@@ -101,17 +154,37 @@ class ContextPool:
                 entry.last_used = time.monotonic()
                 if len(entry.ctx) == 0 and entry in self._entries:
                     self._entries.remove(entry)
-                self._evict()
+                self._evict(keep=entry)
                 self._free.notify_all()
 
-    def _evict(self) -> None:
-        """Drop least recently used idle contexts while over the byte budget or the count."""
-        idle = sorted((e for e in self._entries if not e.busy), key=lambda e: e.last_used)
-        total = sum(e.ctx.nbytes for e in self._entries)
-        while idle and (total > self.max_bytes or len(self._entries) > self.max_contexts):
-            victim = idle.pop(0)
-            total -= victim.ctx.nbytes
-            self._entries.remove(victim)
+    def _evict(self, keep: _Entry | None = None) -> None:
+        """Drop least recently used idle contexts (of every pool sharing the budget) while over the byte
+        budget, and this pool's while over its count (caller holds the shared lock).
+
+        ``keep`` (the context just released) is never dropped for bytes: a conversation larger than
+        the whole budget would otherwise be evicted after every call and reuse nothing next time; it
+        is kept alone instead, with a warning.
+        """
+        pools = self.budget.pools() or [self]
+        idle = sorted(((p, e) for p in pools for e in p._entries if not e.busy and e is not keep),
+                      key=lambda pe: pe[1].last_used)
+        total = sum(e.ctx.nbytes for p in pools for e in p._entries)
+        for p, e in list(idle):
+            if p is self and len(self._entries) > self.max_contexts:
+                pass
+            elif total <= self.max_bytes:
+                continue
+            total -= e.ctx.nbytes
+            p._entries.remove(e)
+        if keep is not None and total > self.max_bytes and keep.ctx.nbytes > self.max_bytes \
+                and not self._warned_oversize:
+            self._warned_oversize = True
+            msg = (f"flashback-agents: one conversation holds {keep.ctx.nbytes / 2**20:.1f} MiB of cache, more "
+                   f"than the pool's whole budget ({self.max_bytes / 2**20:.1f} MiB); it is kept (the newest) so "
+                   "its next step still reuses it. Raise max_cached_bytes, or set max_context_tokens with "
+                   "on_overflow='evict'.")
+            logger.warning(msg)
+            warnings.warn(msg, PoolBudgetWarning, stacklevel=4)
 
     def clear(self) -> None:
         with self._lock:

@@ -42,6 +42,8 @@ class BackendRun(ABC):
         import threading
 
         self.ids, self.config = ids, config
+        #: seconds to wait for the backend's resources (a pooled context; a server's answer), None: no limit
+        self.timeout: float | None = None
         self.result: GenerationResult | None = None
         self.usage: Any = None
         self._cancelled = threading.Event()

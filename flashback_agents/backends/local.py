@@ -26,7 +26,7 @@ class LocalRun(BackendRun):
         from ..chat import ChatUsage
 
         t0 = time.perf_counter()
-        with self.pool.acquire(self.ids, reserve=self.config.max_new_tokens) as lease:
+        with self.pool.acquire(self.ids, timeout=self.timeout, reserve=self.config.max_new_tokens) as lease:
             ctx = lease.ctx
             held = len(ctx)  # the prompt as held (after any compaction)
             event = ctx.last_compaction

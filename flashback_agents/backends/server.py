@@ -248,6 +248,8 @@ class ServerBackend(Backend):
         self.url = url
         self.require_cache_report = require_cache_report
         self.prompt_format = prompt_format
+        #: seconds a whole reply may take (also each read's limit): a server that trickles forever still ends
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout), headers=headers)
         self._warned: set[str] = set()
@@ -298,11 +300,12 @@ class ServerBackend(Backend):
             data = r.json().get("data") or []
         except (ValueError, AttributeError):
             data = []
-        if not data:
-            raise ServerModelError(f"The server at {url} lists no model (GET /v1/models).")
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+            raise ServerModelError(f"The server at {url} lists no model (GET /v1/models); is it an OpenAI-compatible "
+                                   "server (llama.cpp, vLLM, SGLang) with a model loaded?")
         entry = data[0]
         owner = str(entry.get("owned_by", "")).lower()
-        meta = entry.get("meta") or {}
+        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
         info = ServerInfo(url=url, base_url=base, api_url=api, flavor="openai", model_id=str(entry.get("id", "")),
                           n_vocab=meta.get("n_vocab"), n_ctx=meta.get("n_ctx") or entry.get("max_model_len"))
         props = None
@@ -491,7 +494,7 @@ class ServerBackend(Backend):
         return info.api_url + "/completions", body
 
     @contextmanager
-    def open_stream(self, url: str, body: dict) -> Iterator[Any]:
+    def open_stream(self, url: str, body: dict, timeout: float | None = None) -> Iterator[Any]:
         """POST and open the streamed response; one retry when a kept-alive connection was already closed.
 
         llama.cpp's HTTP server closes idle or much-reused keep-alive connections; a request that gets no
@@ -499,7 +502,10 @@ class ServerBackend(Backend):
         """
         import httpx
 
-        request = self.client.build_request("POST", url, json=body)
+        import httpx as _httpx
+
+        extra = {} if timeout is None else {"timeout": _httpx.Timeout(timeout, connect=min(timeout, 5.0))}
+        request = self.client.build_request("POST", url, json=body, **extra)
         for attempt in range(2):
             try:
                 response = self.client.send(request, stream=True)
@@ -541,6 +547,14 @@ class ServerRun(BackendRun):
         self.backend, self.prepared = backend, prepared
 
     def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._iter()
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a reply of an unexpected shape
+            raise ServerStreamError(f"The server at {self.backend.url} sent a reply of an unexpected shape "
+                                    f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
+                                    "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
+
+    def _iter(self) -> Iterator[str]:
         import httpx
 
         b, cfg, prep = self.backend, self.config, self.prepared
@@ -556,8 +570,10 @@ class ServerRun(BackendRun):
         finish: str | None = None
         first_token_at: float | None = None
         cancelled = False
+        limit = self.timeout if self.timeout is not None else b.timeout
+        deadline = None if limit is None else time.monotonic() + limit
         try:
-            with b.open_stream(url, body) as r:
+            with b.open_stream(url, body, timeout=self.timeout) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise b.http_error(r.status_code, r.text, len(wire))
@@ -575,7 +591,14 @@ class ServerRun(BackendRun):
                     try:
                         ev = json.loads(data)
                     except ValueError:
-                        continue
+                        ev = None
+                    if not isinstance(ev, dict):
+                        raise ServerStreamError(
+                            f"The server at {b.url} sent a malformed stream event ({data[:120]!r}); the call failed, "
+                            "the next call starts a fresh request. Check that the address is a llama.cpp, vLLM or "
+                            "SGLang server.")
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise httpx.ReadTimeout(f"no complete reply within {limit:g} s")
                     if "error" in ev:
                         err = ev["error"]
                         raise b.http_error(int(err.get("code", 500)) if isinstance(err, dict) else 500,
@@ -611,7 +634,12 @@ class ServerRun(BackendRun):
                         cancelled = True
                         break  # leaving the block closes the connection: the server stops decoding
         except httpx.ConnectError as exc:
-            raise ServerUnreachableError(f"Cannot reach the model server at {b.url} ({exc}).") from exc
+            raise ServerUnreachableError(f"Cannot reach the model server at {b.url} ({exc}); start it again "
+                                         "(or check the address): the next call reconnects.") from exc
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # an event of the wrong shape
+            raise ServerStreamError(f"The server at {b.url} sent a stream event of an unexpected shape "
+                                    f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
+                                    "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
         except httpx.TimeoutException as exc:
             raise ServerStreamError(f"The model server at {b.url} timed out mid-request ({exc}); the call "
                                     "failed, the next call starts a fresh request.") from exc
@@ -706,8 +734,9 @@ def _chat_engine_cls():
         def __init__(self, backend: ServerBackend, *, max_context_tokens: int | None = None):
             model_id = backend.info.model_id
             name = backend.lm.name if (not model_id or os.path.sep in model_id) else model_id
+            # acquire_timeout=None: no pool to wait for; the server's own timeout (ServerBackend) applies
             super().__init__(backend.lm, max_context_tokens=max_context_tokens, on_overflow="error",
-                             backend=backend, model_name=name)
+                             backend=backend, model_name=name, acquire_timeout=None)
             self.server = backend.info
 
         def _check_room(self, ids: list[int]) -> None:
@@ -736,7 +765,7 @@ def __getattr__(name: str) -> Any:  # ServerChatEngine is built lazily (chat imp
 def server_engine(url: str, *, adapter: str | None = None, max_context_tokens: int | None = None,
                   tokenizer: str | None = None, require_cache_report: bool = False, **backend_kwargs: Any):
     """The process-wide engine for a server address (connects and checks the model on first use)."""
-    if adapter is not None:
+    if adapter not in (None, "auto"):  # "auto": whatever the server was started with
         raise ServerError("adapter= cannot be applied to a model on a server: merge it and serve the result "
                           "(`flashback-agents export ADAPTER OUT --gguf OUT.gguf`, then serve OUT.gguf).")
     tokenizer = tokenizer or os.environ.get("FLASHBACK_TOKENIZER") or None

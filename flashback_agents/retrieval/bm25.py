@@ -131,15 +131,17 @@ class BM25Retriever:
         final = self.path / _DIR
         if not (final / _CHUNKS).is_file():
             return  # a new store: nothing indexed yet
-        with open(final / _CHUNKS, encoding="utf-8") as f:
-            self._docs = [json.loads(line) for line in f if line.strip()]
+        self._docs = _read_chunks(final / _CHUNKS, self.path)
         self._reindex()
         if self._docs:
             import bm25s
 
-            try:
-                self._index = bm25s.BM25.load(str(final / "index"), show_progress=False)
-            except Exception:  # noqa: BLE001 - an unreadable index is rebuilt from the chunks
+            try:  # numpy arrays and JSON only (allow_pickle=False): no code from the store
+                index = bm25s.BM25.load(str(final / "index"), show_progress=False, allow_pickle=False)
+                if int(index.scores.get("num_docs", -1)) != len(self._docs):
+                    raise ValueError("the index and the chunks disagree")
+                self._index = index
+            except Exception:  # noqa: BLE001 - an unreadable or stale index is rebuilt from the chunks
                 self._build()
 
     # ------------------------------------------------------------------------------- querying
@@ -178,3 +180,31 @@ class BM25Retriever:
 
     def __repr__(self) -> str:
         return f"BM25Retriever(path={str(self.path) if self.path else None!r}, chunks={len(self._docs)})"
+
+
+def _read_chunks(path: Path, store: Path) -> list[dict[str, Any]]:
+    """The chunks of a BM25 store, each checked: a corrupt file is a :class:`RetrievalError` naming the line."""
+    docs: list[dict[str, Any]] = []
+    redo = f"re-create the store with `flashback-agents index PATH... --store {store}`"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RetrievalError(f"Cannot read {path} ({exc}); {redo}.") from exc
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise RetrievalError(f"{path}:{lineno} is not a JSON line ({type(exc).__name__}); {redo}.") from exc
+        if not (isinstance(d, dict) and isinstance(d.get("id"), str) and isinstance(d.get("text"), str)
+                and isinstance(d.get("metadata", {}), dict)):
+            raise RetrievalError(f"{path}:{lineno} is not a chunk (an object with str 'id' and 'text' and a "
+                                 f"'metadata' object); {redo}.")
+        try:
+            d["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RetrievalError(f"{path}:{lineno} holds text that is not valid Unicode; {redo}.") from exc
+        d.setdefault("metadata", {})
+        docs.append(d)
+    return docs

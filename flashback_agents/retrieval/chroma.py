@@ -91,7 +91,7 @@ class ChromaRetriever:
                  client: Any = None):
         import chromadb
 
-        if not 3 <= len(collection) <= 512:
+        if not isinstance(collection, str) or not 3 <= len(collection) <= 512:
             raise RetrievalError(f"Chroma collection names need 3-512 characters, got {collection!r}.")
         self.path = Path(path) if path is not None else None
         self.host, self.port = host, port
@@ -108,11 +108,24 @@ class ChromaRetriever:
         else:
             if self.path is None:
                 raise RetrievalError("ChromaRetriever needs a path (embedded) or host/port (a `chroma run` server).")
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.client = chromadb.PersistentClient(path=str(self.path), settings=_settings())
+            if self.path.exists() and not self.path.is_dir():
+                raise RetrievalError(f"The Chroma path {self.path} is a file; pass a directory (it is created if "
+                                     "missing).")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.client = chromadb.PersistentClient(path=str(self.path), settings=_settings())
+            except RetrievalError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a corrupt or foreign directory: say so, in our terms
+                raise RetrievalError(f"Cannot open a Chroma store at {self.path} ({type(exc).__name__}: "
+                                     f"{str(exc)[:200]}); pass an empty directory or re-create the store.") from exc
         self.collection_name = collection
-        self.collection = self.client.get_or_create_collection(
-            name=collection, embedding_function=self._ef, configuration={"hnsw": {"space": "cosine"}})
+        try:
+            self.collection = self.client.get_or_create_collection(
+                name=collection, embedding_function=self._ef, configuration={"hnsw": {"space": "cosine"}})
+        except Exception as exc:  # noqa: BLE001
+            raise RetrievalError(f"Cannot open the Chroma collection {collection!r} at {self.path or host} "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); re-create the store.") from exc
 
     # ----------------------------------------------------------------------- index protocol
     def ids_by_source(self) -> dict[str, set[str]]:

@@ -39,12 +39,24 @@ class StoreManifest:
 
     @classmethod
     def read(cls, path: Path) -> "StoreManifest":
+        redo = f"re-create the store with `flashback-agents index PATH... --store {path}`"
         try:
             data = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RetrievalError(f"{path / MANIFEST} is unreadable ({type(exc).__name__}); re-create the store.") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            raise RetrievalError(f"{path / MANIFEST} is unreadable ({type(exc).__name__}); {redo}.") from exc
+        if not isinstance(data, dict):
+            raise RetrievalError(f"{path / MANIFEST} is a JSON {type(data).__name__}, not an object; {redo}.")
         if data.get("format") != _FORMAT:
-            raise RetrievalError(f"{path} is not a flashback-agents store (format {data.get('format')!r}).")
+            raise RetrievalError(f"{path} is not a flashback-agents store (format {data.get('format')!r}); {redo}.")
+        types = {"retriever": (str,), "chunk_tokens": (int,), "overlap": (int,), "tokenizer": (str,),
+                 "embedding_model": (str, type(None)), "collection": (str, type(None)), "host": (str, type(None)),
+                 "port": (int, type(None)), "updated": (int, float)}
+        for key in ("retriever", "chunk_tokens", "overlap"):
+            if key not in data:
+                raise RetrievalError(f"{path / MANIFEST} has no {key!r}; {redo}.")
+        for key, allowed in types.items():
+            if key in data and (isinstance(data[key], bool) or not isinstance(data[key], allowed)):
+                raise RetrievalError(f"{path / MANIFEST}: {key!r} is {data[key]!r:.60}, of the wrong type; {redo}.")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -171,7 +183,7 @@ def index_paths(paths: Sequence[str | os.PathLike], store: str | os.PathLike, re
         elif existing is not None:
             scopes.append(p)  # maybe a source that was deleted: its chunks go
         else:
-            raise RetrievalError(f"No such file or directory: {p}")
+            raise RetrievalError(f"No such file or directory: {p}; pass existing files or directories to index.")
     # 2. Read and chunk everything before writing anything.
     tok = load_tokenizer(tok_spec)
     report = IndexReport(store=str(store_path), retriever=kind)

@@ -43,7 +43,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
         lora_r: int = typer.Option(16, "--lora-r"),
         lora_alpha: int = typer.Option(32, "--lora-alpha"),
         lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
-        target_modules: str = typer.Option("k_proj,v_proj", "--target-modules"),
+        target_modules: str = typer.Option("auto", "--target-modules",
+                                           help="LoRA targets; 'auto': the model's K/V projections (default_lora_targets)."),
         stride: int = typer.Option(16, "--stride", help="RALM: retrieve every N tokens."),
         query_tokens: int = typer.Option(32, "--query-tokens", help="RALM: query with the last N tokens."),
         top_k: int = typer.Option(2, "--top-k", help="RALM: chunks appended per retrieval (1..N per point)."),
@@ -86,12 +87,13 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 
             grad_accum=grad_accum, max_length=max_length, warmup_steps=warmup_steps, eval_every=eval_every,
             save_every=save_every, resume=resume, seed=seed, gradient_checkpointing=gradient_checkpointing,
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            target_modules=[t.strip() for t in target_modules.split(",") if t.strip()],
+            target_modules=(target_modules.strip() if target_modules.strip() == "auto"
+                            else [t.strip() for t in target_modules.split(",") if t.strip()]),
             mixed_precision=mixed_precision, eval_max_samples=eval_max_samples)
         from ..models import ModelLoadError
 
         try:
-            lm = load_model(model, device="cpu", dtype=config.dtype)  # accelerate moves it to its device
+            lm = load_model(model, adapter=None, device="cpu", dtype=config.dtype)  # accelerate moves it
         except ModelLoadError as exc:
             fail(str(exc))
         samples = []

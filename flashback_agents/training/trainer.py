@@ -24,16 +24,15 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..models import DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, load_model
+from ..models import ADAPTER_META, DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, base_fingerprint, load_model
 from .samples import IGNORE, Sample, collate, length_batches
 
-ADAPTER_META = "flashback_adapter.json"
 CHECKPOINTS = "checkpoints"
 _STATE_FILE = "trainer_state.pt"
 
@@ -66,7 +65,7 @@ class TrainConfig:
     r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    target_modules: list[str] | str | None = None  # None / "auto": default_lora_targets(model) (the K/V projections)
     train_markers: bool = True            # the two marker rows via trainable_token_indices
     resume: bool = False
     max_steps_this_run: int | None = None  # stop (with a checkpoint) after this many steps; resume later
@@ -85,8 +84,9 @@ class TrainConfig:
             raise TrainError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if not 0 <= self.lora_dropout < 1:
             raise TrainError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if not self.target_modules:
-            raise TrainError("target_modules must name at least one module (default k_proj, v_proj).")
+        if self.target_modules is not None and self.target_modules != AUTO_TARGETS and not self.target_modules:
+            raise TrainError("target_modules must name at least one module, or be None/'auto' for the model's "
+                             "K/V projections (default_lora_targets).")
 
 
 # Fields that must match between a checkpoint and a resumed run (others, e.g. steps, may change).
@@ -117,18 +117,59 @@ def embedding_module_name(model: Any) -> str:
     raise TrainError("Could not find the model's input embedding module.")
 
 
+AUTO_TARGETS = "auto"
+# Per family, the modules that produce attention keys and values, most specific first. FlashBack trains
+# K/V only; where K and V come out of one fused projection (GPT-2 ``c_attn``, GPT-NeoX/Falcon
+# ``query_key_value``, Phi-3 ``qkv_proj``, MPT ``Wqkv``) that projection is the target (it includes Q).
+_KV_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("k_proj", "v_proj"),          # Llama, Qwen2/3, Mistral, Gemma, OPT, Qwen3-Next / LFM2 attention layers
+    ("qkv_proj",),                 # Phi-3
+    ("c_attn",),                   # GPT-2
+    ("query_key_value",),          # GPT-NeoX, Falcon, BLOOM
+    ("Wqkv",),                     # MPT, ModernBERT-style
+    ("key", "value"),              # GPT-J-like naming in some ports
+)
+
+
+def default_lora_targets(model: Any) -> list[str]:
+    """The LoRA targets FlashBack trains for ``model``: its key/value projections, by family.
+
+    The one place target names are resolved (``TrainConfig.target_modules`` None or ``"auto"``), so
+    the CLI, the trainer and the tests agree for every architecture.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    for group in _KV_TARGETS:
+        if all(t in names for t in group):
+            return list(group)
+    raise TrainError(f"Cannot tell which modules of {type(model).__name__} compute attention keys and values "
+                     f"(its linear layers are e.g. {sorted(names)[:10]}); pass target_modules explicitly "
+                     "(--target-modules NAME,NAME).")
+
+
+def resolve_targets(model: Any, target_modules: list[str] | str | None) -> list[str]:
+    """``target_modules`` as a list of names: None / ``"auto"`` become :func:`default_lora_targets`."""
+    if target_modules is None or target_modules == AUTO_TARGETS:
+        return default_lora_targets(model)
+    if isinstance(target_modules, str):
+        return [t.strip() for t in target_modules.split(",") if t.strip()]
+    return list(target_modules)
+
+
 def build_peft_model(lm: LoadedModel, config: TrainConfig) -> Any:
     """Wrap ``lm.model`` in place with LoRA (K/V) and trainable marker rows; everything else frozen."""
     from peft import LoraConfig, get_peft_model
 
+    targets = resolve_targets(lm.model, config.target_modules)
     names = {n.rsplit(".", 1)[-1] for n, _ in lm.model.named_modules()}
-    missing = [t for t in config.target_modules if t not in names]
+    missing = [t for t in targets if t not in names]
     if missing:
         raise TrainError(f"target modules {missing} are not in this model (it has e.g. "
                          f"{sorted(n for n in names if n.endswith('proj'))[:8]}).")
     peft_config = LoraConfig(
         task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
+        target_modules=targets,
         trainable_token_indices={embedding_module_name(lm.model): list(lm.marker_ids)} if config.train_markers else None,
     )
     return get_peft_model(lm.model, peft_config)
@@ -197,7 +238,8 @@ def _write_adapter(model: Any, lm: LoadedModel, config: TrainConfig, path: Path,
     meta = {"format": "flashback-adapter", "version": 1, "base_model": config.model,
             "markers": [MARK_L, MARK_R], "marker_ids": list(lm.marker_ids), "vocab_size": len(lm.tokenizer),
             "step": step, "target_modules": list(config.target_modules), "r": config.r,
-            "lora_alpha": config.lora_alpha, "train_markers": config.train_markers}
+            "lora_alpha": config.lora_alpha, "train_markers": config.train_markers,
+            "base_fingerprint": lm.base_fingerprint}
     (path / ADAPTER_META).write_text(json.dumps(meta, indent=2))
 
 
@@ -286,7 +328,7 @@ def train(config: TrainConfig, samples: Sequence[Sample], eval_samples: Sequence
     accelerator = _accelerator(config)
     set_seed(config.seed)
     if lm is None:
-        lm = load_model(config.model, device=str(accelerator.device), dtype=config.dtype)
+        lm = load_model(config.model, adapter=None, device=str(accelerator.device), dtype=config.dtype)
     too_long = max(s.span for s in samples)
     if too_long > lm.max_positions:
         raise TrainError(f"A sample has {too_long} tokens but the model's window is {lm.max_positions}; "
@@ -294,6 +336,12 @@ def train(config: TrainConfig, samples: Sequence[Sample], eval_samples: Sequence
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
     # Model: LoRA on K/V + marker rows; the rest frozen.
+    if lm.adapter is not None:
+        raise TrainError(f"The base model already has an adapter attached ({lm.adapter}); load it with "
+                         "adapter=None to train a new one.")
+    if lm.base_fingerprint is None:
+        lm.base_fingerprint = base_fingerprint(lm.model)
+    config = replace(config, target_modules=resolve_targets(lm.model, config.target_modules))  # recorded resolved
     set_seed(config.seed)  # LoRA init is random: make it a function of the seed
     model = build_peft_model(lm, config)
     if config.gradient_checkpointing:
@@ -468,6 +516,7 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     return out
 
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "build_peft_model", "checkpoints", "evaluate",
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "build_peft_model", "checkpoints", "default_lora_targets",
+           "evaluate",
            "export_merged", "read_adapter_meta", "train"]
 

@@ -33,10 +33,17 @@ _LLAMAINDEX_ROLES = {"system": "system", "developer": "system", "user": "user", 
 class TranscriptError(ValueError):
     """A conversation that cannot be read: ``where`` is ``file:line`` (or ``file[index]``)."""
 
-    def __init__(self, where: str, reason: str):
-        super().__init__(f"{where}: {reason}")
+    #: what to do about a malformed conversation (appended to the message, not to ``reason``)
+    ADVICE = "fix or remove that conversation, or skip malformed ones (skip_invalid=True / --skip-invalid)"
+
+    def __init__(self, where: str, reason: str, advice: bool = True):
+        super().__init__(f"{where}: {reason}" + (f" ({self.ADVICE})" if advice else ""))
         self.where = where
         self.reason = reason
+
+
+class _TranscriptFileNotFound(TranscriptError, FileNotFoundError):
+    """A transcript path that does not exist (also a ``FileNotFoundError``)."""
 
 
 class _Bad(ValueError):
@@ -253,9 +260,30 @@ def parse_conversation(obj: Any, format: str = "auto", source: str = "") -> Conv
     Raises :class:`TranscriptError` located at ``source``.
     """
     try:
-        return _parse(obj, format, source)
+        conv = _parse(obj, format, source)
+        _check_unicode(conv)
+        return conv
     except (_Bad, LayoutError) as exc:
         raise TranscriptError(source or "<conversation>", str(exc)) from None
+    except RecursionError:
+        raise TranscriptError(source or "<conversation>", "the conversation is nested too deeply") from None
+    except (TypeError, AttributeError, KeyError) as exc:  # a shape no reader rule foresaw: still located
+        raise TranscriptError(source or "<conversation>", f"unexpected structure ({type(exc).__name__}: {exc}); "
+                              "see docs/formats.md for the accepted formats") from None
+
+
+def _check_unicode(conv: Conversation) -> None:
+    """Text the tokenizer cannot take (a lone surrogate, e.g. from a JSON "\\ud800" escape) is a bad conversation."""
+    for i, m in enumerate(conv.messages):
+        texts = [m.content, *(m.documents or []), *(json.dumps(c.arguments, ensure_ascii=False) for c in m.tool_calls)]
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise _Bad(f"message {i} contains a lone surrogate ({t[exc.start:exc.end]!r} at position "
+                           f"{exc.start}): not valid Unicode text") from None
+            except AttributeError:
+                raise _Bad(f"message {i} has text that is not a string") from None
 
 
 def _parse(obj: Any, format: str, source: str) -> Conversation:
@@ -315,14 +343,44 @@ def _attach_top_documents(msgs: list[Message], docs: Any) -> None:
 
 # ----------------------------------------------------------------------------- files
 
+def _decode(raw: bytes) -> str | _Bad:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return _Bad(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start}); re-encode the file as UTF-8")
+
+
+def _loads(text: str) -> Any | _Bad:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Bad(f"invalid JSON ({exc.msg}, column {exc.colno})")
+    except RecursionError:
+        return _Bad("invalid JSON (nested too deeply)")
+
+
 def _iter_values(path: Path) -> Iterator[tuple[str, Any | _Bad]]:
-    """Yield (location, decoded value or the decode error) for each conversation in a file."""
-    text = path.read_text(encoding="utf-8")
+    """Yield (location, decoded value or the decode error) for each conversation in a file.
+
+    JSONL is decoded line by line (bytes, then UTF-8, then JSON), so one bad byte or line costs that
+    conversation only: with ``skip_invalid`` the rest of the file is still read.
+    """
+    raw = path.read_bytes()
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            yield f"{path}:{exc.lineno}", _Bad(f"invalid JSON ({exc.msg}, column {exc.colno})")
+        text = _decode(raw)
+        if isinstance(text, _Bad):
+            yield f"{path}", text
+            return
+        data = _loads(text)
+        if isinstance(data, _Bad):
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield f"{path}:{exc.lineno}", data
+                return
+            except RecursionError:
+                pass
+            yield f"{path}", data
             return
         # One conversation (a message list or an object) or a list of conversations.
         if isinstance(data, list) and data and all(isinstance(x, (list, dict)) for x in data) and \
@@ -332,13 +390,11 @@ def _iter_values(path: Path) -> Iterator[tuple[str, Any | _Bad]]:
         else:
             yield f"{path}[0]", data
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield f"{path}:{lineno}", _Bad(f"invalid JSON ({exc.msg}, column {exc.colno})")
+        text = _decode(line)
+        yield f"{path}:{lineno}", (text if isinstance(text, _Bad) else _loads(text))
 
 
 def read_transcripts(paths: str | os.PathLike | Sequence[str | os.PathLike], format: str = "auto",
@@ -349,9 +405,13 @@ def read_transcripts(paths: str | os.PathLike | Sequence[str | os.PathLike], for
     ``skip_invalid`` is set, in which case it is skipped and recorded in ``Transcripts.skipped``.
     """
     if format not in FORMATS:
-        raise ValueError(f"Unknown transcript format {format!r}; use one of {FORMATS}.")
+        raise TranscriptError("<arguments>", f"unknown transcript format {format!r}; use one of {FORMATS}.",
+                              advice=False)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise TranscriptError("<arguments>", "paths must be a path or a list of paths (str or Path) to .jsonl/.json "
+                              "files or directories", advice=False)
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -359,7 +419,8 @@ def read_transcripts(paths: str | os.PathLike | Sequence[str | os.PathLike], for
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"Transcript file not found: {p}")
+            raise _TranscriptFileNotFound(str(p), "transcript file not found; pass an existing .jsonl/.json file or "
+                                          "a directory of them", advice=False)
     out = Transcripts()
     for f in files:
         for where, value in _iter_values(f):

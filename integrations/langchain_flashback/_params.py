@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flashback_agents.chat import ChatEngine
-from flashback_agents.generation import GenerationConfig
+from flashback_agents.generation import GenerationConfig, normalize_stop
 from flashback_agents.models import DEFAULT_MODEL
 
 PROVIDER = "flashback"
@@ -19,10 +19,14 @@ class FlashBackParams(BaseModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="Model spec (see flashback_agents.load_model), "
                        "or an http(s) URL of an OpenAI-compatible server.")
-    adapter: str | None = Field(default=None, description="Directory of a trained FlashBack adapter.")
+    adapter: str | None = Field(default="auto", description="FlashBack adapter: 'auto' (the one shipped for the "
+                                "model, if any), None (no adapter) or the directory of a trained one.")
     temperature: float = 0.0
     max_tokens: int | None = 256
-    stop: list[str] | None = None
+    stop: str | list[str] | None = None  # a str is ONE stop string
+    timeout: float | None = Field(default=None, description="Seconds a call waits for a free cached context "
+                                  "(local model) or for the server's reply (server URL) before raising "
+                                  "PoolTimeoutError / ServerStreamError; None: the engine's default (300 s).")
     top_p: float = 1.0
     seed: int | None = None
     streaming: bool = False
@@ -47,9 +51,13 @@ class FlashBackParams(BaseModel):
         """The process-wide engine (weights + context pool) for this model spec."""
         return self._engine_for_model(self.model)
 
-    def _config(self, stop: list[str] | None, kwargs: dict) -> GenerationConfig:
-        """Decoding settings from the fields, overridable per call."""
-        stops = stop if stop is not None else (kwargs.get("stop") or self.stop or [])
+    def _timeout(self, kwargs: dict) -> float | None:
+        """The call's ``timeout`` (a per-call kwarg wins over the field)."""
+        return kwargs.get("timeout", self.timeout)
+
+    def _config(self, stop: str | list[str] | None, kwargs: dict) -> GenerationConfig:
+        """Decoding settings from the fields, overridable per call (a str stop is one stop string)."""
+        stops = normalize_stop(stop if stop is not None else (kwargs.get("stop") or self.stop or []))
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         return GenerationConfig(max_new_tokens=int(max_tokens) if max_tokens is not None else 256,
                                 min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),

@@ -167,7 +167,6 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
         llm.bind_tools([my_tool], tool_choice="any").invoke("...")
     """
 
-    timeout: float | None = None  # accepted for API compatibility (local model: no network timeout)
     max_retries: int = 0  # accepted for API compatibility (nothing to retry locally)
 
     # ------------------------------------------------------------------ plumbing
@@ -189,7 +188,7 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
             params["ls_max_tokens"] = max_tokens
         stop = stop if stop is not None else self.stop
         if stop:
-            params["ls_stop"] = list(stop)
+            params["ls_stop"] = [stop] if isinstance(stop, str) else list(stop)
         return params
 
     def _engine_for(self, kwargs: dict) -> ChatEngine:
@@ -206,7 +205,7 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
             if schema is None:
                 schema = {"type": "object"}
         args = {"tools": tools, "tool_choice": kwargs.get("tool_choice"), "response_schema": schema,
-                "config": self._config(stop, kwargs)}
+                "config": self._config(stop, kwargs), "timeout": self._timeout(kwargs)}
         return engine, to_flashback_messages(messages), args
 
     # ------------------------------------------------------------------ sync

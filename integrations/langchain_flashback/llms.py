@@ -42,19 +42,19 @@ class FlashBackLLM(FlashBackParams, LLM):
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
         if self.streaming:
             return "".join(c.text for c in self._stream(prompt, stop=stop, run_manager=run_manager, **kwargs))
-        return self.engine.complete(prompt, self._config(stop, kwargs)).text
+        return self.engine.complete(prompt, self._config(stop, kwargs), timeout=self._timeout(kwargs)).text
 
     async def _acall(self, prompt: str, stop: list[str] | None = None,
                      run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
         if self.streaming:
             parts = [c.text async for c in self._astream(prompt, stop=stop, run_manager=run_manager, **kwargs)]
             return "".join(parts)
-        reply = await self.engine.acomplete(prompt, self._config(stop, kwargs))
+        reply = await self.engine.acomplete(prompt, self._config(stop, kwargs), timeout=self._timeout(kwargs))
         return reply.text
 
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[GenerationChunk]:
-        run = self.engine.stream_complete(prompt, self._config(stop, kwargs))
+        run = self.engine.stream_complete(prompt, self._config(stop, kwargs), timeout=self._timeout(kwargs))
         for delta in run:
             chunk = GenerationChunk(text=delta)
             if run_manager:
@@ -66,7 +66,7 @@ class FlashBackLLM(FlashBackParams, LLM):
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        run = self.engine.astream_complete(prompt, self._config(stop, kwargs))
+        run = self.engine.astream_complete(prompt, self._config(stop, kwargs), timeout=self._timeout(kwargs))
         async for delta in run:
             chunk = GenerationChunk(text=delta)
             if run_manager:

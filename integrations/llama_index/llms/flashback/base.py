@@ -35,7 +35,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import ChatEngine, ChatReply
-from flashback_agents.generation import GenerationConfig
+from flashback_agents.generation import GenerationConfig, normalize_stop
 from flashback_agents.layout import Message, ToolCall
 from flashback_agents.models import DEFAULT_MODEL, LoadedModel
 
@@ -201,12 +201,16 @@ class FlashBackLLM(FunctionCallingLLM):
 
     model: str = Field(default=DEFAULT_MODEL, description="Model spec: the default model, a HF id, a "
                        "local directory or a .gguf file (or pass an already loaded LoadedModel).")
-    adapter: Optional[str] = Field(default=None, description="Directory of a trained FlashBack adapter.")
+    adapter: Optional[str] = Field(default="auto", description="FlashBack adapter: 'auto' (the one shipped for "
+                                   "the model, if any), None (no adapter) or the directory of a trained one.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     max_tokens: int = Field(default=256, ge=0, description="max_new_tokens per reply.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: Optional[int] = Field(default=None, description="Seed for sampling (temperature > 0).")
-    stop: List[str] = Field(default_factory=list, description="Stop strings.")
+    stop: Union[str, List[str]] = Field(default_factory=list, description="Stop strings (a str is one stop string).")
+    timeout: Optional[float] = Field(default=None, description="Seconds a call waits for a free cached context "
+                                     "(or the server's reply) before raising PoolTimeoutError / ServerStreamError; "
+                                     "None: the engine's default (300 s).")
     max_cached_bytes: Optional[int] = Field(default=None, description="Byte budget of the shared context "
                                             "pool (default 2 GiB).")
     max_context_tokens: Optional[int] = Field(default=None, description="Cap on tokens per context "
@@ -257,7 +261,7 @@ class FlashBackLLM(FunctionCallingLLM):
             temperature=float(kwargs.pop("temperature", self.temperature)),
             top_p=float(kwargs.pop("top_p", self.top_p)),
             seed=kwargs.pop("seed", self.seed),
-            stop=tuple(stop if stop is not None else self.stop),
+            stop=normalize_stop(stop if stop is not None else self.stop),
         )
 
     def _chat_args(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> tuple[list[Message], dict]:
@@ -270,6 +274,7 @@ class FlashBackLLM(FunctionCallingLLM):
         if not tools and tool_choice in ("auto", "none"):
             tool_choice = None
         schema = kwargs.pop("response_schema", None)
+        timeout = kwargs.pop("timeout", self.timeout)
         # Framework kwargs we accept and ignore (they have no meaning for a local model).
         for key in ("allow_parallel_tool_calls", "tool_required", "verbose", "strict", "formatted"):
             kwargs.pop(key, None)
@@ -277,7 +282,7 @@ class FlashBackLLM(FunctionCallingLLM):
             raise TypeError(f"FlashBackLLM got unexpected arguments: {sorted(kwargs)}")
         fb = to_flashback_messages(messages)
         return fb, {"tools": tools or None, "tool_choice": tool_choice, "response_schema": schema,
-                    "config": config}
+                    "config": config, "timeout": timeout}
 
     def render_ids(self, messages: Sequence[ChatMessage], **kwargs: Any) -> list[int]:
         """Token ids a chat call with these messages would run on (for inspection and tests)."""
@@ -341,7 +346,8 @@ class FlashBackLLM(FunctionCallingLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         if formatted:
-            reply = self._engine.complete(prompt, self._config(dict(kwargs)))
+            reply = self._engine.complete(prompt, self._config(dict(kwargs)),
+                                      timeout=kwargs.get("timeout", self.timeout))
             return self._completion(reply)
         fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
         return self._completion(self._engine.chat(fb, **args))
@@ -349,7 +355,8 @@ class FlashBackLLM(FunctionCallingLLM):
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         if formatted:
-            run = self._engine.stream_complete(prompt, self._config(dict(kwargs)))
+            run = self._engine.stream_complete(prompt, self._config(dict(kwargs)),
+                                      timeout=kwargs.get("timeout", self.timeout))
         else:
             fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
             run = self._engine.stream_chat(fb, **args)
@@ -367,7 +374,8 @@ class FlashBackLLM(FunctionCallingLLM):
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         if formatted:
-            reply = await self._engine.acomplete(prompt, self._config(dict(kwargs)))
+            reply = await self._engine.acomplete(prompt, self._config(dict(kwargs)),
+                                      timeout=kwargs.get("timeout", self.timeout))
             return self._completion(reply)
         fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
         return self._completion(await self._engine.achat(fb, **args))
@@ -376,7 +384,8 @@ class FlashBackLLM(FunctionCallingLLM):
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
         if formatted:
-            run = self._engine.astream_complete(prompt, self._config(dict(kwargs)))
+            run = self._engine.astream_complete(prompt, self._config(dict(kwargs)),
+                                      timeout=kwargs.get("timeout", self.timeout))
         else:
             fb, args = self._chat_args(self._completion_messages(prompt), kwargs)
             run = self._engine.astream_chat(fb, **args)
