@@ -454,3 +454,17 @@ def test_skip_invalid_survives_a_bad_byte_and_the_cli_prints_no_traceback(tmp_pa
     assert "skipped 1 malformed" in res.output and "no-model" in res.output
     res = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "b"), "--steps", "1"])
     assert isinstance(res.exception, SystemExit) and "t.jsonl:2" in res.output and "UTF-8" in res.output
+
+
+def test_integrations_refuse_a_tool_given_as_a_bare_string(tiny_model_dir):
+    """A tool given by name is our LayoutError with what to pass instead (both integrations)."""
+    from flashback_agents.layout import LayoutError
+
+    lc = pytest.importorskip("langchain_flashback")
+    with pytest.raises(LayoutError, match="not a tool"):
+        lc.ChatFlashBack(model=str(tiny_model_dir)).bind_tools(["search"])
+    with pytest.raises(LayoutError, match="list of tools"):
+        lc.ChatFlashBack(model=str(tiny_model_dir)).bind_tools("search")
+    li = pytest.importorskip("llama_index.llms.flashback.base")
+    with pytest.raises(LayoutError, match="LlamaIndex tool"):
+        li._tool_spec("search")

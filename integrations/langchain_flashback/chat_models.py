@@ -30,7 +30,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel
 
 from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice
-from flashback_agents.layout import Message, ToolCall
+from flashback_agents.layout import LayoutError, Message, ToolCall
 
 from ._params import PROVIDER, FlashBackParams
 DOCUMENTS_KEY = "documents"  # HumanMessage.additional_kwargs key holding retrieved documents
@@ -270,6 +270,13 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
                    tool_choice: dict | str | bool | None = None, strict: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools; ``tool_choice="any"``/"required"/a name makes decoding produce a valid call."""
+        if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+            raise LayoutError(f"bind_tools expects a list of tools (functions, BaseTool, pydantic classes or "
+                              f"OpenAI tool dicts), got {type(tools).__name__}.")
+        bad = [t for t in tools if isinstance(t, (str, bytes, int, float)) or t is None]
+        if bad:
+            raise LayoutError(f"bind_tools: {bad[0]!r:.60} is not a tool; pass the function (or a BaseTool / "
+                              "pydantic class / OpenAI tool dict), not its name.")
         formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
         if tool_choice is not None and tool_choice != "auto":
             choice = normalize_tool_choice(tool_choice, formatted)  # validates names now, not at call time

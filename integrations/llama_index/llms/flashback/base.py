@@ -36,7 +36,7 @@ from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import ChatEngine, ChatReply
 from flashback_agents.generation import GenerationConfig, normalize_stop
-from flashback_agents.layout import Message, ToolCall
+from flashback_agents.layout import LayoutError, Message, ToolCall
 from flashback_agents.models import DEFAULT_MODEL, LoadedModel
 
 DOCUMENTS_KEY = "documents"
@@ -177,13 +177,18 @@ def _reply_message(reply: ChatReply) -> ChatMessage:
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
 
 
+class _ToolTypeError(LayoutError, TypeError):
+    """A tool that is not a LlamaIndex tool nor a tool dict (our LayoutError; a TypeError too)."""
+
+
 def _tool_spec(tool: Any) -> dict:
     """An OpenAI-style tool dict from a LlamaIndex tool (or an already built dict)."""
     if isinstance(tool, dict):
         return tool
     metadata = getattr(tool, "metadata", None)
     if metadata is None or not hasattr(metadata, "to_openai_tool"):
-        raise TypeError(f"Expected a LlamaIndex tool (with .metadata), got {type(tool).__name__}.")
+        raise _ToolTypeError(f"Expected a LlamaIndex tool (e.g. FunctionTool.from_defaults(fn)) or an OpenAI-style "
+                             f"tool dict, got {type(tool).__name__} {tool!r:.60}.")
     return metadata.to_openai_tool(skip_length_check=True)
 
 
