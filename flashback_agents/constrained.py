@@ -109,11 +109,15 @@ class GrammarCache:
                 self._compilers[id(lm)] = entry
             return entry[1]
 
-    def get(self, lm: LoadedModel, kind: str, schema: dict):
-        """Compiled grammar for ``kind`` ("tool_call" wraps the schema in the call markup, "json" not)."""
+    def get(self, lm: LoadedModel, kind: str, schema: dict, affixes: tuple[str, str] | None = None):
+        """Compiled grammar for ``kind`` ("tool_call" wraps the schema in the call markup, "json" not).
+
+        ``affixes``: the text around a call's body in the model's own format
+        (:meth:`flashback_agents.toolformat.ToolCallFormat.grammar_affixes`); default Hermes ``<tool_call>``.
+        """
         import xgrammar as xgr
 
-        key = (id(lm), kind, json.dumps(schema, sort_keys=True, default=str))
+        key = (id(lm), kind, json.dumps(schema, sort_keys=True, default=str), affixes)
         with self._lock:
             hit = self._grammars.get(key)
             if hit is not None:
@@ -125,8 +129,10 @@ class GrammarCache:
         except Exception as exc:  # xgrammar raises RuntimeError with the parse details
             raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
         if kind == "tool_call":
-            grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{TOOL_CALL_OPEN}"'), body,
-                                         xgr.Grammar.from_ebnf(f'root ::= "{TOOL_CALL_CLOSE}"'))
+            before, after = affixes or (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+            parts = ([xgr.Grammar.from_ebnf(f"root ::= {json.dumps(before, ensure_ascii=False)}")] if before else []) \
+                + [body] + ([xgr.Grammar.from_ebnf(f"root ::= {json.dumps(after, ensure_ascii=False)}")] if after else [])
+            grammar = xgr.Grammar.concat(*parts) if len(parts) > 1 else body
         else:
             grammar = body
         compiled = compiler.compile_grammar(grammar)
@@ -135,6 +141,15 @@ class GrammarCache:
             while len(self._grammars) > self.max_entries:
                 self._grammars.popitem(last=False)
         return compiled
+
+    def forget(self, lm: LoadedModel) -> None:
+        """Drop ``lm``'s compiler and grammars (its engine is gone; the model may be freed)."""
+        with self._lock:
+            entry = self._compilers.get(id(lm))
+            if entry is not None and entry[0] is lm:
+                del self._compilers[id(lm)]
+                for key in [k for k in self._grammars if k[0] == id(lm)]:
+                    del self._grammars[key]
 
     def clear(self) -> None:
         with self._lock:
@@ -151,9 +166,15 @@ def _processor(compiled) -> Any:
     return LogitsProcessor(compiled)  # single use: one per generation
 
 
-def tool_call_processor(lm: LoadedModel, tools: Sequence[dict], choice: str | None = None) -> Any:
-    """A fresh logits processor forcing exactly one valid call of one of ``tools``."""
-    return _processor(GRAMMARS.get(lm, "tool_call", tool_call_schema(tools, choice)))
+def tool_call_processor(lm: LoadedModel, tools: Sequence[dict], choice: str | None = None, fmt: Any = None) -> Any:
+    """A fresh logits processor forcing exactly one valid call of one of ``tools``, written in
+    ``fmt`` (a :class:`~flashback_agents.toolformat.ToolCallFormat`; default Hermes ``<tool_call>``)."""
+    if fmt is None:
+        return _processor(GRAMMARS.get(lm, "tool_call", tool_call_schema(tools, choice)))
+    from .toolformat import call_schema
+
+    return _processor(GRAMMARS.get(lm, "tool_call", call_schema(fmt, tool_call_schema(tools, choice)),
+                                   affixes=fmt.grammar_affixes()))
 
 
 def json_schema_processor(lm: LoadedModel, schema: dict) -> Any:

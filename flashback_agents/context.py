@@ -137,6 +137,12 @@ class CachedContext:
     def token_ids(self) -> list[int]:
         return list(self._ids)
 
+    @property
+    def ids(self) -> Sequence[int]:
+        """The held token ids, not copied (hot paths: pool matching, logits processors): read only;
+        :attr:`token_ids` is a copy to keep."""
+        return self._ids
+
     def __len__(self) -> int:
         return len(self._ids)
 
@@ -221,7 +227,7 @@ class CachedContext:
         try:
             for i in range(0, len(ids), self.prefill_chunk):
                 chunk = torch.tensor([ids[i : i + self.prefill_chunk]], dtype=torch.long, device=device)
-                out = model(input_ids=chunk, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+                out = kvcache.forward(model, chunk, self._cache, logits_to_keep=1)
                 logits = out.logits[0, -1]
         except BaseException:
             kvcache.crop_to(self._cache, start)
@@ -248,10 +254,30 @@ class CachedContext:
         if not new:
             return
         pending = self._ids[kvcache.cache_len(self._cache):]
-        self._logits = self._run(pending + new)
-        kvcache.checkpoint(self._cache)  # hybrid models: state at this message boundary (no-op otherwise)
+        if kvcache.has_state_layers(self._cache):
+            self._logits = self._run_checkpointed(pending + new)
+        else:
+            self._logits = self._run(pending + new)
         self._ids.extend(new)
         self.stats.tokens_computed += len(new)
+
+    def _run_checkpointed(self, ids: list[int]) -> torch.Tensor:
+        """Hybrid models (recurrent/conv state that cannot be cropped): run ``ids`` in pieces that end
+        at message ends (an end-of-turn token or ``<MARK_R>``) and take a state checkpoint after each,
+        so a later rollback or rewrite restarts from the nearest message boundary, not from token 0."""
+        start = kvcache.cache_len(self._cache)
+        ends = {*self.lm.eos_token_ids, self.lm.marker_ids[1]}
+        cuts = [i + 1 for i, t in enumerate(ids) if t in ends and i + 1 < len(ids)] + [len(ids)]
+        try:
+            prev = 0
+            for cut in cuts:
+                logits = self._run(ids[prev:cut])
+                kvcache.checkpoint(self._cache)
+                prev = cut
+        except BaseException:
+            kvcache.crop_to(self._cache, start)  # drops the checkpoints taken past ``start`` too
+            raise
+        return logits
 
     # ------------------------------------------------------------ public API
     def append(self, text_or_ids: str | Sequence[int]) -> SyncResult:
@@ -309,10 +335,12 @@ class CachedContext:
                     return SyncResult(common, len(ids) - common)
             self._check_room(len(ids), "sync")
             common = common_prefix(self._ids, ids)
+            before = self.stats.tokens_recomputed
             self._truncate(common)
             self._extend(ids[common:])
-            self.stats.tokens_reused += common
-            return SyncResult(common, len(ids) - common)
+            redo = self.stats.tokens_recomputed - before  # hybrid models: re-run from a state checkpoint
+            self.stats.tokens_reused += common - redo
+            return SyncResult(common - redo, len(ids) - common + redo)
 
     @torch.inference_mode()
     def _shift_to(self, target: list[int]) -> None:

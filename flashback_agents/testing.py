@@ -16,15 +16,11 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_model_dir(path: str | Path, *, vocab_size: int = 512, hidden: int = 64, layers: int = 2,
-                         heads: int = 4, kv_heads: int = 2, max_positions: int = 512, seed: int = 0) -> Path:
-    """Write a tiny random Llama + byte-level BPE tokenizer (ChatML template) to ``path``."""
-    import torch
+def _tiny_tokenizer(path: Path, vocab_size: int):
+    """A byte-level BPE tokenizer trained on a few lines, with the ChatML template, saved to ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,6 +32,18 @@ def build_tiny_model_dir(path: str | Path, *, vocab_size: int = 512, hidden: int
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(str(path))
+    return fast
+
+
+def build_tiny_model_dir(path: str | Path, *, vocab_size: int = 512, hidden: int = 64, layers: int = 2,
+                         heads: int = 4, kv_heads: int = 2, max_positions: int = 512, seed: int = 0) -> Path:
+    """Write a tiny random Llama + byte-level BPE tokenizer (ChatML template) to ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fast = _tiny_tokenizer(path, vocab_size)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -43,6 +51,60 @@ def build_tiny_model_dir(path: str | Path, *, vocab_size: int = 512, hidden: int
                       eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
                       bos_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), pad_token_id=0)
     model = LlamaForCausalLM(cfg)
+    model.save_pretrained(str(path))
+    return path
+
+
+# Tiny configs per architecture: what makes each family different from Llama is kept (attention
+# biases, q/k norms, a sliding window of 8 tokens so tests cross it, soft-capping, fused QKV, learned
+# absolute positions, partial rotary, recurrent/conv layers); everything else is as small as it goes.
+_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2}
+_SLIDING = {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}
+TINY_ARCHS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {**_SHAPE}),
+    "qwen2": ("Qwen2Config", {**_SHAPE}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {**_SHAPE, "head_dim": 16}),  # q/k RMSNorm
+    "mistral": ("MistralConfig", {**_SHAPE, "sliding_window": 8}),
+    "gemma2": ("Gemma2Config", {**_SHAPE, **_SLIDING, "attn_logit_softcapping": 50.0,
+                                "final_logit_softcapping": 30.0}),
+    "gemma3": ("Gemma3TextConfig", {**_SHAPE, **_SLIDING,  # RoPE base per layer type
+                                    "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", {**_SHAPE}),  # fused qkv_proj
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4}),  # c_attn, learned positions
+    "opt": ("OPTConfig", {"hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "word_embed_proj_dim": 64}),
+    "gpt_neox": ("GPTNeoXConfig", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "rotary_pct": 0.25}),  # query_key_value, partial RoPE
+    "lfm2": ("Lfm2Config", {**_SHAPE, "num_hidden_layers": 3, "full_attn_idxs": [1]}),  # short-conv + attention
+    "qwen3_next": ("Qwen3NextConfig", {**_SHAPE, "head_dim": 16, "layer_types": ["linear_attention", "full_attention"],
+                                       "linear_num_value_heads": 2, "linear_num_key_heads": 2,
+                                       "linear_key_head_dim": 16, "linear_value_head_dim": 16, "num_experts": 2,
+                                       "num_experts_per_tok": 1, "moe_intermediate_size": 32,
+                                       "shared_expert_intermediate_size": 32}),  # gated delta net + attention, MoE
+}
+
+
+def build_tiny_arch_dir(path: str | Path, arch: str, *, vocab_size: int = 512, max_positions: int = 512,
+                        seed: int = 0) -> Path:
+    """Write a tiny random model of architecture ``arch`` (a key of :data:`TINY_ARCHS`) with the tiny
+    tokenizer to ``path``: built from the config class in seconds, no download."""
+    import torch
+    import transformers
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(TINY_ARCHS)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fast = _tiny_tokenizer(path, vocab_size)
+    config_name, kwargs = TINY_ARCHS[arch]
+    config_cls = getattr(transformers, config_name)
+    positions = "n_positions" if arch == "gpt2" else "max_position_embeddings"
+    eos, bos = fast.convert_tokens_to_ids("<|im_end|>"), fast.convert_tokens_to_ids("<|endoftext|>")
+    cfg = config_cls(vocab_size=len(fast), **{positions: max_positions}, **kwargs, eos_token_id=eos,
+                     bos_token_id=bos, pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(path))
     return path
 

@@ -191,7 +191,7 @@ def continuation_nll(lm: Any, context_ids: Sequence[int], continuation_ids: Sequ
 @torch.inference_mode()
 def _forward(lm: Any, ids: Sequence[int], cache: Any, keep: int) -> torch.Tensor:
     inp = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
-    return lm.model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=keep).logits[0]
+    return kvcache.forward(lm.model, inp, cache, logits_to_keep=keep).logits[0]
 
 
 EvidenceFn = Callable[[int, int], list[int]]  # (block index, chunk start) -> ids placed for that stride
@@ -238,7 +238,10 @@ def score_append(lm: Any, blocks: Sequence[Sequence[int]], stride: int, evidence
             if ev:
                 pred = _forward(lm, step_ids(block, i, ev, len(cont))[i:-1], cache, len(cont))
                 res.tokens_computed += len(ev) + len(cont) - 1
-                kvcache.crop_to(cache, i)
+                kept = kvcache.crop_to(cache, i)
+                if kept < i:  # a recurrent/hybrid state cannot be cropped: re-run the text from the checkpoint
+                    _forward(lm, block[kept:i], cache, 1)
+                    res.tokens_computed += i - kept
                 if n + 1 < len(starts):
                     last = _forward(lm, cont, cache, 1)[-1]
                     res.tokens_computed += len(cont)

@@ -1,6 +1,8 @@
 """The FlashBack adapter trainer: LoRA on K/V projections plus the two marker embedding rows.
 
-What is optimised, and nothing else: peft LoRA on ``k_proj``/``v_proj`` (configurable) and the
+What is optimised, and nothing else: peft LoRA on the attention K/V projections (``k_proj``/``v_proj``,
+or the fused ``c_attn`` / ``query_key_value`` / ``qkv_proj`` by family: :func:`default_lora_targets`;
+configurable) and the
 ``<MARK_L>``/``<MARK_R>`` rows of the input embedding (peft ``trainable_token_indices``; a tied LM
 head follows). The base model stays frozen and bit-identical.
 
@@ -167,9 +169,13 @@ def build_peft_model(lm: LoadedModel, config: TrainConfig) -> Any:
     if missing:
         raise TrainError(f"target modules {missing} are not in this model (it has e.g. "
                          f"{sorted(n for n in names if n.endswith('proj'))[:8]}).")
+    from transformers.pytorch_utils import Conv1D
+
+    # GPT-2-style Conv1D stores its weight transposed: peft must be told (it warns and fixes it otherwise)
+    conv1d = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets for n, m in lm.model.named_modules())
     peft_config = LoraConfig(
         task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=targets,
+        target_modules=targets, fan_in_fan_out=conv1d,
         trainable_token_indices={embedding_module_name(lm.model): list(lm.marker_ids)} if config.train_markers else None,
     )
     return get_peft_model(lm.model, peft_config)

@@ -1,0 +1,177 @@
+"""The model's own tool-call syntax, probed from its chat template (issue 18 item 3).
+
+Models are trained to call tools in their family's syntax, and a call written in another one is
+less likely to be produced or recognised: Hermes / Qwen ``<tool_call>{"name", "arguments"}</tool_call>``,
+Llama 3.1+ a bare JSON object ``{"name", "parameters"}`` (after ``<|python_tag|>`` for built-in
+tools), Mistral ``[TOOL_CALLS][{"name", "arguments"}, ...]``. :func:`probe_tool_format` renders one
+assistant tool call through the tokenizer's chat template and recognises which of these it wrote,
+the same way the layout probes role wrappers. A template that shows no tool calls (or cannot render
+one) gets today's Hermes format, so nothing changes for the default model.
+
+Each :class:`ToolCallFormat` renders calls, parses generated text back into calls, and gives the
+text around one call's JSON body, which :mod:`flashback_agents.constrained` wraps around the
+grammar of the body (``tool_call_processor(..., fmt=...)``), so constrained decoding writes the
+family's syntax and the family's parser accepts it.
+
+Not yet wired into :class:`~flashback_agents.layout.Layout` / :class:`~flashback_agents.chat.ChatEngine`
+(they still use Hermes for every model).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
+
+__all__ = ["FORMATS", "HERMES", "LLAMA3_JSON", "MISTRAL", "ToolCallFormat", "call_schema", "format_for",
+           "probe_tool_format"]
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one family writes tool calls: ``open`` + body + ``close`` per call, or with ``array`` one
+    ``open`` + a JSON array of bodies + ``close``; each body is ``{"name": ..., <args_key>: {...}}``."""
+
+    name: str
+    open: str
+    close: str
+    args_key: str = "arguments"
+    array: bool = False  # Mistral: [TOOL_CALLS][{...}, {...}]
+
+    def body(self, call: ToolCall) -> str:
+        return json.dumps({"name": call.name, self.args_key: call.arguments}, ensure_ascii=False)
+
+    def render(self, calls: Iterable[ToolCall]) -> str:
+        """The calls as the family writes them (what a reply with these calls looks like)."""
+        calls = list(calls)
+        if not calls:
+            return ""
+        if self.array:
+            return self.open + "[" + ", ".join(self.body(c) for c in calls) + "]" + self.close
+        return "".join(self.open + self.body(c) + self.close for c in calls)
+
+    def grammar_affixes(self) -> tuple[str, str]:
+        """Text before and after one call's JSON body under constrained decoding (one call)."""
+        return (self.open + "[", "]" + self.close) if self.array else (self.open, self.close)
+
+    def parse(self, raw: str, allowed: set[str] | None = None) -> tuple[str, list[ToolCall]]:
+        """Split generated text into (content, calls); text that does not parse stays content."""
+        decoder = json.JSONDecoder()
+        calls: list[ToolCall] = []
+        pieces: list[str] = []
+        pos = search = 0
+        while True:
+            start = raw.find(self.open, search) if self.open else _json_start(raw, search)
+            if start < 0:
+                break
+            body = start + len(self.open)
+            while body < len(raw) and raw[body].isspace():
+                body += 1
+            try:
+                value, end = decoder.raw_decode(raw, body)
+            except ValueError:
+                search = body + 1
+                continue
+            found = [self._coerce(v, allowed) for v in (value if self.array and isinstance(value, list) else [value])]
+            if not found or any(c is None for c in found):
+                search = end
+                continue
+            rest = end
+            while rest < len(raw) and raw[rest].isspace():
+                rest += 1
+            if self.close and raw.startswith(self.close, rest):
+                end = rest + len(self.close)
+            pieces.append(raw[pos:start].removesuffix("<|python_tag|>"))  # Llama 3's built-in-tool tag
+            calls.extend(found)  # type: ignore[arg-type]
+            pos = search = end
+        pieces.append(raw[pos:])
+        return "".join(pieces).strip() if calls else raw, calls
+
+    def _coerce(self, obj: Any, allowed: set[str] | None) -> ToolCall | None:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return None
+        args = obj.get(self.args_key, obj.get("arguments", obj.get("parameters", {})))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict) or (allowed is not None and obj["name"] not in allowed):
+            return None
+        return ToolCall(name=obj["name"], arguments=args, id="call_" + uuid.uuid4().hex[:24])
+
+
+def _json_start(raw: str, search: int) -> int:
+    """Where a bare JSON call may start (Llama 3 writes the object alone, maybe after <|python_tag|>)."""
+    return raw.find("{", search)
+
+
+HERMES = ToolCallFormat("hermes", TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+LLAMA3_JSON = ToolCallFormat("llama3_json", "", "", args_key="parameters")
+MISTRAL = ToolCallFormat("mistral", "[TOOL_CALLS]", "", array=True)
+FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
+
+_PROBE_NAME = "flashback_probe_fn"
+_PROBE_VALUE = "zqxprobe"  # in the call's arguments only, never in the tool list: it locates the call
+_PROBE_ID = "abcdefghi"  # Mistral templates require 9 alphanumeric characters
+_PROBE_TOOL = {"type": "function", "function": {"name": _PROBE_NAME, "description": "probe",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"q": {"type": "string"}}}}}
+
+
+def _render_probe(tokenizer: Any) -> str | None:
+    msgs = [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"id": _PROBE_ID, "type": "function",
+                             "function": {"name": _PROBE_NAME, "arguments": {"q": _PROBE_VALUE}}}]},
+            {"role": "tool", "tool_call_id": _PROBE_ID, "content": "8"},
+            {"role": "assistant", "content": "ok"},  # Mistral templates insist on user/assistant turns
+            {"role": "user", "content": "thanks"}]
+    try:
+        return tokenizer.apply_chat_template(msgs, tools=[_PROBE_TOOL], tokenize=False)
+    except Exception:  # noqa: BLE001 - templates raise anything on shapes they do not support
+        return None
+
+
+def probe_tool_format(tokenizer: Any) -> ToolCallFormat:
+    """The family's tool-call format, from how its chat template renders one assistant call.
+
+    Recognised: Hermes/Qwen ``<tool_call>``, Mistral ``[TOOL_CALLS]``, Llama 3 bare JSON with
+    ``"parameters"``. Anything else (no template, no tool support, another syntax): :data:`HERMES`.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return HERMES
+    text = _render_probe(tokenizer)
+    at = text.find(_PROBE_VALUE) if text else -1
+    if at < 0:  # the template dropped the call: it has no tool-call syntax of its own
+        return HERMES
+    before = text[:at]
+    mistral, hermes = before.rfind(MISTRAL.open), before.rfind(HERMES.open)
+    if mistral > hermes:
+        return MISTRAL
+    if hermes >= 0:
+        return HERMES
+    call = before[before.rfind(_PROBE_NAME) - 16:]
+    if '"name"' in call and '"parameters"' in call:
+        return LLAMA3_JSON
+    return HERMES
+
+
+def format_for(lm_or_tokenizer: Any) -> ToolCallFormat:
+    """:func:`probe_tool_format` for a LoadedModel or a tokenizer."""
+    return probe_tool_format(getattr(lm_or_tokenizer, "tokenizer", lm_or_tokenizer))
+
+
+def call_schema(fmt: ToolCallFormat, schema: dict) -> dict:
+    """A call-body JSON schema (``constrained.tool_call_schema``) with the family's arguments key."""
+    if fmt.args_key == "arguments":
+        return schema
+    if "anyOf" in schema:
+        return {"anyOf": [call_schema(fmt, s) for s in schema["anyOf"]]}
+    props = {(fmt.args_key if k == "arguments" else k): v for k, v in schema["properties"].items()}
+    required = [fmt.args_key if k == "arguments" else k for k in schema.get("required", [])]
+    return {**schema, "properties": props, "required": required}
