@@ -6,7 +6,8 @@ from .layout import ChatFormat, Layout, LayoutError, Message, ToolCall
 from .models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, cache_dir, load_model,
                      shared_model)
 from .pool import ContextPool, MemoryBudget, PoolTimeoutError
-from .chat import ChatEngine, release_engines  # noqa: E402  (after the core: chat builds on it)
+from .chat import ChatEngine  # noqa: E402  (after the core: chat builds on it)
+from .engines import release_engines, shared_engine  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "GenerationConfig", "GenerationConfigError", "GenerationResult", "generate", "stream",
     "ChatFormat", "Layout", "LayoutError", "Message", "ToolCall",
     "DEFAULT_MODEL", "MARK_L", "MARK_R", "LoadedModel", "ModelLoadError", "cache_dir", "load_model",
-    "shared_model", "ContextPool", "MemoryBudget", "PoolTimeoutError", "ChatEngine", "release_engines", "__version__",
+    "shared_model", "ContextPool", "MemoryBudget", "PoolTimeoutError", "ChatEngine", "release_engines",
+    "shared_engine", "__version__",
 ]

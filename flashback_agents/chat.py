@@ -1,4 +1,7 @@
-"""The shared chat service: one code path for every framework integration (LangChain, LlamaIndex).
+"""ChatEngine: messages -> plan -> backend run -> reply, one code path for every framework integration.
+
+This module imports no backend implementation: :mod:`flashback_agents.engines` picks one from the model
+spec and owns the process-wide engine caches.
 
 It renders framework-neutral :class:`~flashback_agents.layout.Message` lists in the append layout,
 runs them on a process-wide :class:`~flashback_agents.pool.ContextPool` (so a step computes only what
@@ -18,39 +21,19 @@ import math
 import threading
 import uuid
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
-from .backends.base import Backend, BackendRun, Constraint
+from .backends.base import Backend, BackendRun, ChatUsage, Constraint
 from .context import ContextOverflowError
-from .generation import GenerationConfig, GenerationResult, _holdback
+from .generation import GenerationConfig, GenerationResult, holdback
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
-from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel, shared_model
+from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel
 from .pool import ContextPool, MemoryBudget
 
 __all__ = ["ChatEngine", "ChatReply", "ChatUsage", "ChatRun", "AsyncChatRun", "parse_tool_calls",
            "normalize_tool_choice", "release_engines"]
 
-
-
-@dataclass
-class ChatUsage:
-    """Token accounting of one call; ``cache_read`` = prompt tokens reused from the cache."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read: int = 0
-    computed: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    compacted: bool = False  # this call compacted the context (on_overflow="evict"/"shift")
-    tokens_evicted: int = 0  # tokens removed by that compaction
-    tokens_recomputed: int = 0  # tail tokens recomputed because of it
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
 
 
 @dataclass
@@ -256,11 +239,9 @@ class _Plan:
     """
 
     def __init__(self, ids: list[int], config: GenerationConfig, prepared: Any, allowed: set[str] | None,
-                 parse_tools: bool, remember: bool, constraint: Constraint | None = None,
-                 timeout: float | None = None):
+                 parse_tools: bool, remember: bool, timeout: float | None = None):
         self.ids, self.config, self.prepared = ids, config, prepared
         self.allowed, self.parse_tools, self.remember = allowed, parse_tools, remember
-        self.constraint = constraint
         self.timeout = timeout  # seconds to wait for a free context (None: the engine's acquire_timeout)
 
 
@@ -322,7 +303,7 @@ class ChatRun:
             if plan.parse_tools:
                 cut = raw.find(TOOL_CALL_OPEN)
                 visible = raw if cut < 0 else raw[:cut]
-                safe = len(visible) - (_holdback(visible, (TOOL_CALL_OPEN,)) if cut < 0 else 0)
+                safe = len(visible) - (holdback(visible, (TOOL_CALL_OPEN,)) if cut < 0 else 0)
             else:
                 visible, safe = raw, len(raw)
             if safe > emitted:
@@ -400,7 +381,6 @@ class ChatEngine:
     and :meth:`close` / :func:`release_engines` to free caches (the model too, with its last engine).
     """
 
-    _SHARED: "OrderedDict[tuple, ChatEngine]" = OrderedDict()
     _LAYOUTS: dict[int, _ModelShare] = {}
     _LOCK = threading.RLock()
     #: token budget floor for constrained replies (required tool calls, JSON schema output)
@@ -438,6 +418,7 @@ class ChatEngine:
         self.layout = share.layout  # one reply memo per model, shared by all its engines
         self.model_name = model_name or lm.name
         self.closed = False
+        self._on_close: list[Callable[[ChatEngine], None]] = []
         with self._LOCK:
             share.engines.add(self)
         weakref.finalize(self, ChatEngine._drop_share_if_unused, id(lm))
@@ -475,8 +456,10 @@ class ChatEngine:
         A closed engine still answers calls (its pool fills again) but is no longer shared.
         """
         with self._LOCK:
-            for key in [k for k, e in self._SHARED.items() if e is self]:
-                del self._SHARED[key]
+            callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(self)
+        with self._LOCK:
             share = self._LAYOUTS.get(id(self.lm))
             if share is not None and share.lm is self.lm:
                 share.engines.discard(self)
@@ -492,44 +475,14 @@ class ChatEngine:
     def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = AUTO_ADAPTER,
                max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                on_overflow: str = "evict") -> "ChatEngine":
-        """The process-wide engine for these arguments (same args -> same engine, weights and pool).
+        """The process-wide engine for these arguments: :func:`flashback_agents.engines.shared_engine`."""
+        from .engines import shared_engine
 
-        An ``http(s)://`` model spec is an OpenAI-compatible server (llama.cpp, vLLM, SGLang): the engine
-        renders locally (tokenizer only) and runs on the server (see :mod:`flashback_agents.backends.server`).
-        At most :attr:`max_shared_engines` are kept: the least recently used one is closed beyond that.
-        """
-        if isinstance(model, str) and model.strip().lower().startswith(("http://", "https://")):
-            from .backends.server import server_engine
+        return shared_engine(model, adapter, max_cached_bytes, max_context_tokens, on_overflow, engine_cls=cls)
 
-            return server_engine(model.strip(), adapter=adapter, max_context_tokens=max_context_tokens)
-        if isinstance(model, LoadedModel):
-            if adapter not in (None, AUTO_ADAPTER):
-                raise ValueError("adapter= cannot be combined with an already loaded model")
-            key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens, on_overflow)
-        else:
-            key = (model or DEFAULT_MODEL, str(adapter) if adapter else None, max_cached_bytes, max_context_tokens,
-                   on_overflow)
-        with cls._LOCK:
-            engine = cls._SHARED.get(key)
-            if engine is not None and (not isinstance(model, LoadedModel) or engine.lm is model):
-                cls._SHARED.move_to_end(key)
-                return engine
-        lm = model if isinstance(model, LoadedModel) else shared_model(model or DEFAULT_MODEL, adapter=adapter)
-        evicted: list[ChatEngine] = []
-        with cls._LOCK:
-            engine = cls._SHARED.get(key)
-            if engine is None or engine.lm is not lm:
-                engine = cls(lm, max_cached_bytes=max_cached_bytes, max_context_tokens=max_context_tokens,
-                             on_overflow=on_overflow)
-                cls._SHARED[key] = engine
-            cls._SHARED.move_to_end(key)
-            while len(cls._SHARED) > cls.max_shared_engines:
-                _, old = cls._SHARED.popitem(last=False)
-                evicted.append(old)
-        for old in evicted:
-            if old is not engine and not any(e is old for e in cls._SHARED.values()):
-                old.close()
-        return engine
+    def on_close(self, callback: Callable[["ChatEngine"], None]) -> None:
+        """Call ``callback(self)`` when this engine is closed (the engine caches forget it then)."""
+        self._on_close.append(callback)
 
     # ------------------------------------------------------------------ planning
     def _check_room(self, ids: list[int]) -> None:
@@ -575,8 +528,7 @@ class ChatEngine:
         if constraint is not None and config.max_new_tokens < self.min_constrained_tokens:
             # A constrained reply is only useful complete: a small max_tokens must not cut a required call.
             config.max_new_tokens = self.min_constrained_tokens
-        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, constraint=constraint,
-                     timeout=timeout)
+        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, timeout=timeout)
 
     def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
         raw = result.text
@@ -695,36 +647,15 @@ async def _drain(run: AsyncChatRun) -> ChatReply:
 
 def _forget_model(lm: LoadedModel) -> None:
     """Drop ``lm`` from the process-wide caches that hold models (shared weights, grammar compilers)."""
-    from . import constrained, models
+    from .constrained import GRAMMARS
+    from .models import forget_shared_model
 
-    with models._SHARED_LOCK:
-        for key in [k for k, v in models._SHARED.items() if v is lm]:
-            del models._SHARED[key]
-    grammars = constrained.GRAMMARS
-    with grammars._lock:
-        entry = grammars._compilers.get(id(lm))
-        if entry is not None and entry[0] is lm:
-            del grammars._compilers[id(lm)]
-            for key in [k for k in grammars._grammars if k[0] == id(lm)]:
-                del grammars._grammars[key]
+    forget_shared_model(lm)
+    GRAMMARS.forget(lm)
 
 
 def release_engines() -> int:
-    """Close every shared engine (local and server) and free their caches and models; returns how many.
+    """Close every shared engine (local and server): :func:`flashback_agents.engines.release_engines`."""
+    from .engines import release_engines as release
 
-    Call it when an application is done with its models (or between test modules): later calls to
-    :meth:`ChatEngine.shared` load again.
-    """
-    with ChatEngine._LOCK:
-        engines = list(dict.fromkeys(ChatEngine._SHARED.values()))
-    for engine in engines:
-        engine.close()
-    try:
-        from .backends import server
-
-        with server._ENGINES_LOCK:
-            n_server = len(server._ENGINES)
-        server.clear_server_engines()
-    except ImportError:  # pragma: no cover - httpx missing
-        n_server = 0
-    return len(engines) + n_server
+    return release()

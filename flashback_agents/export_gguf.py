@@ -148,9 +148,9 @@ def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf
 
 def base_gguf_for(spec: str | None) -> Path:
     """The GGUF a base model spec came from (the default model, or a .gguf spec)."""
-    from .models import _DEFAULT_ALIASES, default_gguf_path
+    from .models import default_gguf_path, is_default_spec
 
-    if spec is None or spec.strip().lower() in _DEFAULT_ALIASES:
+    if spec is None or is_default_spec(spec):
         return default_gguf_path()
     path = Path(os.path.expanduser(spec))
     if path.suffix.lower() == ".gguf" and path.is_file():

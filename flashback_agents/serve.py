@@ -2,7 +2,7 @@
 
 ``flashback-agents serve --model PATH.gguf --port N`` runs llama.cpp's own C++ server (continuous
 batching, prompt caching) in this process; ``ChatFlashBack(model="http://127.0.0.1:N/v1")`` and the
-LlamaIndex ``FlashBackLLM`` then run on it unchanged. :class:`ServerProcess` starts the same server in
+LlamaIndex ``FlashBack`` then run on it unchanged. :class:`ServerProcess` starts the same server in
 a child process (tests, benchmarks) and always stops it.
 """
 
@@ -40,9 +40,9 @@ class ServeConfig:
 
 def resolve_gguf(model: str) -> Path:
     """The GGUF file for ``model`` (a path, or the default model's name)."""
-    from .models import _DEFAULT_ALIASES, default_gguf_path
+    from .models import default_gguf_path, is_default_spec
 
-    if model.strip().lower() in _DEFAULT_ALIASES:
+    if is_default_spec(model):
         return default_gguf_path()
     path = Path(os.path.expanduser(model))
     if not path.is_file():

@@ -54,3 +54,34 @@ def test_chat_reads_stdin_and_reports_counts(tiny_model_dir):
     assert res.exit_code == 0, res.output
     assert res.output.count("tokens computed") == 2
     assert "reused 0" in res.output
+
+
+def test_a_broken_command_module_is_reported_by_help(monkeypatch):
+    """A command module that fails to import is named, with its error, by --help (not silently dropped)."""
+    import importlib
+
+    from flashback_agents import cli
+
+    real = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if name == "flashback_agents.cli.train":
+            raise ImportError("simulated: No module named 'peft_broken'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    broken_app, _, failed = cli.build_app()
+    assert set(failed) == {"train"} and "peft_broken" in failed["train"]
+    res = runner.invoke(broken_app, ["--help"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.replace("│", " ").split())
+    assert "Command group 'train' failed to load" in text and "peft_broken" in text
+    assert "index" in text  # the other groups are still there
+    res = runner.invoke(broken_app, ["train", "--help"])
+    assert res.exit_code != 0
+
+
+def test_every_command_group_loads():
+    from flashback_agents.cli import FAILED_GROUPS
+
+    assert FAILED_GROUPS == {}

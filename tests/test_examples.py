@@ -67,6 +67,27 @@ def test_counts_match_structured_csv(system):
         assert out.data["count"] >= n
 
 
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_reader_agreement_with_structured_csv(system):
+    """Issue 20: per-line agreement of the inferred level / component with the CSV, >= 95% where the CSV
+    has the field (a column that holds the host name, as Loghub's Linux 'Level', is checked as the host)."""
+    path, rows = loghub(system)
+    a = logtools.reader_agreement(path.with_name(path.name + "_structured.csv"))
+    assert a["lines"] == 2000 and a["parsed"] >= 0.95, a
+    if "Level" in rows[0]:
+        assert (a["level"] or 0) >= 0.95 or "host agrees 100.0%" in a.get("level_note", ""), a
+    if any(c in rows[0] for c in logtools.COMPONENT_COLUMNS):
+        assert (a["component"] or 0) >= 0.95 or "host agrees 100.0%" in a.get("component_note", ""), a
+
+
+def test_reader_table_prints_every_system():
+    if not LOGHUB.is_dir():
+        pytest.skip("Loghub samples are not present")
+    table = logtools.reader_table(LOGHUB)
+    assert table.splitlines()[0].split()[:5] == ["system", "lines", "parsed", "level", "component"]
+    assert all(any(ln.startswith(s) for ln in table.splitlines()) for s in SYSTEMS)
+
+
 def _csv_hour(system: str, r: dict) -> str | None:
     if system == "Apache":
         dt = datetime.strptime(r["Time"], "%a %b %d %H:%M:%S %Y")
@@ -100,7 +121,33 @@ def test_regex_search_counts_and_line_numbers():
     assert out.lines == want[: len(out.lines)]
     assert f"L{want[0]}: " in out.text and out.text.startswith("595 of 2000 lines match")
     bad = search_logs(log, "(unclosed")
-    assert "Invalid regular expression" in bad.text
+    assert bad.text.startswith("Invalid regular expression '(unclosed'") and "plain word" in bad.text
+
+
+def test_tools_forgive_a_small_model(tmp_path):
+    """Issue 20: any case, no pattern = all lines, readable errors, the answer first."""
+    log = read_log(logtools.SAMPLE_LOG)
+    lv = count_values(log, "level")
+    # case-insensitive unless asked
+    assert search_logs(log, "error").data["count"] == search_logs(log, "ERROR").data["count"] == lv["ERROR"]
+    assert search_logs(log, "ERROR").text.startswith(f"{lv['ERROR']} of 120 lines have level ERROR")
+    # count_lines without a pattern counts everything, top value first
+    out = logtools.count_lines(log, "component")
+    top, n = count_values(log, "component").most_common(1)[0]
+    assert out.data["total"] == 120 and out.text.startswith(f"Top component: {top} with {n} of 120 lines.")
+    assert out.summary.startswith(f"Top component: {top} with {n} of 120 lines.")
+    assert "format <Date> <Time> <Level> <Component>: <Content>, inferred" in out.text
+    # an invalid or empty regex: a short error to recover from, not an empty count
+    for tool in (lambda p: logtools.count_lines(log, "level", p), lambda p: search_logs(log, p),
+                 lambda p: top_templates(log, 3, p)):
+        err = tool("(unclosed").text
+        assert err.startswith("Invalid regular expression") and len(err) < 200 and "0 lines" not in err
+    assert search_logs(log, "").text.startswith("search_logs needs a word")
+    # an invented filter that matches nothing: said so, and all lines are counted
+    out = logtools.count_lines(log, "level", "log_level_name")
+    assert out.text.startswith("No line matches /log_level_name/, so all lines are counted.")
+    assert out.data["total"] == 120 and out.data["counts"] == dict(lv)
+    assert top_templates(log, 3, "zzz_nothing").text.startswith("No line matches /zzz_nothing/")
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
@@ -113,12 +160,15 @@ def test_templates_partition_lines_and_find_the_top_event(system):
     # Drain (drain3) and Loghub's hand-checked parse agree on the biggest group to within 1%
     assert abs(groups[0]["count"] - gt_top) <= max(1, gt_top // 100), (groups[0], gt_top)
     out = top_templates(log, 3)
-    assert out.text.startswith(f"{len(groups)} templates over 2000 lines")
+    # the answer leads: the top template and its count first, then the list
+    assert out.text.startswith(f"The most frequent template ({groups[0]['count']} of 2000 lines")
+    assert f"{len(groups)} templates over 2000 lines" in out.text
 
 
 def test_sample_log_counts():
     log = read_log(logtools.SAMPLE_LOG)
-    assert log.format.name == "iso-level-component"
+    assert log.format.spec == "<Date> <Time> <Level> <Component>: <Content>"
+    assert "120 of 120 lines fit it (100%)" in log.describe()
     lv = count_values(log, "level")
     assert sum(lv.values()) == len(log.lines) == 120
     assert lv["ERROR"] == sum(1 for ln in log.lines if " ERROR " in ln)
@@ -231,7 +281,68 @@ def test_grounding_and_composition():
     assert agent.compose_answer([("search_logs", {"pattern": "ERROR"}, outs[0])]) == outs[0].summary
     assert agent.route("How many warnings per hour?") == "count_lines"
     assert agent.route("What kinds of messages are common?") == "top_templates"
+    assert agent.route("What is the most frequent message template?") == "top_templates"
     assert agent.route("show lines with timeout") == "search_logs"
+    # "100%" from the format note is not a finding: an answer must quote a result's own number
+    fmt = ToolOutput("Top level: INFO with 90 of 120 lines.\n(format ..., 120 of 120 lines fit it (100%))",
+                     "Top level: INFO with 90 of 120 lines.", [], {"counts": {"INFO": 90, "ERROR": 30}, "total": 120, "by": "level"})
+    assert not agent.grounded("100%", [fmt]) and agent.grounded("90 lines are INFO", [fmt])
+
+
+def test_argument_repair_and_targeted_answers():
+    import log_analysis_agent as agent
+
+    q = "Which component logs the most lines?"
+    assert agent.question_field(q) == "component" and agent.question_field("How many lines have level WARN?") == "level"
+    args, note = agent.repair_args("count_lines", {"by": "level", "pattern": "log_level_name"}, q)
+    assert args == {"by": "component", "pattern": ""} and "by 'level' -> 'component'" in note and "dropped" in note
+    args, note = agent.repair_args("count_lines", {"by": "level", "pattern": "WARN"}, "How many lines have level WARN?")
+    assert args == {"by": "level", "pattern": "WARN"} and note == ""
+    args, note = agent.repair_args("count_lines", {"by": "level", "pattern": "level"}, "How many lines have level WARN?")
+    assert args == {"by": "level", "pattern": ""} and "names a field" in note
+    log = read_log(logtools.SAMPLE_LOG)
+    by_level = logtools.count_lines(log, "level")
+    by_comp = logtools.count_lines(log, "component")
+    outs = [("count_lines", {"by": "level", "pattern": ""}, by_level), ("count_lines", {"by": "component", "pattern": ""}, by_comp)]
+    top, n = count_values(log, "component").most_common(1)[0]
+    assert agent.compose_answer(outs, q).startswith(f"The top component is {top} with {n} of 120 lines.")
+    n_warn = count_values(log, "level")["WARN"]
+    assert agent.compose_answer(outs, "How many lines have level WARN?").startswith(f"{n_warn} of 120 lines have level WARN.")
+    assert agent.pick_result(outs, q) == 1 and agent.pick_result(outs, "How many lines have level WARN?") == 0
+    # a model-written answer counts only when it quotes the key number and names what was asked
+    assert agent.answers_question(f"{top} logs {n} lines.", q, by_comp)
+    assert not agent.answers_question(f"{n}", q, by_comp) and not agent.answers_question(f"{top} logs most.", q, by_comp)
+    assert agent.answers_question(f"There are {n_warn} WARN lines.", "How many lines have level WARN?", by_level)
+    tq = "What is the most frequent message template?"
+    tpl = top_templates(log, 3)
+    g = tpl.data["templates"][0]
+    assert agent.answers_question(f"{g['count']} lines: {g['template']}", tq, tpl)
+    assert not agent.answers_question(f"{g['count']}", tq, tpl)
+    assert agent.clean_answer("}}</tool_call> 808 of 2000 lines") == "808 of 2000 lines"
+    # only a result of the kind asked for can back a model-written answer (a count is no template)
+    assert agent.relevant(outs, tq) == [] and agent.relevant(outs, q) == [by_comp]
+
+
+def test_eval_questions_and_truth_checks():
+    import log_analysis_agent as agent
+
+    if not LOGHUB.is_dir():
+        pytest.skip("Loghub samples are not present")
+    qs = agent.eval_questions(LOGHUB)
+    kinds = {(q.system, q.kind) for q in qs}
+    assert ("HDFS", "busiest_component") in kinds and ("Apache", "level_count") in kinds
+    assert ("Linux", "level_count") not in kinds  # Linux's CSV 'Level' holds the host name
+    assert ("OpenSSH", "busiest_component") not in kinds  # one value (the host): no question
+    assert all(any(q.system == s and q.kind == "top_template" for q in qs) for s in SYSTEMS)
+    q = next(q for q in qs if q.system == "Hadoop" and q.kind == "level_count" and q.truth == "808")
+    assert agent.holds_truth(q, "808 of 2000 lines have level WARN.") and not agent.holds_truth(q, "1040 lines")
+    assert not agent.holds_truth(q, "2000 of 2000 lines have level WARN. WARN: 808")  # the count must lead
+    q = next(q for q in qs if q.system == "Zookeeper" and q.kind == "busiest_component")
+    assert agent.holds_truth(q, "The top component is QuorumCnxManager$SendWorker with 469 lines.")
+    assert not agent.holds_truth(q, "The top component is QuorumCnxManager with 469 lines.")
+    q = next(q for q in qs if q.system == "Proxifier" and q.kind == "top_template")
+    assert agent.holds_truth(q, "The most frequent template is: <HOSTPORT> open through proxy <HOSTPORT> HTTPS")
+    assert len(agent.eval_questions(LOGHUB, per_system=1)) == len(SYSTEMS)
 
 
 def test_semantic_search_over_log_chunks(tmp_path):
@@ -269,34 +380,11 @@ def test_log_agent_on_sample_log(tmp_path, capsys):
     printed = capsys.readouterr().out
     log = read_log(logtools.SAMPLE_LOG)
     _check_agent_result(res, log, 4)
-    assert "final answer:" in printed and re.search(r"computed \d+, reused \d+ of \d+ prompt tokens", printed)
+    assert re.search(r"final answer \((model|composed), from step \d: \w+\(", printed), printed
+    assert re.search(r"computed \d+, reused \d+ of \d+ prompt tokens", printed)
+    assert res.basis.startswith("step ") and f"from {res.basis}" in printed
     n_err = count_values(log, "level")["ERROR"]
     assert str(n_err) in res.answer, res.answer  # the default question's number is in the answer
-
-
-@pytest.mark.model
-def test_log_agent_on_all_loghub_systems(tmp_path):
-    import log_analysis_agent as agent
-
-    if not LOGHUB.is_dir():
-        pytest.skip("Loghub samples are not present")
-    t0 = time.perf_counter()
-    times = {}
-    for system in SYSTEMS:
-        path, rows = loghub(system)
-        log = read_log(path)
-        t1 = time.perf_counter()
-        cfg = agent.AgentConfig(log=str(path), question="How many lines are there per level or component?",
-                                max_steps=4, threads=THREADS, store=str(tmp_path / "s"), quiet=True)
-        res = agent.run_agent(cfg, log)
-        times[system] = time.perf_counter() - t1
-        _check_agent_result(res, log, 4)
-        tool_text = " ".join(s.summary for s in res.steps)
-        assert res.answer_source == "composed" or set(agent.numbers(res.answer)) <= agent.numbers(tool_text) | \
-            set().union(*(agent.numbers(ln) for ln in log.lines))
-    total = time.perf_counter() - t0
-    print(f"\nLoghub agent runs: {', '.join(f'{k} {v:.1f}s' for k, v in times.items())}; total {total:.1f}s")
-    assert total < 600
 
 
 @pytest.mark.model
@@ -347,3 +435,97 @@ def test_loghub_transcripts_are_exact_and_readable(shared_data, tmp_path):
             rows = list(csv.DictReader(fh))
         key = {"level": "Level", "component": "Component", "program": "Program", "eventid": "EventId"}[field]
         assert answer.startswith(f"{Counter(r[key] for r in rows)[value]} lines")
+
+
+# ----------------------------------------------------------- the writing assistant on unseen notes
+NOTE_SETS = {
+    "beekeeping": {
+        "hives.md": "# Hives\n\nA Langstroth hive holds ten frames per box.\nA strong colony in summer has about 60,000 bees.\n"
+                    "The queen lays up to 2,000 eggs a day in spring.\n",
+        "honey.md": "# Honey\n\nBees must visit about two million flowers to make 500 grams of honey.\n"
+                    "Honey is extracted by centrifuge after the frames are uncapped.\n",
+    },
+    "volcanoes": {
+        "etna.md": "# Etna\n\nMount Etna in Sicily is about 3,357 metres high.\nIts eruptions are recorded since 1500 BC.\n",
+        "monitoring.md": "# Monitoring\n\nSeismometers detect the tremor that often precedes an eruption.\n"
+                         "The INGV observatory in Catania runs 24-hour surveillance of Etna.\n",
+    },
+    "shipping": {
+        "fleet.md": "# Fleet\n\nNordvik Lines runs 14 container ships.\nThe largest, the Ostra, carries 9,200 TEU.\n",
+        "routes.md": "# Routes\n\nThe Rotterdam to Gdansk loop takes 6 days.\nFuel is bunkered in Rotterdam on every loop.\n",
+    },
+}
+
+
+def _write_notes(root: Path, topic: str) -> tuple[Path, dict[str, str]]:
+    d = root / topic
+    d.mkdir(parents=True)
+    for name, text in NOTE_SETS[topic].items():
+        (d / name).write_text(text)
+    return d, dict(NOTE_SETS[topic])
+
+
+@pytest.mark.parametrize("topic", sorted(NOTE_SETS))
+def test_citations_hold_on_unseen_notes(topic, tmp_path):
+    """Each fact sentence cites a note that contains it; a sentence no note supports is left out."""
+    import writing_assistant as wa
+
+    d, notes = _write_notes(tmp_path, topic)
+    sources = []
+    for name, text in notes.items():
+        lines = text.splitlines()
+        sources.append(wa.Source(f"{name}:1-{len(lines)}", str(d / name), 1, len(lines), 0, text))
+    facts = [ln for text in notes.values() for ln in text.splitlines() if ln and not ln.startswith("#")]
+    invented = "The 1987 survey by Atlantis University counted 77 of them."
+    body, dropped = wa.cite(" ".join(facts + [invented, "this matters a lot."]), sources)
+    assert dropped == [invented]
+    draft = "## Title\n\n" + body
+    assert wa.check_citations(draft, notes) == []
+    stated = [f for f in facts if wa.fact_terms(f)]  # sentences with numbers or names state facts
+    assert len(stated) >= 3 and body.count("[") == len(stated)
+    # the check fails a draft with an uncited fact, or a citation to a note without that fact
+    first, other = facts[0], next(n for n in notes if n not in sources[0].label)
+    assert wa.check_citations(f"## T\n\n{first}", notes)[0].startswith("no citation")
+    wrong = wa.check_citations(f"## T\n\n{first.rstrip('.')} [{other}:1-9].", notes)
+    assert wrong and wrong[0].startswith("cited note does not contain it")
+
+
+@pytest.mark.model
+def test_writing_assistant_on_unseen_notes(tmp_path, capsys):
+    import writing_assistant as wa
+
+    d, notes = _write_notes(tmp_path, "volcanoes")
+    res = wa.main(["--notes", str(d), "--topic", "How Etna is watched", "--max-new-tokens", "40",
+                   "--threads", str(THREADS), "--store", str(tmp_path / "store")])
+    printed = capsys.readouterr().out
+    assert res.sources and all(Path(s.path).parent == d for s in res.sources)
+    assert wa.check_citations(res.draft, notes) == [], res.draft
+    assert "sources used:" in printed
+
+
+# ------------------------------------------------------------------------ --eval on the model
+@pytest.mark.model
+def test_log_agent_eval_on_shared_systems(tmp_path, capsys):
+    """Issue 20: --eval generates questions from the structured CSVs and measures the answers (one
+    question per system here, to keep the test short; the full run is the README's command)."""
+    import json
+
+    import log_analysis_agent as agent
+
+    if not LOGHUB.is_dir():
+        pytest.skip("Loghub samples are not present")
+    out = tmp_path / "eval.json"
+    res = agent.main(["--eval", str(LOGHUB), "--per-system", "1", "--max-steps", "4", "--threads", str(THREADS),
+                      "--store", str(tmp_path / "s"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    s = res["summary"]
+    assert s["questions"] == len(SYSTEMS) and s["model_written"] + s["composed"] == s["questions"]
+    assert "answers holding the truth:" in printed and "model-written" in printed and "composed" in printed
+    records = json.loads(out.read_text())["records"]
+    assert {r["system"] for r in records} == set(SYSTEMS)
+    assert all(r["basis"].startswith("step ") for r in records)  # every answer names the result it rests on
+    for r in records:  # FlashBack: every call after the first reads the previous prompt from the cache
+        assert r["steps"][-1].startswith("final_answer(") and len(r["steps"]) <= 4
+        for prev, cur in zip(r["tokens"], r["tokens"][1:]):
+            assert cur["cache_read"] >= prev["input"] and cur["computed"] < cur["input"], (r["system"], r["tokens"])
+    assert s["holds"] >= len(SYSTEMS) - 1, [(r["system"], r["truth"], r["answer"]) for r in records if not r["holds"]]

@@ -1,4 +1,4 @@
-"""LlamaIndex integration: FlashBackLLM (FunctionCallingLLM), FlashBack query-engine prompts, agents.
+"""LlamaIndex integration: FlashBack (FunctionCallingLLM), FlashBack query-engine prompts, agents.
 
 Unit tests run on the tiny random Llama (conftest ``tiny_lm``); tests marked ``model`` run on the
 default model and are kept few and short.
@@ -20,7 +20,7 @@ from flashback_agents.context import common_prefix  # noqa: E402
 from llama_index.llms.flashback import (  # noqa: E402
     FLASHBACK_REFINE_PROMPT,
     FLASHBACK_TEXT_QA_PROMPT,
-    FlashBackLLM,
+    FlashBack,
     flashback_query_engine,
     split_documents,
     to_flashback_messages,
@@ -50,7 +50,7 @@ SHORT_TOOLS = [{"type": "function", "function": {"name": n, "description": "", "
 
 @pytest.fixture()
 def tiny_llm(tiny_lm):
-    llm = FlashBackLLM(tiny_lm, max_tokens=12)
+    llm = FlashBack(tiny_lm, max_tokens=12)
     llm.engine.pool.clear()
     return llm
 
@@ -60,12 +60,23 @@ def test_namespace_import_and_metadata(tiny_llm, tiny_lm):
     import llama_index.core
     import llama_index.llms.flashback as pkg
 
-    assert pkg.FlashBackLLM is FlashBackLLM and llama_index.core.__name__ == "llama_index.core"
+    assert pkg.FlashBack is FlashBack and llama_index.core.__name__ == "llama_index.core"
     md = tiny_llm.metadata
     assert md.is_chat_model and md.is_function_calling_model
     assert md.context_window == tiny_lm.max_positions and md.num_output == 12
     assert md.model_name == tiny_lm.name
-    assert FlashBackLLM(tiny_lm).engine is tiny_llm.engine  # process-wide engine: one pool per model
+    assert FlashBack(tiny_lm).engine is tiny_llm.engine  # process-wide engine: one pool per model
+
+
+def test_flashbackllm_is_a_deprecated_alias(tiny_lm):
+    import pytest
+
+    from llama_index.llms.flashback import FlashBackLLM
+
+    with pytest.warns(DeprecationWarning, match="use llama_index.llms.flashback.FlashBack") as record:
+        old = FlashBackLLM(tiny_lm, max_tokens=4)
+    assert record[0].filename == __file__  # points at the caller's line
+    assert isinstance(old, FlashBack) and old.engine is FlashBack(tiny_lm, max_tokens=4).engine
 
 
 def test_message_conversion():
@@ -121,7 +132,7 @@ def test_usage_is_exact_and_next_turn_is_pure_append(tiny_llm):
 
 def test_stream_equals_chat_and_token_counting_handler(tiny_lm):
     counter = TokenCountingHandler()
-    llm = FlashBackLLM(tiny_lm, max_tokens=16, callback_manager=CallbackManager([counter]))
+    llm = FlashBack(tiny_lm, max_tokens=16, callback_manager=CallbackManager([counter]))
     msgs = [user("Count to five")]
     full = llm.chat(msgs)
     chunks = list(llm.stream_chat(msgs))
@@ -250,7 +261,7 @@ def test_chroma_query_engine_answers_from_retrieved_text(tmp_path, default_lm):
     index = VectorStoreIndex.from_documents([Document(text=t) for t in corpus],
                                             storage_context=StorageContext.from_defaults(vector_store=store),
                                             embed_model=offline_embed_model())
-    llm = FlashBackLLM(default_lm, max_tokens=24)
+    llm = FlashBack(default_lm, max_tokens=24)
     qe = flashback_query_engine(index, llm=llm, similarity_top_k=2)
     response = qe.query("What is the name of the Quillfeather Observatory's mascot?")
     assert any("Pemberwick" in n.node.get_content() for n in response.source_nodes)
@@ -261,7 +272,7 @@ def test_chroma_query_engine_answers_from_retrieved_text(tmp_path, default_lm):
 async def test_function_agent_each_step_computes_only_new_tokens(default_lm):
     from llama_index.core.agent.workflow import AgentInput, AgentOutput, FunctionAgent, ToolCallResult
 
-    llm = FlashBackLLM(default_lm, max_tokens=48, tool_choice="required")
+    llm = FlashBack(default_lm, max_tokens=48, tool_choice="required")
     llm.engine.pool.clear()
     agent = FunctionAgent(tools=TOOLS, llm=llm,
                           system_prompt="You are a calculator. Use the tools for every arithmetic step.")
@@ -297,7 +308,7 @@ async def test_react_agent_history_rewrite_costs_only_the_rewritten_tail(default
     from llama_index.core.agent.workflow import AgentInput, AgentOutput, ReActAgent
     from llama_index.core.memory import ChatMemoryBuffer
 
-    llm = FlashBackLLM(default_lm, max_tokens=16)
+    llm = FlashBack(default_lm, max_tokens=16)
     llm.engine.pool.clear()
     agent = ReActAgent(tools=TOOLS, llm=llm)
     memory = ChatMemoryBuffer.from_defaults(token_limit=6000)

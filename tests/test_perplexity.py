@@ -125,8 +125,8 @@ def test_table_same_tokens_finite(tiny_lm, setup):
     assert out["tokens_evaluated"] == CFG.tokens
     assert {r["tokens"] for r in out["results"]} == {CFG.tokens}
     names = [r["setting"] for r in out["rows"]]
-    assert names == ["no retrieval", "no retrieval + adapter", "prepend (In-Context RALM)", "append, no adapter",
-                     "append + adapter (FlashBack)"]
+    assert names == ["no retrieval", "no retrieval + adapter", "prepend (In-Context RALM)", "prepend + adapter",
+                     "append, no markers", "append, no adapter", "append + adapter (FlashBack)"]
     for row in out["rows"]:
         for k in CFG.top_ks:
             assert math.isfinite(row[f"ppl_top{k}"]) and row[f"ppl_top{k}"] > 1
@@ -135,6 +135,11 @@ def test_table_same_tokens_finite(tiny_lm, setup):
     assert rows["append + adapter (FlashBack)"]["ppl_top2"] == pytest.approx(rows["append, no adapter"]["ppl_top2"])
     # append computes fewer positions than prepend (the point of the layout)
     assert rows["append, no adapter"]["tokens_computed_top1"] < rows["prepend (In-Context RALM)"]["tokens_computed_top1"]
+    assert rows["prepend + adapter"]["ppl_top1"] == pytest.approx(rows["prepend (In-Context RALM)"]["ppl_top1"])
+    # the claim ratios are the rows divided
+    r = out["ratios"]
+    assert r["append + adapter / prepend (top-2)"] == pytest.approx(
+        rows["append + adapter (FlashBack)"]["ppl_top2"] / rows["prepend (In-Context RALM)"]["ppl_top2"])
     assert "top-1" in P.format_table(out)
 
 
@@ -165,10 +170,7 @@ def _cli(args):
     from typer.testing import CliRunner
 
     from flashback_agents.cli import app
-    from flashback_agents.evaluation import eval_commands
 
-    if not any(getattr(g, "name", None) == "eval" for g in app.registered_groups):
-        eval_commands.register(app, None)
     return CliRunner().invoke(app, args)
 
 
@@ -199,7 +201,8 @@ def test_cli_runs_on_tiny_model(tiny_model_dir, corpus_dir, monkeypatch, tmp_pat
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("{"):])
     assert out["tokens_evaluated"] == 48
-    assert [r["setting"] for r in out["rows"]] == ["no retrieval", "prepend (In-Context RALM)", "append, no adapter"]
+    assert [r["setting"] for r in out["rows"]] == ["no retrieval", "prepend (In-Context RALM)", "append, no markers",
+                                                   "append, no adapter"]
     assert "adapter rows skipped" in out["note"]
     assert plot.is_file()
 

@@ -286,7 +286,9 @@ def test_shared_engines_are_bounded_and_released(tiny_model_dir, tmp_path):
     first = ChatEngine.shared(spec, max_context_tokens=100)
     lm_ref = weakref.ref(first.lm)
     engines = [ChatEngine.shared(spec, max_context_tokens=100 + i) for i in range(ChatEngine.max_shared_engines + 3)]
-    assert len(ChatEngine._SHARED) <= ChatEngine.max_shared_engines
+    from flashback_agents import engines as shared_engines
+
+    assert len(shared_engines._SHARED) <= ChatEngine.max_shared_engines
     assert first.closed  # the least recently used one was closed
     # one byte budget for every pool of the model
     budgets = {id(e.pool.budget) for e in engines}
@@ -308,7 +310,9 @@ def test_release_engines_frees_everything(tiny_model_dir, tmp_path):
     e.chat(MSGS, config=GenerationConfig(max_new_tokens=2))
     ref = weakref.ref(e.lm)
     assert release_engines() >= 1
-    assert not ChatEngine._SHARED
+    from flashback_agents import engines as shared_engines
+
+    assert not shared_engines._SHARED
     del e
     gc.collect()
     assert ref() is None
@@ -384,7 +388,7 @@ def test_save_load_keeps_settings_and_evictions(tiny_lm, tmp_path):
 # --------------------------------------------------------------------------- 7. a str stop is one stop string
 def test_stop_as_a_plain_string_everywhere(tiny_lm, tiny_model_dir):
     from langchain_flashback import ChatFlashBack
-    from llama_index.llms.flashback import FlashBackLLM
+    from llama_index.llms.flashback import FlashBack
 
     assert GenerationConfig(stop="END").stop == ("END",)
     cfg = GenerationConfig()
@@ -393,8 +397,8 @@ def test_stop_as_a_plain_string_everywhere(tiny_lm, tiny_model_dir):
     assert cfg.stop == ("END",)
     assert ChatFlashBack(model=str(tiny_model_dir), stop="END")._config(None, {}).stop == ("END",)
     assert ChatFlashBack(model=str(tiny_model_dir))._config("END", {}).stop == ("END",)
-    assert FlashBackLLM(model=tiny_lm, stop="END")._config({}).stop == ("END",)
-    assert FlashBackLLM(model=tiny_lm)._config({"stop": "END"}).stop == ("END",)
+    assert FlashBack(model=tiny_lm, stop="END")._config({}).stop == ("END",)
+    assert FlashBack(model=tiny_lm)._config({"stop": "END"}).stop == ("END",)
     # and it stops at "END", not at "E"
     ids = tiny_lm.encode("AN END here")
     ctx = CachedContext(tiny_lm)

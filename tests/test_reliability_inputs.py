@@ -396,11 +396,11 @@ def _index(paths: list, store: Path) -> Any:
 def env(tiny_lm, tmp_path_factory):
     e = Env(tiny_lm, tmp_path_factory.mktemp("bad-inputs"))
     from langchain_flashback import ChatFlashBack, FlashBackLLM as LCLLM
-    from llama_index.llms.flashback import FlashBackLLM
+    from llama_index.llms.flashback import FlashBack
 
     e.lc = lambda: ChatFlashBack(model=tiny_lm.name, max_tokens=2)
     e.lc_llm = lambda: LCLLM(model=tiny_lm.name, max_tokens=2)
-    e.li = lambda: FlashBackLLM(model=tiny_lm, max_tokens=2)
+    e.li = lambda: FlashBack(model=tiny_lm, max_tokens=2)
     # the LangChain classes take a model spec: route it to the already loaded tiny model
     engine = ChatEngine.shared(tiny_lm)
     from langchain_flashback import _params

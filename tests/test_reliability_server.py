@@ -18,7 +18,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 from flashback_agents.backends.server import (ServerError, ServerRequestError, ServerStreamError,  # noqa: E402
-                                              ServerUnreachableError, clear_server_engines, server_engine)
+                                              ServerUnreachableError)
+from flashback_agents.engines import clear_server_engines, server_engine  # noqa: E402
 from flashback_agents.generation import GenerationConfig  # noqa: E402
 from flashback_agents.layout import Message  # noqa: E402
 

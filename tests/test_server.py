@@ -18,7 +18,8 @@ pytest.importorskip("httpx")
 
 from flashback_agents.backends.server import (ServerCacheReportError, ServerCacheReportWarning,  # noqa: E402
                                               ServerContextError, ServerModelError, ServerStreamError,
-                                              ServerUnreachableError, clear_server_engines, load_server_tokenizer)
+                                              ServerUnreachableError, load_server_tokenizer)
+from flashback_agents.engines import clear_server_engines  # noqa: E402
 from flashback_agents.chat import ChatEngine  # noqa: E402
 from flashback_agents.context import ContextOverflowError  # noqa: E402
 from flashback_agents.generation import GenerationConfig  # noqa: E402
@@ -117,7 +118,7 @@ def test_markers_are_sent_as_text_tokens_the_server_knows(server_url):
 def test_streaming_and_llamaindex_report_server_cache(server_url):
     from langchain_flashback import ChatFlashBack
     from llama_index.core.llms import ChatMessage
-    from llama_index.llms.flashback import FlashBackLLM
+    from llama_index.llms.flashback import FlashBack
 
     llm = ChatFlashBack(model=server_url, max_tokens=8)
     chunks = list(llm.stream("Name a colour."))
@@ -127,7 +128,7 @@ def test_streaming_and_llamaindex_report_server_cache(server_url):
     assert full.usage_metadata["input_tokens"] > 0
     assert "cache_read" in full.usage_metadata["input_token_details"]
 
-    li = FlashBackLLM(model=server_url, max_tokens=8)
+    li = FlashBack(model=server_url, max_tokens=8)
     msgs = [ChatMessage(role="user", content="Say hello.")]
     first = li.chat(msgs)
     usage1 = first.raw["usage"]
@@ -246,7 +247,7 @@ def test_wrong_model_is_refused(fake):
 
 
 def test_missing_cache_figures_warn_or_fail(fake):
-    from flashback_agents.backends.server import server_engine
+    from flashback_agents.engines import server_engine
 
     fake.timings = False
     engine = ChatEngine.shared(fake.url)

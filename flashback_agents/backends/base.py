@@ -1,4 +1,4 @@
-"""The execution side of the chat engine: one interface, two implementations.
+"""The execution side of the chat engine: one interface (Backend, BackendRun, Constraint, Usage), two implementations.
 
 Rendering (``flashback_agents.layout``) is one code path; *where* the rendered token ids run is a
 backend: the in-process transformers backend (:class:`~flashback_agents.backends.local.LocalBackend`,
@@ -31,6 +31,29 @@ class Constraint:
     choice: str | None = None
 
 
+@dataclass
+class ChatUsage:
+    """Token accounting of one call; ``cache_read`` = prompt tokens reused from the cache."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read: int = 0
+    computed: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    compacted: bool = False  # this call compacted the context (on_overflow="evict"/"shift")
+    tokens_evicted: int = 0  # tokens removed by that compaction
+    tokens_recomputed: int = 0  # tail tokens recomputed because of it
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+#: the backend-neutral name of the usage record
+Usage = ChatUsage
+
+
 class BackendRun(ABC):
     """One generation on a backend: iterate for raw text deltas (tool-call markup included).
 
@@ -58,11 +81,6 @@ class BackendRun(ABC):
 
 class Backend(ABC):
     """Runs prompts given as token ids of the engine's layout."""
-
-    #: short name for messages and metadata ("local", "server")
-    kind: str = "backend"
-    #: whether the backend needs logits processors (in-process decoding) built for a constraint
-    in_process: bool = False
 
     @abstractmethod
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from ..generation import GenerationConfig, GenerationResult, stream
 from ..pool import ContextPool
-from .base import Backend, BackendRun, Constraint
+from .base import Backend, BackendRun, ChatUsage, Constraint
 
 
 class LocalRun(BackendRun):
@@ -23,8 +23,6 @@ class LocalRun(BackendRun):
         self.pool, self.processors = pool, processors
 
     def __iter__(self) -> Iterator[str]:
-        from ..chat import ChatUsage
-
         t0 = time.perf_counter()
         with self.pool.acquire(self.ids, timeout=self.timeout, reserve=self.config.max_new_tokens) as lease:
             ctx = lease.ctx
@@ -55,9 +53,6 @@ class LocalRun(BackendRun):
 
 class LocalBackend(Backend):
     """Runs on a :class:`ContextPool` in this process (today's default)."""
-
-    kind = "local"
-    in_process = True
 
     def __init__(self, pool: ContextPool):
         self.pool = pool

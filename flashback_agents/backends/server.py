@@ -42,11 +42,11 @@ from ..context import ContextOverflowError
 from ..generation import GenerationConfig, GenerationResult
 from ..layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ..models import MARK_L, MARK_R, LoadedModel, ModelLoadError
-from .base import Backend, BackendRun, Constraint
+from .base import Backend, BackendRun, ChatUsage, Constraint
 
 __all__ = ["ServerError", "ServerUnreachableError", "ServerModelError", "ServerContextError",
            "ServerCacheReportError", "ServerCacheReportWarning", "ServerStreamError", "ServerRequestError",
-           "ServerInfo", "ServerBackend", "ServerChatEngine", "server_engine", "is_server_spec",
+           "ServerInfo", "ServerBackend", "is_server_spec",
            "load_server_tokenizer"]
 
 _PROBE = "Hello world! The log says: ERROR 503 at 12:04 (disk /var/tmp full).\n<|im_start|>user\nok"
@@ -152,7 +152,7 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
     """
     from transformers import AutoTokenizer
 
-    from ..models import DEFAULT_MODEL, _DEFAULT_ALIASES, convert_gguf, default_gguf_path
+    from ..models import DEFAULT_MODEL, convert_gguf, default_gguf_path, is_default_spec
 
     spec = str(spec).strip()
     expanded = os.path.expanduser(spec)
@@ -161,7 +161,7 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
     except ModelLoadError:
         default_gguf = None
     try:
-        if spec.lower() in _DEFAULT_ALIASES or (default_gguf is not None and os.path.isfile(expanded)
+        if is_default_spec(spec) or (default_gguf is not None and os.path.isfile(expanded)
                                                 and Path(expanded).resolve() == default_gguf.resolve()):
             return AutoTokenizer.from_pretrained(str(convert_gguf(default_gguf_path()))), DEFAULT_MODEL
         if expanded.lower().endswith(".gguf"):
@@ -233,9 +233,6 @@ class _Prepared:
 
 class ServerBackend(Backend):
     """Runs rendered token ids on an OpenAI-compatible server with prefix caching."""
-
-    kind = "server"
-    in_process = False
 
     def __init__(self, url: str, *, tokenizer: str | None = None, timeout: float = 600.0,
                  connect_timeout: float = 5.0, startup_wait: float = 60.0, api_key: str | None = None,
@@ -691,8 +688,6 @@ class ServerRun(BackendRun):
 
     def _usage(self, wire: list[int], final: dict | None, usage_block: dict | None, n_out: int,
                seconds: float, first_token_at: float | None, t0: float):
-        from ..chat import ChatUsage
-
         b = self.backend
         cached: int | None = None
         computed: int | None = None
@@ -722,70 +717,3 @@ class ServerRun(BackendRun):
             decode = seconds - prefill
         return ChatUsage(input_tokens=len(wire), output_tokens=n_out, cache_read=cached, computed=computed,
                          prefill_seconds=prefill, decode_seconds=decode)
-
-
-# --------------------------------------------------------------------------- engine
-def _chat_engine_cls():
-    from ..chat import ChatEngine
-
-    class ServerChatEngine(ChatEngine):
-        """A :class:`ChatEngine` whose calls run on a server; rendering, tool parsing and usage are shared."""
-
-        def __init__(self, backend: ServerBackend, *, max_context_tokens: int | None = None):
-            model_id = backend.info.model_id
-            name = backend.lm.name if (not model_id or os.path.sep in model_id) else model_id
-            # acquire_timeout=None: no pool to wait for; the server's own timeout (ServerBackend) applies
-            super().__init__(backend.lm, max_context_tokens=max_context_tokens, on_overflow="error",
-                             backend=backend, model_name=name, acquire_timeout=None)
-            self.server = backend.info
-
-        def _check_room(self, ids: list[int]) -> None:
-            n = self.backend.wire_length(ids) + 1
-            limit = self.max_context_tokens
-            if n > limit:
-                raise ServerContextError(n, limit, self.backend.url)
-
-    return ServerChatEngine
-
-
-_ENGINE_CLS = None
-_ENGINES: dict[tuple, Any] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def __getattr__(name: str) -> Any:  # ServerChatEngine is built lazily (chat imports this package)
-    if name == "ServerChatEngine":
-        global _ENGINE_CLS
-        if _ENGINE_CLS is None:
-            _ENGINE_CLS = _chat_engine_cls()
-        return _ENGINE_CLS
-    raise AttributeError(name)
-
-
-def server_engine(url: str, *, adapter: str | None = None, max_context_tokens: int | None = None,
-                  tokenizer: str | None = None, require_cache_report: bool = False, **backend_kwargs: Any):
-    """The process-wide engine for a server address (connects and checks the model on first use)."""
-    if adapter not in (None, "auto"):  # "auto": whatever the server was started with
-        raise ServerError("adapter= cannot be applied to a model on a server: merge it and serve the result "
-                          "(`flashback-agents export ADAPTER OUT --gguf OUT.gguf`, then serve OUT.gguf).")
-    tokenizer = tokenizer or os.environ.get("FLASHBACK_TOKENIZER") or None
-    key = (url.rstrip("/"), tokenizer, max_context_tokens, require_cache_report,
-           tuple(sorted(backend_kwargs.items())))
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is not None:
-            return engine
-    backend = ServerBackend(url, tokenizer=tokenizer, require_cache_report=require_cache_report, **backend_kwargs)
-    cls = __getattr__("ServerChatEngine")
-    engine = cls(backend, max_context_tokens=max_context_tokens)
-    with _ENGINES_LOCK:
-        return _ENGINES.setdefault(key, engine)
-
-
-def clear_server_engines() -> None:
-    """Forget the cached server engines (tests; or after a server changed model)."""
-    with _ENGINES_LOCK:
-        engines = list(_ENGINES.values())
-        _ENGINES.clear()
-    for e in engines:
-        e.backend.close()

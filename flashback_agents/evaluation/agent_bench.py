@@ -11,7 +11,7 @@ Systems:
   only, G greedy tokens: no framework at all.
 - ``ChatHuggingFace`` (langchain-huggingface, on ``HuggingFacePipeline``) and LlamaIndex
   ``HuggingFaceLLM``: the whole prompt is recomputed at every step (what they do).
-- ``ChatFlashBack`` and LlamaIndex ``FlashBackLLM``: ours.
+- ``ChatFlashBack`` and LlamaIndex ``FlashBack`` (system name "LlamaIndex FlashBackLLM"): ours.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..kvcache import forward
 from .common import filler_ids
 
 TOOLS = [
@@ -95,12 +96,12 @@ def run_ideal(lm, scenario: Scenario, results: list[str]) -> SystemRun:
         t0 = time.perf_counter()
         new = ids[len(held):]
         assert ids[: len(held)] == held
-        out = model(input_ids=torch.tensor([new]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = forward(model, torch.tensor([new]), cache, logits_to_keep=1)
         gen = []
         tok = int(out.logits[0, -1].argmax())
         for _ in range(scenario.generate - 1):
             gen.append(tok)
-            out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = forward(model, torch.tensor([[tok]]), cache, logits_to_keep=1)
             tok = int(out.logits[0, -1].argmax())
         gen.append(tok)
         held = ids + gen[:-1]  # the last sampled token is fed with the next prefill
@@ -219,9 +220,9 @@ def build_systems(lm, spec: str, scenario: Scenario, only: list[str] | None = No
         return run_langchain("ChatFlashBack", chat, lm, scenario, results, usage, tool_as_human=True)
 
     def li_fb() -> SystemRun:
-        from llama_index.llms.flashback import FlashBackLLM
+        from llama_index.llms.flashback import FlashBack
 
-        llm = FlashBackLLM(model=spec, max_tokens=G, min_tokens=G, temperature=0.0)
+        llm = FlashBack(model=spec, max_tokens=G, min_tokens=G, temperature=0.0)
 
         def usage(resp, history):
             u = (resp.raw or {}).get("usage", {})

@@ -79,7 +79,7 @@ def _run(engine, scenario: Scenario, results: list[str], pattern: str, progress:
 def bench_server(url: str | None, scenario: Scenario, *, model: str = "smollm2-135m-instruct",
                  tokenizer: str | None = None, threads: int | None = None, progress: bool = True) -> dict:
     """Run the scenario in both layouts on one server (started here when ``url`` is None)."""
-    from ..backends.server import server_engine
+    from ..engines import server_engine
     from ..serve import ServeConfig, ServerProcess, free_port
 
     proc = None
@@ -100,7 +100,7 @@ def bench_server(url: str | None, scenario: Scenario, *, model: str = "smollm2-1
                 "speedup_total": p["seconds_total"] / a["seconds_total"] if a["seconds_total"] else float("nan")}
     finally:
         if proc is not None:
-            from ..backends.server import clear_server_engines
+            from ..engines import clear_server_engines
 
             clear_server_engines()
             proc.stop()

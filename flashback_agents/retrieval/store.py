@@ -117,10 +117,6 @@ def open_store(path: str | os.PathLike, *, embedding_model: str | None = None) -
     return r
 
 
-def store_manifest(path: str | os.PathLike) -> StoreManifest:
-    return StoreManifest.read(Path(path).expanduser())
-
-
 def _walk(root: Path, store: Path) -> list[Path]:
     """Regular files under ``root``, skipping hidden entries and the store itself."""
     out = []

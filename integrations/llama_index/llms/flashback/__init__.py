@@ -1,6 +1,9 @@
-"""LlamaIndex integration of flashback-agents: ``from llama_index.llms.flashback import FlashBackLLM``."""
+"""LlamaIndex integration of flashback-agents: ``from llama_index.llms.flashback import FlashBack``.
 
-from llama_index.llms.flashback.base import DOCUMENTS_KEY, FlashBackLLM, to_flashback_messages, usage_dict
+``FlashBackLLM`` is the deprecated former name of ``FlashBack`` (it warns on construction).
+"""
+
+from llama_index.llms.flashback.base import DOCUMENTS_KEY, FlashBack, FlashBackLLM, to_flashback_messages, usage_dict
 from llama_index.llms.flashback.templates import (
     FLASHBACK_REFINE_PROMPT,
     FLASHBACK_TEXT_QA_PROMPT,
@@ -12,7 +15,7 @@ from llama_index.llms.flashback.templates import (
 )
 
 __all__ = [
-    "FlashBackLLM", "DOCUMENTS_KEY", "to_flashback_messages", "usage_dict",
+    "FlashBack", "FlashBackLLM", "DOCUMENTS_KEY", "to_flashback_messages", "usage_dict",
     "FLASHBACK_TEXT_QA_PROMPT", "FLASHBACK_REFINE_PROMPT", "FlashBackPromptTemplate",
     "flashback_query_engine", "offline_embed_model", "chroma_vector_store", "split_documents",
 ]

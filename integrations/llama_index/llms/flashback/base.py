@@ -1,4 +1,4 @@
-"""FlashBackLLM: a LlamaIndex ``FunctionCallingLLM`` on a persistent, KV-cached local model.
+"""FlashBack: a LlamaIndex ``FunctionCallingLLM`` on a persistent, KV-cached local model.
 
 Every call goes through :class:`flashback_agents.chat.ChatEngine` (the same code path as the
 LangChain integration): messages are rendered one at a time in the FlashBack append layout, run on
@@ -14,6 +14,7 @@ question stays cached while evidence is appended. The prompt templates in
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, AsyncGenerator, Dict, Generator, List, Optional, Sequence, Union
 
 from llama_index.core.base.llms.types import (
@@ -193,13 +194,16 @@ def _tool_spec(tool: Any) -> dict:
 
 
 # ---------------------------------------------------------------------------- the LLM
-class FlashBackLLM(FunctionCallingLLM):
+class FlashBack(FunctionCallingLLM):
     """A local chat model whose KV cache persists across calls (FlashBack append layout).
+
+    Named like the ecosystem's LLMs (``llama_index.llms.ollama.Ollama``); ``FlashBackLLM`` is its
+    deprecated former name.
 
     Example::
 
-        from llama_index.llms.flashback import FlashBackLLM
-        llm = FlashBackLLM()                      # SmolLM2-135M-Instruct, offline
+        from llama_index.llms.flashback import FlashBack
+        llm = FlashBack()                         # SmolLM2-135M-Instruct, offline
         llm.chat([ChatMessage(role="user", content="Hi")]).raw["usage"]
         # {'prompt_tokens': 25, 'completion_tokens': 9, 'cached_tokens': 0, 'computed_tokens': 25, ...}
     """
@@ -446,3 +450,13 @@ class FlashBackLLM(FunctionCallingLLM):
                                  f"{(response.message.content or '')[:200]!r}")
             return []
         return [ToolSelection(tool_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in calls]
+
+
+class FlashBackLLM(FlashBack):
+    """Deprecated name of :class:`FlashBack` (kept for one release): constructing it warns."""
+
+    def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, **kwargs: Any) -> None:
+        warnings.warn("llama_index.llms.flashback.FlashBackLLM is deprecated and will be removed in the next "
+                      "release; use llama_index.llms.flashback.FlashBack (same arguments).",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(model, **kwargs)

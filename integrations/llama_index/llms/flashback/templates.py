@@ -2,7 +2,7 @@
 
 LlamaIndex's default QA prompt puts the retrieved context *before* the question, so every new
 retrieval invalidates the cached question. These templates put the question first and append each
-retrieved text after it, marker-wrapped: with :class:`FlashBackLLM` the user message carries the
+retrieved text after it, marker-wrapped: with :class:`FlashBack` the user message carries the
 texts in ``additional_kwargs["documents"]`` and the layout renders ``question`` then
 ``<MARK_L> doc <MARK_R>`` per document. With any other LLM (or ``template.format()``) the texts are
 written inline after the question, so the templates stay usable everywhere.
@@ -49,9 +49,9 @@ def split_documents(context: str) -> list[str]:
 
 
 def _accepts_documents(llm: Any) -> bool:
-    from .base import FlashBackLLM
+    from .base import FlashBack
 
-    return isinstance(llm, FlashBackLLM)
+    return isinstance(llm, FlashBack)
 
 
 class FlashBackPromptTemplate(ChatPromptTemplate):
@@ -163,17 +163,17 @@ def flashback_query_engine(index: Any, llm: Optional[Any] = None, similarity_top
                            prompt_helper: Optional[Any] = None, **kwargs: Any) -> Any:
     """A query engine over ``index`` with the FlashBack prompts: question cached, evidence appended.
 
-    ``llm`` defaults to ``FlashBackLLM()`` (the default model). ``response_mode``, ``streaming`` and
+    ``llm`` defaults to ``FlashBack()`` (the default model). ``response_mode``, ``streaming`` and
     ``prompt_helper`` configure the response synthesizer; other kwargs go to ``index.as_query_engine``
     (e.g. ``node_postprocessors``, ``filters``).
     """
     from llama_index.core.response_synthesizers import get_response_synthesizer
 
-    from .base import FlashBackLLM
+    from .base import FlashBack
 
     if similarity_top_k < 1:
         raise ValueError(f"similarity_top_k must be >= 1, got {similarity_top_k}")
-    llm = llm if llm is not None else FlashBackLLM()
+    llm = llm if llm is not None else FlashBack()
     synthesizer = get_response_synthesizer(
         llm=llm, prompt_helper=prompt_helper, response_mode=response_mode, streaming=streaming,
         text_qa_template=FLASHBACK_TEXT_QA_PROMPT, refine_template=FLASHBACK_REFINE_PROMPT)

@@ -1,4 +1,4 @@
-"""``flashback-agents eval ppl``: the FlashBack paper's perplexity table (registered by cli.py)."""
+"""``flashback-agents eval ppl``: the FlashBack paper's perplexity table."""
 
 from __future__ import annotations
 
@@ -8,21 +8,21 @@ from typing import Any, Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from .common import emit, fail
 
-eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter).",
-                       no_args_is_help=True)
 
 QUICK = {"tokens": 512, "window": 256, "train_steps": 20, "train_max_length": 256}
 FULL = {"tokens": 8192, "window": 512, "train_steps": 100, "train_max_length": 512}
 
 
-def register(app: typer.Typer, bench_app: Any) -> None:  # noqa: ARG001 - no bench commands here
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - no bench commands here
+    eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter).",
+                           no_args_is_help=True)
+    eval_app.command("ppl")(ppl)
     app.add_typer(eval_app, name="eval")
 
 
 def _top_ks(text: str) -> tuple[int, ...]:
-    from ..cli import fail
-
     try:
         ks = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -33,7 +33,6 @@ def _top_ks(text: str) -> tuple[int, ...]:
     return tuple(sorted(set(ks)))
 
 
-@eval_app.command("ppl")
 def ppl(
     data: str = typer.Option("wikitext", "--data", help="wikitext (test; retrieval from valid) or loghub:SYSTEM "
                              "(second half of SYSTEM_2k.log; retrieval from its first half)."),
@@ -58,10 +57,16 @@ def ppl(
     evidence (FlashBack) without and with an adapter, on the same tokens."""
     import torch
 
-    from ..cli import emit, fail
+    from ..evaluation.perplexity import (
+        AdapterTrainConfig,
+        PerplexityError,
+        PplConfig,
+        evaluate_perplexity,
+        format_table,
+        parse_data,
+        train_ralm_adapter,
+    )
     from ..models import ModelLoadError, load_model, shipped_adapter
-    from .perplexity import (AdapterTrainConfig, PerplexityError, PplConfig, evaluate_perplexity, format_table,
-                             parse_data, train_ralm_adapter)
 
     preset = QUICK if quick else FULL
     ks = _top_ks(top_k)
@@ -103,7 +108,7 @@ def ppl(
         result["note"] = note
     result["threads"] = torch.get_num_threads()
     if plot:
-        from .common import save_plot
+        from ..evaluation.common import save_plot
 
         save_plot(plot, list(cfg.top_ks), {r["setting"]: [r[f"ppl_top{k}"] for k in cfg.top_ks] for r in result["rows"]},
                   "top-k", "perplexity", f"{result['model']}: {result['data']}")

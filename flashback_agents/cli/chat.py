@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL
+from .common import emit, fail
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
@@ -24,11 +25,10 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
 ) -> None:
     """Chat interactively; every turn computes only the new tokens (shown after each reply)."""
-    from .cli import fail
-    from .context import CachedContext, ContextOverflowError
-    from .generation import GenerationConfig, stream
-    from .layout import Message
-    from .models import ModelLoadError, load_model
+    from ..context import CachedContext, ContextOverflowError
+    from ..generation import GenerationConfig, stream
+    from ..layout import Message
+    from ..models import ModelLoadError, load_model
 
     try:
         lm = load_model(model, adapter=None if (adapter or "").lower() == "none" else adapter)
@@ -71,9 +71,14 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     import torch
     import transformers
 
-    from . import __version__
-    from .cli import emit
-    from .models import ModelLoadError, cache_dir, default_gguf_path, load_model, shipped_adapter
+    from .. import __version__
+    from ..models import (
+        ModelLoadError,
+        cache_dir,
+        default_gguf_path,
+        load_model,
+        shipped_adapter,
+    )
 
     data: dict = {"flashback_agents": __version__, "torch": torch.__version__,
                   "transformers": transformers.__version__, "model": model,
@@ -90,8 +95,6 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
         try:
             lm = load_model(model)
         except ModelLoadError as exc:
-            from .cli import fail
-
             fail(str(exc))
         data.update(name=lm.name, adapter=lm.adapter, dtype=str(lm.dtype), max_positions=lm.max_positions,
                     parameters=sum(p.numel() for p in lm.model.parameters()), marker_ids=list(lm.marker_ids))

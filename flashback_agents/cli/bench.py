@@ -1,20 +1,20 @@
-"""``flashback-agents bench context|decode`` (other benchmarks register from their own modules)."""
+"""``flashback-agents bench ...``: the speed benchmarks (context, decode, agent, long, shift-drift, ralm)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..models import DEFAULT_MODEL
+from .common import emit, fail
 
 
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        from ..cli import fail
-
         fail(f"expected comma-separated integers, got {text!r}")
         raise
 
@@ -25,6 +25,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("agent")(agent)
     bench_app.command("long")(long)
     bench_app.command("shift-drift")(shift_drift_cmd)
+    bench_app.command("ralm")(bench_ralm_cmd)
 
 
 def shift_drift_cmd(
@@ -34,9 +35,8 @@ def shift_drift_cmd(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """How far on_overflow='shift' (no recompute) drifts from 'evict' (exact): logits and perplexity."""
-    from ..cli import emit, fail
+    from ..evaluation.long_bench import shift_drift
     from ..models import load_model
-    from .long_bench import shift_drift
 
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     try:
@@ -58,11 +58,10 @@ def long(
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG: seconds per step, one line per system."),
 ) -> None:
     """A long agent run on a budget: ChatFlashBack (evict) vs ChatHuggingFace + trim_messages."""
-    from ..cli import emit
+    from ..evaluation.agent_bench import Scenario
+    from ..evaluation.common import save_plot
+    from ..evaluation.long_bench import bench_long
     from ..models import load_model
-    from .agent_bench import Scenario
-    from .common import save_plot
-    from .long_bench import bench_long
 
     scenario = Scenario(12, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
     budget = 1536 if quick and budget is None else budget
@@ -103,25 +102,20 @@ def agent(
                                             "the served model (default: found from the server)."),
 ) -> None:
     """Replay one agent run through the ideal loop, ChatHuggingFace, LlamaIndex HuggingFaceLLM and ours."""
-    from ..cli import emit
+    from ..evaluation.agent_bench import Scenario, bench_agent
+    from ..evaluation.common import save_plot
     from ..models import load_model
-    from .agent_bench import Scenario, bench_agent
-    from .common import save_plot
 
     scenario = Scenario(4, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
     if backend not in ("local", "server"):
-        from ..cli import fail
-
         fail(f"--backend must be 'local' or 'server', got {backend!r}")
     if backend == "server":
         from ..backends.server import ServerError
-        from .server_bench import bench_server, print_report
+        from ..evaluation.server_bench import bench_server, print_report
 
         try:
             data = bench_server(server, scenario, model=model, tokenizer=tokenizer)
         except ServerError as exc:
-            from ..cli import fail
-
             fail(str(exc))
         if json_out:
             emit(data, True)
@@ -164,10 +158,9 @@ def context(
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of seconds vs context length."),
 ) -> None:
     """Cached append vs full recompute, measured in one run (the prize of keeping the cache)."""
-    from ..cli import emit, fail
+    from ..evaluation.common import save_plot
+    from ..evaluation.context_bench import bench_context, points_to_dicts
     from ..models import load_model
-    from .common import save_plot
-    from .context_bench import bench_context, points_to_dicts
 
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     try:
@@ -195,9 +188,8 @@ def decode(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Milliseconds per decoded token vs the weight-streaming floor and vs transformers' DynamicCache."""
-    from ..cli import emit
+    from ..evaluation.context_bench import bench_decode
     from ..models import load_model
-    from .context_bench import bench_decode
 
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     data = bench_decode(lm, _ints(context), tokens=tokens)
@@ -209,3 +201,65 @@ def decode(
             typer.echo(f"  context {r['context_tokens']:>5}: {r['ms_per_token']:.1f} ms/token "
                        f"({r['ratio_to_floor']:.2f}x floor), DynamicCache {r['dynamic_cache_ms_per_token']:.1f} ms "
                        f"({r['speedup_vs_dynamic_cache']:.2f}x slower)")
+
+
+def bench_ralm_cmd(
+    quick: bool = typer.Option(False, "--quick", help="One stride window per size (under 2 minutes)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model"),
+    data: Optional[Path] = typer.Option(None, "--data", help="WikiText-2 directory (valid.txt, test.txt)."),
+    as_json: bool = typer.Option(False, "--json"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of tokens/s."),
+) -> None:
+    """FlashBack append vs In-Context RALM prepend: tokens/s at 512, 1,024, 2,048 context tokens."""
+    import json
+
+    from ..evaluation.ralm_bench import run_ralm_bench
+    from ..models import ModelLoadError, load_model
+    from ..retrieval.base import RetrievalError
+
+    try:
+        result = run_ralm_bench(load_model(model), quick=quick, data_dir=data, progress=not as_json)
+    except (RetrievalError, ModelLoadError) as exc:
+        fail(str(exc))
+        return
+    if plot is not None:
+        try:
+            _plot(result, plot)
+        except ImportError:
+            fail("--plot needs matplotlib: pip install 'flashback-agents[bench]'.")
+        result["plot"] = str(plot)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"model {result['model']}, BM25 over {result['corpus_chunks']} WikiText-2 valid chunks, "
+               f"stride {result['config']['stride']}, top-k {result['config']['top_k']}, "
+               f"{result['config']['new_tokens']} new tokens")
+    typer.echo(f"{'context':>8}  {'append tok/s':>12}  {'prepend tok/s':>13}  {'append/prepend':>14}")
+    for r in result["rows"]:
+        typer.echo(f"{r['context_tokens']:>8}  {r['append_tokens_per_s']:>12.2f}  "
+                   f"{r['prepend_tokens_per_s']:>13.2f}  {r['append_over_prepend']:>13.2f}x")
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([x - 0.2 for x in xs], [r["append_tokens_per_s"] for r in rows], 0.4, label="append (FlashBack)")
+    ax.bar([x + 0.2 for x in xs], [r["prepend_tokens_per_s"] for r in rows], 0.4, label="prepend (In-Context RALM)")
+    ax.set_xticks(list(xs), [str(r["context_tokens"]) for r in rows])
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{result['model']}: retrieval every {result['config']['stride']} tokens")
+    for x, r in zip(xs, rows):
+        ax.text(x, max(r["append_tokens_per_s"], r["prepend_tokens_per_s"]), f"{r['append_over_prepend']:.1f}x",
+                ha="center", va="bottom")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
