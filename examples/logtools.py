@@ -1,7 +1,11 @@
 """Log tools for the log-analysis agent: bounded reading, regex search, counts, templates, semantic search.
 
 Everything here is plain Python (no model): the agent's answers come from these functions, so they
-are exact and unit-tested against the Loghub structured CSVs (tests/test_examples.py).
+are exact and unit-tested against the Loghub structured CSVs (tests/test_examples.py). The log's
+format (timestamp, level, component, ...) is inferred from the log itself (logformat.py); every
+count says which format was inferred and how many lines fit it. The tools forgive a small model:
+filters are case-insensitive unless asked, an invalid regex is a short error to recover from, a
+filter matching nothing is reported and dropped, and each result leads with its answer.
 
 Reading is streamed line by line with hard caps (bytes, lines, bytes per line), so a 1 GB file or a
 file without newlines costs bounded time and memory: what was left out is stated in ``LogFile.note``.
@@ -16,10 +20,13 @@ import hashlib
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+
+from logformat import GENERIC, SEVERITIES, LogFormat, infer_format, parse_time_value
 
 SAMPLE_LOG = Path(__file__).resolve().parent / "sample_data" / "app.log"
 RESULT_CHARS = 1200  # tool results are cut to this many characters (they all land in the model's context)
@@ -30,85 +37,15 @@ class LogError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- formats
-@dataclass(frozen=True)
-class LogFormat:
-    """One line format: a regex with named groups (time, level, component, content) + a time format."""
-
-    name: str
-    regex: str
-    time_format: str | None = None  # strptime format of the ``time`` group (or a prefix of it)
-    component: Callable[[dict], str | None] | None = None  # derive the component from the groups
-
-    @property
-    def pattern(self) -> re.Pattern:
-        return _compiled(self.regex)
-
-
-_RE_CACHE: dict[str, re.Pattern] = {}
-
-
-def _compiled(regex: str) -> re.Pattern:
-    pat = _RE_CACHE.get(regex)
-    if pat is None:
-        pat = _RE_CACHE[regex] = re.compile(regex)
-    return pat
-
-
-_LEVELS = r"TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|CRITICAL|CRIT|FATAL|SEVERE|ALERT|EMERG"
-
-
-def _zk_component(g: dict) -> str | None:
-    m = re.search(r"(?:^|:)([A-Za-z_][\w$.]*)@\d+$", g.get("bracket") or "")
-    return m.group(1) if m else None
-
-
-FORMATS: tuple[LogFormat, ...] = (
-    # 2024-03-01 10:15:02 INFO  scheduler: job 4411 started   (the sample log; many app logs)
-    LogFormat("iso-level-component",
-              rf"^(?P<time>\d{{4}}-\d{{2}}-\d{{2}}[ T]\d{{2}}:\d{{2}}:\d{{2}}(?:[.,]\d+)?)\s+(?P<level>{_LEVELS})\s+"
-              r"(?P<component>[^\s:\[\]]+): (?P<content>.*)$", "%Y-%m-%d %H:%M:%S"),
-    # Hadoop: 2015-10-18 18:01:47,978 INFO [main] org.apache...MRAppMaster: Created ...
-    LogFormat("iso-level-thread-component",
-              rf"^(?P<time>\d{{4}}-\d{{2}}-\d{{2}} \d{{2}}:\d{{2}}:\d{{2}}(?:[.,]\d+)?) (?P<level>{_LEVELS}) +"
-              r"\[(?P<thread>[^\]]*)\] (?P<component>[^\s:]+): ?(?P<content>.*)$", "%Y-%m-%d %H:%M:%S"),
-    # Zookeeper: 2015-07-29 17:41:44,747 - INFO  [QuorumPeer[myid=1]/0:0:...:2181:FastLeaderElection@774] - ...
-    LogFormat("iso-dash-level-bracket",
-              rf"^(?P<time>\d{{4}}-\d{{2}}-\d{{2}} \d{{2}}:\d{{2}}:\d{{2}}(?:[.,]\d+)?) - (?P<level>{_LEVELS}) +"
-              r"\[(?P<bracket>.*?)\] - (?P<content>.*)$", "%Y-%m-%d %H:%M:%S", _zk_component),
-    # HDFS: 081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 ...
-    LogFormat("hdfs", rf"^(?P<time>\d{{6}} \d{{6}}) (?P<pid>\d+) (?P<level>{_LEVELS}) (?P<component>[^\s:]+): (?P<content>.*)$",
-              "%y%m%d %H%M%S"),
-    # Spark: 17/06/09 20:10:40 INFO spark.SecurityManager: Changing view acls to: yarn,curi
-    LogFormat("yy/mm/dd-level-component",
-              rf"^(?P<time>\d{{2}}/\d{{2}}/\d{{2}} \d{{2}}:\d{{2}}:\d{{2}}) (?P<level>{_LEVELS}) (?P<component>[^\s:]+): (?P<content>.*)$",
-              "%y/%m/%d %H:%M:%S"),
-    # Apache error log: [Sun Dec 04 04:47:44 2005] [notice] workerEnv.init() ok ...
-    LogFormat("bracket-time-level", r"^\[(?P<time>[A-Z][a-z]{2} [A-Z][a-z]{2} \d{2} \d{2}:\d{2}:\d{2} \d{4})\] "
-              r"\[(?P<level>[a-zA-Z]+)\] (?P<content>.*)$", "%a %b %d %H:%M:%S %Y"),
-    # Proxifier: [10.30 16:49:06] chrome.exe - proxy.cse.cuhk.edu.hk:5070 open through proxy ...
-    LogFormat("proxifier", r"^\[(?P<time>\d{2}\.\d{2} \d{2}:\d{2}:\d{2})\] (?P<component>.+?) - (?P<content>.*)$",
-              "%m.%d %H:%M:%S"),
-    # syslog (Linux, OpenSSH): Jun 14 15:16:01 combo sshd(pam_unix)[19939]: authentication failure; ...
-    LogFormat("syslog", r"^(?P<time>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) (?P<host>\S+) "
-              r"(?P<component>[^\[:]+?)(?:\[(?P<pid>\d+)\])?: ?(?P<content>.*)$", "%b %d %H:%M:%S"),
-)
-
-_GENERIC_LEVEL = re.compile(rf"\b({_LEVELS})\b", re.IGNORECASE)
+# The format of a log is inferred from the log itself (logformat.py): no system is hard-coded.
+_LEVEL_WORDS = "|".join(sorted(SEVERITIES, key=len, reverse=True))
+_GENERIC_LEVEL = re.compile(rf"\b({_LEVEL_WORDS})\b", re.IGNORECASE)
 _GENERIC_TIME = re.compile(r"(\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2})")
-GENERIC = LogFormat("generic", r"^(?P<content>.*)$")
 
 
-def detect_format(lines: Iterable[str], sample: int = 200) -> LogFormat:
-    """The format matching most of the first ``sample`` non-empty lines (at least half), else generic."""
-    probe = [ln for ln in lines if ln.strip()][:sample]
-    if not probe:
-        return GENERIC
-    best, hits = GENERIC, 0
-    for fmt in FORMATS:
-        n = sum(1 for ln in probe if fmt.pattern.match(ln))
-        if n > hits:
-            best, hits = fmt, n
-    return best if hits * 2 >= len(probe) else GENERIC
+def detect_format(lines: Iterable[str], sample: int = 400) -> LogFormat:
+    """The header format inferred from the first ``sample`` non-empty lines (GENERIC when none fits)."""
+    return infer_format(lines, sample)
 
 
 @dataclass
@@ -123,33 +60,28 @@ class Record:
 
 
 def parse_line(fmt: LogFormat, line: str) -> Record:
+    """The fields of one line; a line the format does not fit (a stack trace, a wrapped message) has none."""
     m = fmt.pattern.match(line) if fmt is not GENERIC else None
-    if m is None:  # generic: a level keyword and an ISO timestamp anywhere near the start
-        lv = _GENERIC_LEVEL.search(line[:120])
-        tm = _GENERIC_TIME.search(line[:60])
-        return Record(time=tm.group(1) if tm else None, level=lv.group(1).upper() if lv else None, content=line)
+    if m is None:
+        if fmt is GENERIC:  # no header format: a level keyword and an ISO timestamp near the start
+            lv = _GENERIC_LEVEL.search(line[:120])
+            tm = _GENERIC_TIME.search(line[:60])
+            return Record(time=tm.group(1) if tm else None, level=lv.group(1).upper() if lv else None, content=line)
+        return Record(content=line)
     g = {k: v for k, v in m.groupdict().items() if v is not None}
     comp = fmt.component(g) if fmt.component else g.get("component")
     return Record(time=g.get("time"), level=g.get("level"), component=comp.strip() if comp else None,
-                  content=g.get("content", line), fields=g)
+                  content=g.get("content", ""), fields=g)
 
 
 def parse_time(fmt: LogFormat, value: str | None) -> datetime | None:
     """datetime of a time field (formats without a year get 1900), or None."""
-    if not value or not fmt.time_format:
-        if value and fmt is GENERIC:
-            try:
-                return datetime.strptime(value.replace("T", " ")[:19], "%Y-%m-%d %H:%M:%S")
-            except ValueError:
-                return None
-        return None
-    text = " ".join(value.split())
-    if fmt.time_format.startswith("%Y-%m-%d"):
-        text = text.replace("T", " ")[:19]
-    try:
-        return datetime.strptime(text, fmt.time_format)
-    except ValueError:
-        return None
+    if value and fmt is GENERIC:
+        try:
+            return datetime.strptime(value.replace("T", " ")[:19], "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            return None
+    return parse_time_value(value, fmt.time_format)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -190,10 +122,20 @@ class LogFile:
         key = f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{len(self.lines)}|{self.bytes_read}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    @property
+    def parsed(self) -> int:
+        """Lines the inferred format fits (the share says how sure the inference is)."""
+        return sum(1 for r in self.records if r.fields)
+
+    def format_note(self) -> str:
+        """Which format was inferred and how sure it is, for tool results."""
+        if self.format is GENERIC:
+            return "format: none recognised (levels found by keyword only)"
+        share = self.parsed / max(1, len(self.lines))
+        return f"format {self.format.spec}, inferred; {self.parsed} of {len(self.lines)} lines fit it ({share:.0%})"
+
     def describe(self) -> str:
-        parsed = sum(1 for r in self.records if r.fields)
-        s = (f"{self.path.name}: {len(self.lines)} lines read, format {self.format.name} "
-             f"({parsed} lines parsed)")
+        s = f"{self.path.name}: {len(self.lines)} lines read, {self.format_note()}"
         return s + (f"; {self.note}" if self.note else "")
 
 
@@ -294,34 +236,76 @@ def _short(line: str, n: int = 160) -> str:
     return line if len(line) <= n else line[: n - 3] + "..."
 
 
-def _filter(log: LogFile, pattern: str | None) -> tuple[list[int], str | None]:
-    """Indices of lines matching ``pattern`` (all lines when empty), or an error text."""
+def _compile(pattern: str, case_sensitive: bool = False) -> tuple[re.Pattern | None, str | None]:
+    """The regex (case-insensitive unless asked), or a short error a small model can act on."""
+    try:
+        return re.compile(pattern, 0 if case_sensitive else re.IGNORECASE), None
+    except re.error as exc:
+        return None, (f"Invalid regular expression {pattern!r} ({exc}). Use a plain word such as ERROR "
+                      "or timeout, or an empty pattern for all lines.")
+
+
+def _filter(log: LogFile, pattern: str | None, case_sensitive: bool = False) -> tuple[list[int], str | None]:
+    """Indices of lines matching ``pattern`` (all lines when empty), or an error text.
+
+    Case-insensitive unless asked: a small model writes ``INFO`` for a log that writes ``Info``.
+    """
     if not pattern:
         return list(range(len(log.lines))), None
-    try:
-        # smart case (as ripgrep): a pattern with capitals is case-sensitive ("ERROR" is the level,
-        # not every "error" in a message); an all-lowercase pattern matches any case
-        rx = re.compile(pattern, 0 if any(ch.isupper() for ch in pattern) else re.IGNORECASE)
-    except re.error as exc:
-        return [], f"Invalid regular expression {pattern!r}: {exc}."
+    rx, err = _compile(pattern, case_sensitive)
+    if rx is None:
+        return [], err
     return [i for i, ln in enumerate(log.lines) if rx.search(ln)], None
 
 
-def search_logs(log: LogFile, pattern: str, max_results: int = 8) -> ToolOutput:
-    """Regex search (smart case): the number of matching lines and the first ones, numbered."""
+def level_named(log: LogFile, word: str) -> str | None:
+    """The level value of this log that ``word`` names (any case), e.g. 'warn' -> 'WARN'; else None."""
+    w = word.strip().strip("[]").lower()
+    if not w:
+        return None
+    for value in count_values(log, "level"):
+        if value != "(none)" and value.lower() == w:
+            return value
+    return None
+
+
+def search_logs(log: LogFile, pattern: str, max_results: int = 8, case_sensitive: bool = False) -> ToolOutput:
+    """Regex search (case-insensitive unless asked): the number of matching lines and the first ones.
+
+    A pattern that is one of the log's level names counts the lines *at that level* (the level field),
+    which is what "how many WARN lines" means; lines that only mention the word are reported beside it.
+    """
     if not pattern or not pattern.strip():
-        return ToolOutput("Give a non-empty regular expression.", "No search was made (empty pattern).")
-    idx, err = _filter(log, pattern)
+        msg = "search_logs needs a word or regular expression, e.g. ERROR or timeout."
+        return ToolOutput(msg, msg)
+    idx, err = _filter(log, pattern, case_sensitive)
     if err:
         return ToolOutput(err, err)
     max_results = max(1, min(int(max_results or 8), 20))
+    level = level_named(log, pattern)
+    if level is not None:
+        mentions = len(idx)
+        idx = [i for i, r in enumerate(log.records) if r.level == level]
+        head = (f"{len(idx)} of {len(log.lines)} lines have level {level}"
+                f" ({mentions} lines contain /{pattern}/ anywhere).")
+        summary = f"{len(idx)} of {len(log.lines)} lines have level {level}"
+    else:
+        head = f"{len(idx)} of {len(log.lines)} lines match /{pattern}/" + ("" if case_sensitive else " (any case)") + "."
+        summary = f"{len(idx)} of {len(log.lines)} lines match /{pattern}/"
+        if not idx:
+            head += f" Levels in this log: {_names(log, 'level')}; components: {_names(log, 'component')}."
     shown = idx[:max_results]
-    head = f"{len(idx)} of {len(log.lines)} lines match /{pattern}/."
     body = "\n".join(f"L{i + 1}: {_short(log.lines[i])}" for i in shown)
     cited = ", ".join(f"L{i + 1}" for i in shown[:5])
-    summary = f"{len(idx)} of {len(log.lines)} lines match /{pattern}/" + (f" (first: {cited})." if shown else ".")
+    summary += f" (first: {cited})." if shown else "."
     return ToolOutput(_cut(head + ("\n" + body if body else "")), summary, [i + 1 for i in shown],
-                      {"count": len(idx), "total": len(log.lines)})
+                      {"count": len(idx), "total": len(log.lines), **({"level": level} if level else {})})
+
+
+def _names(log: LogFile, by: str, n: int = 6) -> str:
+    c = count_values(log, by)
+    c.pop("(none)", None)
+    return ", ".join(str(k) for k, _ in c.most_common(n)) or "none"
 
 
 def _bucket(dt: datetime, minutes: int) -> str:
@@ -332,9 +316,12 @@ def _bucket(dt: datetime, minutes: int) -> str:
     return f"{day} {start // 60:02d}:{start % 60:02d}"
 
 
-def count_values(log: LogFile, by: str = "level", pattern: str = "", window_minutes: int = 60) -> collections.Counter:
+def count_values(log: LogFile, by: str = "level", pattern: str = "", window_minutes: int = 60,
+                 case_sensitive: bool = False) -> collections.Counter:
     """Exact counts of lines (optionally only those matching ``pattern``) per level/component/time bucket."""
-    idx, err = _filter(log, pattern)
+    if by not in ("level", "component", "time"):
+        raise LogError(f"Unknown field {by!r}: count by 'level', 'component' or 'time'.")
+    idx, err = _filter(log, pattern, case_sensitive)
     if err:
         raise LogError(err)
     recs = log.records
@@ -345,38 +332,47 @@ def count_values(log: LogFile, by: str = "level", pattern: str = "", window_minu
             key = r.level
         elif by == "component":
             key = r.component
-        elif by == "time":
+        else:
             dt = parse_time(log.format, r.time)
             key = _bucket(dt, window_minutes) if dt else None
-        else:
-            raise LogError(f"Unknown field {by!r}: count by 'level', 'component' or 'time'.")
         c[key if key is not None else "(none)"] += 1
     return c
 
 
-def count_lines(log: LogFile, by: str = "level", pattern: str = "", window_minutes: int = 60) -> ToolOutput:
-    """Counts per level / component / time window (of all lines, or those matching ``pattern``)."""
+def count_lines(log: LogFile, by: str = "level", pattern: str = "", window_minutes: int = 60,
+                case_sensitive: bool = False) -> ToolOutput:
+    """Counts per level / component / time window, the top value first (all lines when no pattern).
+
+    A filter that matches no line is reported and the counts over all lines are given instead, so a
+    small model that invented a pattern still gets the answer, with the reason stated.
+    """
     try:
-        c = count_values(log, by, pattern, window_minutes)
+        c = count_values(log, by, pattern, window_minutes, case_sensitive)
+        dropped = ""
+        if pattern and not c:
+            dropped = f"No line matches /{pattern}/, so all lines are counted. "
+            c, pattern = count_values(log, by, "", window_minutes), ""
     except LogError as exc:
         return ToolOutput(str(exc), str(exc))
     n = sum(c.values())
     what = f"lines matching /{pattern}/" if pattern else "lines"
-    if by == "time":
-        items = sorted(c.items())
-        label = f"per {window_minutes}-minute window"
-    else:
-        items = c.most_common()
-        label = f"by {by}"
+    items = sorted(c.items()) if by == "time" else c.most_common()
+    label = f"per {window_minutes}-minute window" if by == "time" else f"by {by}"
     note = ""
     if set(c) == {"(none)"}:
-        note = f" This log format ({log.format.name}) has no {by} field."
+        note = f" This log has no {by} field ({log.format_note()})."
+    ranked = [(k, v) for k, v in c.most_common() if k != "(none)"]
+    if ranked:
+        top_k, top_v = ranked[0]
+        lead = f"Top {by}: {top_k} with {top_v} of {n} {what}."
+    else:
+        lead = f"No {by} value found in {n} {what}."
     shown = items[:25]
     body = ", ".join(f"{k}: {v}" for k, v in shown) + (f", ... ({len(items) - 25} more)" if len(items) > 25 else "")
-    top = ", ".join(f"{k}: {v}" for k, v in (items if by != "time" else c.most_common())[:4])
-    text = f"{n} {what}, counted {label}: {body}.{note}"
-    summary = f"{n} {what} counted {label}; {top}.{note}"
-    return ToolOutput(_cut(text), summary, [], {"counts": dict(c), "total": n})
+    text = f"{dropped}{lead} {n} {what} counted {label}: {body}.{note}\n({log.format_note()})"
+    listed = ", ".join(f"{k}: {v}" for k, v in ranked[:8])
+    summary = f"{dropped}{lead}" + (f" Counts {label}: {listed}." if len(ranked) > 1 else "") + note
+    return ToolOutput(_cut(text), summary, [], {"counts": dict(c), "total": n, "by": by, "pattern": pattern})
 
 
 # Masks for template mining: variable parts that Drain should treat as parameters.
@@ -421,6 +417,12 @@ def mine_templates(log: LogFile, pattern: str = "") -> list[dict[str, Any]]:
 
 def top_templates(log: LogFile, top: int = 5, pattern: str = "") -> ToolOutput:
     """The most frequent line templates (similar lines grouped), with counts and a first line number."""
+    idx, err = _filter(log, pattern)
+    if err:
+        return ToolOutput(err, err)
+    dropped = ""
+    if pattern and not idx:  # an invented filter: group all lines, and say so
+        dropped, pattern = f"No line matches /{pattern}/, so all lines are grouped. ", ""
     try:
         groups = mine_templates(log, pattern)
     except LogError as exc:
@@ -429,13 +431,14 @@ def top_templates(log: LogFile, top: int = 5, pattern: str = "") -> ToolOutput:
     n = sum(g["count"] for g in groups)
     what = f"lines matching /{pattern}/" if pattern else "lines"
     body = "\n".join(f"{g['count']} lines (first L{g['first_line']}): {_short(g['template'], 140)}" for g in groups[:top])
-    text = f"{len(groups)} templates over {n} {what}; top {min(top, len(groups))}:\n{body}"
     if groups:
         g = groups[0]
-        summary = (f"{len(groups)} templates over {n} {what}; the most frequent ({g['count']} lines, first "
-                   f"L{g['first_line']}) is: {_short(g['template'], 100)}")
+        lead = (f"The most frequent template ({g['count']} of {n} {what}, first L{g['first_line']}) is: "
+                f"{_short(g['template'], 100)}")
+        text = f"{dropped}{lead}\n{len(groups)} templates over {n} {what}; top {min(top, len(groups))}:\n{body}"
+        summary = dropped + lead
     else:
-        summary = f"No {what} to group."
+        text = summary = f"No {what} to group."
     return ToolOutput(_cut(text), summary, [g["first_line"] for g in groups[:top]],
                       {"templates": groups[:top], "n_templates": len(groups)})
 
@@ -485,3 +488,69 @@ class SemanticIndex:
         summary = (f"The log chunks closest to {query!r} are at " +
                    ", ".join(f"L{d.metadata.get('start_line')}-L{d.metadata.get('end_line')}" for d in docs) + ".")
         return ToolOutput(_cut(text), summary, cited)
+
+
+# ------------------------------------------------------------------------------ measuring the reader
+COMPONENT_COLUMNS = ("Component", "Program")  # what Loghub's structured CSVs call the component
+
+
+def _same_component(ours: str | None, theirs: str) -> bool:
+    """Equal, or equal to the last ``:`` piece: Loghub splits a ``[thread:Class@line]`` bracket at the
+    first ``:``, which leaves the tail of the thread name in front of the class in its Component."""
+    return ours is not None and (ours == theirs or (":" in theirs and theirs.rsplit(":", 1)[-1] == ours))
+
+
+def reader_agreement(structured_csv: str | os.PathLike) -> dict[str, Any]:
+    """Per-line agreement of the inferred level / component with a Loghub ``*_structured.csv``.
+
+    The log is the CSV's name without ``_structured.csv``. A column whose values are the host name
+    (Loghub calls the syslog host "Level" in Linux and "Component" in OpenSSH) is reported as such.
+    """
+    import csv
+
+    path = Path(structured_csv)
+    log = read_log(path.with_name(path.name.replace("_structured.csv", "")))
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        rows = list(csv.DictReader(f))
+    recs = log.records
+    pairs = [(recs[int(r["LineId"]) - 1], r) for r in rows if 0 < int(r["LineId"]) <= len(recs)]
+    out: dict[str, Any] = {"system": path.name.split("_")[0], "lines": len(pairs), "format": log.format_note(),
+                           "parsed": log.parsed / max(1, len(log.lines))}
+
+    def share(pred) -> float:
+        return sum(1 for rec, r in pairs if pred(rec, r)) / max(1, len(pairs))
+
+    def host_share(col: str) -> float:
+        return share(lambda rec, r: rec.fields.get("host") == r[col])
+
+    if rows and "Level" in rows[0]:
+        lv = share(lambda rec, r: rec.level == r["Level"])
+        out["level"] = lv
+        if lv < 0.5 and host_share("Level") >= 0.95:
+            out["level"], out["level_note"] = None, f"CSV Level holds the host name (host agrees {host_share('Level'):.1%})"
+    col = next((c for c in COMPONENT_COLUMNS if rows and c in rows[0]), None)
+    if col:
+        cp = share(lambda rec, r: _same_component(rec.component, r[col]))
+        out["component"], out["component_column"] = cp, col
+        if cp < 0.5 and host_share(col) >= 0.95:
+            out["component"], out["component_note"] = None, f"CSV {col} holds the host name (host agrees {host_share(col):.1%})"
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def reader_table(root: str | os.PathLike) -> str:
+    """The agreement table for every ``*_structured.csv`` under ``root`` (printed by --reader-table)."""
+    root = Path(root)
+    paths = sorted(root.rglob("*_structured.csv"))
+    if not paths:
+        raise LogError(f"No *_structured.csv under {root}: pass a folder of Loghub samples.")
+    lines = [f"{'system':<11} {'lines':>5} {'parsed':>7} {'level':>7} {'component':>9}  format / notes"]
+    for p in paths:
+        a = reader_agreement(p)
+        notes = "; ".join(a[k] for k in ("level_note", "component_note") if k in a)
+        lines.append(f"{a['system']:<11} {a['lines']:>5} {a['parsed']:>7.1%} {_pct(a.get('level')):>7} {_pct(a.get('component')):>9}  "
+                     f"{a['format'].split(', inferred')[0].removeprefix('format ')}" + (f"  [{notes}]" if notes else ""))
+    return "\n".join(lines)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -49,6 +50,7 @@ class WritingConfig:
     top_k: int = 2
     threads: int | None = None
     quiet: bool = False
+    no_adapter: bool = False  # --no-adapter: the bare model (adapter=None passed explicitly)
 
 
 @dataclass
@@ -58,6 +60,88 @@ class Source:
     start_line: int
     end_line: int
     first_seen_at: int  # generated-token step of the retrieval that brought it in (0 = before decoding)
+    text: str = ""  # the chunk as retrieved
+
+
+# ------------------------------------------------------------------------------ citations
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
+_CITE = re.compile(r"\s*\[([^\[\]]+?:\d+-\d+)\]")
+_STOP = frozenset("""a an the and or but if of to in on at by for with from as is are was were be been it its this
+that these those there their they we you he she i not no so than then which who what when where why how each every
+all any can may might will would should could also only more most much many some such into over under about""".split())
+
+
+def fact_terms(sentence: str) -> set[str]:
+    """What a sentence asserts that a note must contain: its numbers and its names (capitalised or
+    mixed-case words, acronyms, words with digits) other than the sentence's first word."""
+    text = _CITE.sub("", sentence)
+    terms: set[str] = set()
+    for i, m in enumerate(re.finditer(r"\w(?:[\w'-]|[.,](?=\d))*", text)):
+        w = m.group(0)
+        if re.fullmatch(r"\d[\d,]*(?:\.\d+)?", w):
+            terms.add(w.replace(",", ""))
+        elif w.lower() not in _STOP and ((i > 0 and w[0].isupper()) or any(ch.isdigit() for ch in w)
+                                         or (len(w) > 1 and w[1:] != w[1:].lower())):
+            terms.add(w.lower())
+    return terms
+
+
+def supports(note: str, sentence: str) -> bool:
+    """A note contains a sentence's facts: every number, and most of its names."""
+    terms = fact_terms(sentence)
+    if not terms:
+        return False
+    low = note.lower()
+    nums = {t for t in terms if re.fullmatch(r"[\d.]+", t)}
+    note_nums = {m.group(0).replace(",", "") for m in _NUMBER.finditer(note)}
+    names = terms - nums
+    found = sum(1 for t in names if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", low))
+    return nums <= note_nums and (not names or found >= 0.6 * len(names))
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences end at . ! ? before a space or the end ("3.5" and "[a.md:1-4]" stay whole)."""
+    return [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n+", text) if p.strip()]
+
+
+def cite(draft_body: str, sources: Sequence[Source]) -> tuple[str, list[str]]:
+    """Each sentence that states a fact gets ``[file:lines]`` of a note containing it; a sentence whose
+    facts no retrieved note contains is left out (returned in the second list, shown as unsupported)."""
+    kept, dropped = [], []
+    for sent in sentences(draft_body):
+        if not fact_terms(sent):
+            kept.append(sent)
+            continue
+        note = next((s for s in sources if s.text and supports(s.text, sent)), None)
+        if note is None:
+            dropped.append(sent)
+        else:
+            body = sent.rstrip()
+            end = len(body) - len(body.rstrip(".!?"))
+            kept.append(f"{body[:len(body) - end]} [{note.label}]{body[len(body) - end:]}")
+    return " ".join(kept), dropped
+
+
+def check_citations(draft: str, notes: dict[str, str]) -> list[str]:
+    """Problems with a draft: each sentence stating a fact must cite ``[file:a-b]``, and those lines of
+    that note must contain its facts. ``notes`` maps file names to their text. [] when all hold."""
+    problems = []
+    for sent in sentences(draft.split("\n", 1)[-1] if draft.startswith("## ") else draft):
+        if not fact_terms(sent):
+            continue
+        cites = _CITE.findall(sent)
+        if not cites:
+            problems.append(f"no citation: {sent!r}")
+            continue
+        ok = False
+        for c in cites:
+            name, rng = c.rsplit(":", 1)
+            a, b = (int(x) for x in rng.split("-"))
+            lines = notes.get(name, "").splitlines()[a - 1:b]
+            ok = ok or supports("\n".join(lines), sent)
+        if not ok:
+            problems.append(f"cited note does not contain it: {sent!r} {cites}")
+    return problems
 
 
 @dataclass
@@ -80,6 +164,7 @@ class WritingResult:
     seconds: float
     finish_reason: str
     extra: dict = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)  # sentences left out: no retrieved note contains them
 
 
 def default_store(notes: Path) -> Path:
@@ -112,7 +197,8 @@ def run(cfg: WritingConfig, out=print) -> WritingResult:
     say(f"notes: {notes} -> {report.chunks_total} chunks in {store} "
         f"(+{report.chunks_added} new, {report.chunks_unchanged} unchanged; {index_seconds:.1f}s)")
     retriever = open_store(store)
-    lm = shared_model(cfg.model, adapter=cfg.adapter)
+    # adapter= is passed only when asked: the core's default (its shipped adapter, if any) applies otherwise
+    lm = shared_model(cfg.model, **({"adapter": cfg.adapter} if cfg.adapter or cfg.no_adapter else {}))
     ctx = CachedContext(lm)
     lay = ctx.layout
     # [system][user: the task]  -> evidence for it goes here, after the question ->  [assistant prompt] draft
@@ -137,17 +223,22 @@ def run(cfg: WritingConfig, out=print) -> WritingResult:
             label = d.label() or d.id
             labels.append(label)
             sources.append(Source(label, str(d.metadata.get("source", "")), int(d.metadata.get("start_line", 0)),
-                                  int(d.metadata.get("end_line", 0)), r.step))
+                                  int(d.metadata.get("end_line", 0)), r.step, d.text))
         retrievals.append(Retrieval(r.step, r.query, labels, r.tokens_computed, r.tokens_reused))
         say(f"retrieval at token {r.step:3d}: +{len(labels)} chunk(s) {labels}  "
             f"computed {r.tokens_computed} tokens, reused {r.tokens_reused}")
     seconds = time.perf_counter() - t0
-    result = WritingResult(title + res.text.strip(), sources, retrievals, res.prompt_tokens, res.generated_tokens,
-                           index_seconds, seconds, res.finish_reason)
+    body, unsupported = cite(res.text.strip(), sources)
+    result = WritingResult(title + body, sources, retrievals, res.prompt_tokens, res.generated_tokens,
+                           index_seconds, seconds, res.finish_reason, unsupported=unsupported)
     say("")
     say("draft:")
     say(result.draft or "(empty)")
     say("")
+    if unsupported:
+        say(f"left out ({len(unsupported)} sentence(s) whose facts no retrieved note contains):")
+        for u in unsupported:
+            say(f"  - {u}")
     say("sources used:")
     for s in sources:
         say(f"  [{s.label}] {s.path}")
@@ -162,7 +253,9 @@ def parse_args(argv: Sequence[str] | None) -> WritingConfig:
     ap.add_argument("--notes", help="folder of notes (default: examples/sample_data/notes)")
     ap.add_argument("--topic", default=DEFAULT_TOPIC)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--adapter", help="directory of a trained FlashBack adapter")
+    ad = ap.add_mutually_exclusive_group()
+    ad.add_argument("--adapter", help="directory of a trained FlashBack adapter")
+    ad.add_argument("--no-adapter", action="store_true", help="run the bare model (adapter=None passed explicitly)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--store", help="Chroma store directory (default: a cache directory per notes folder)")
     ap.add_argument("--stride", type=int, default=16, help="retrieve every this many generated tokens")
@@ -172,7 +265,7 @@ def parse_args(argv: Sequence[str] | None) -> WritingConfig:
     if a.max_new_tokens < 1:
         ap.error("--max-new-tokens must be at least 1")
     return WritingConfig(a.notes, a.topic, a.model, a.adapter, a.max_new_tokens, a.store, a.stride, 32, a.top_k,
-                         a.threads)
+                         a.threads, no_adapter=a.no_adapter)
 
 
 def main(argv: Sequence[str] | None = None) -> WritingResult:

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from .backends.base import Backend, BackendRun, ChatUsage, Constraint
 from .context import ContextOverflowError
-from .generation import GenerationConfig, GenerationResult, holdback
+from .generation import GenerationConfig, GenerationResult
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
 from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel
 from .pool import ContextPool, MemoryBudget
@@ -70,12 +70,15 @@ def _coerce_call(obj: Any, allowed: set[str] | None) -> ToolCall | None:
     return ToolCall(name=name, arguments=args, id=new_call_id())
 
 
-def parse_tool_calls(raw: str, allowed: set[str] | None = None) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(raw: str, allowed: set[str] | None = None, fmt: Any = None) -> tuple[str, list[ToolCall]]:
     """Split generated text into (content, tool calls). Unparsable markup stays in the content.
 
     Each ``<tool_call>`` is decoded as one JSON value (so a ``</tool_call>`` inside a string argument
-    does not cut the call short), optionally followed by ``</tool_call>``.
+    does not cut the call short), optionally followed by ``</tool_call>``. ``fmt``: the model's
+    :class:`~flashback_agents.toolformat.ToolCallFormat` (``Layout.tool_format``); default Hermes.
     """
+    if fmt is not None and (fmt.open, fmt.close, fmt.array) != (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, False):
+        return fmt.parse(raw, allowed)
     decoder = json.JSONDecoder()
     calls: list[ToolCall] = []
     pieces: list[str] = []
@@ -301,9 +304,7 @@ class ChatRun:
         for delta in run:
             raw += delta
             if plan.parse_tools:
-                cut = raw.find(TOOL_CALL_OPEN)
-                visible = raw if cut < 0 else raw[:cut]
-                safe = len(visible) - (holdback(visible, (TOOL_CALL_OPEN,)) if cut < 0 else 0)
+                visible, safe = engine.layout.tool_format.stream_split(raw)
             else:
                 visible, safe = raw, len(raw)
             if safe > emitted:
@@ -519,7 +520,8 @@ class ChatEngine:
         if response_schema is not None:
             constraint = Constraint("json", response_schema)
         elif choice not in (None, "none"):
-            constraint = Constraint("tool_call", tool_call_schema(tools, choice), tools=tools, choice=choice)
+            constraint = Constraint("tool_call", tool_call_schema(tools, choice), tools=tools, choice=choice,
+                                    fmt=self.layout.tool_format)
         try:
             prepared = self.backend.prepare(ids, config, constraint)
         except ConstraintError as exc:
@@ -532,7 +534,15 @@ class ChatEngine:
 
     def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
         raw = result.text
-        text, calls = parse_tool_calls(raw, plan.allowed) if plan.parse_tools else (raw, [])
+        fmt = self.layout.tool_format
+        if plan.parse_tools:
+            if result.stop_string is None:
+                raw = _keep_call_markers(self.lm, raw, result.token_ids, fmt)
+            text, calls = parse_tool_calls(raw, plan.allowed, fmt)
+            if not calls and fmt.open != TOOL_CALL_OPEN:  # a backend that constrains in Hermes (a server)
+                text, calls = parse_tool_calls(raw, plan.allowed)
+        else:
+            text, calls = raw, []
         finish = result.finish_reason
         if calls and finish == "stop":
             finish = "tool_calls"
@@ -614,6 +624,31 @@ class ChatEngine:
     def astream_complete(self, prompt: str, config: GenerationConfig | None = None,
                          timeout: float | None = None) -> AsyncChatRun:
         return AsyncChatRun(self.stream_complete(prompt, config, timeout))
+
+
+def _keep_call_markers(lm: LoadedModel, raw: str, token_ids: Sequence[int], fmt: Any) -> str:
+    """``raw`` with the format's call markers that are special tokens put back (decoding skips special
+    tokens, so Mistral's ``[TOOL_CALLS]`` or Llama's ``<|python_tag|>`` would vanish from the text)."""
+    tok = lm.tokenizer
+    markers = [m for m in (fmt.open, fmt.close, "<|python_tag|>") if m]
+    special = set(getattr(tok, "all_special_tokens", []) or [])
+    special |= {t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    keep = {}
+    for m in markers:
+        if m in special:
+            tid = tok.convert_tokens_to_ids(m)
+            if isinstance(tid, int) and tid in token_ids:
+                keep[tid] = m
+    if not keep:
+        return raw
+    pieces, run = [], []
+    for t in token_ids:
+        if t in keep:
+            pieces.append(lm.decode(run, skip_special_tokens=True) + keep[t])
+            run = []
+        else:
+            run.append(t)
+    return "".join(pieces) + lm.decode(run, skip_special_tokens=True)
 
 
 def _config_copy(config: Any) -> GenerationConfig:

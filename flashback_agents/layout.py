@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .models import LoadedModel
+from .tokens import Tokens
 
 ROLES = ("system", "user", "assistant", "tool", "evidence")
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -95,8 +95,19 @@ class ChatFormat:
             return cls.chatml() if "<|im_start|>" in vocab else cls.plain()
 
 
+#: the date given to templates that print one (Llama 3.x: ``Today Date: ...``): a fixed one, so the system
+#: block, and every cache built on it, does not change from one day to the next
+TEMPLATE_DATE = "26 Jul 2024"
+
+
+def template_kwargs(tokenizer: Any) -> dict:
+    """Extra variables for the chat template: a fixed ``date_string`` where the template reads one."""
+    template = getattr(tokenizer, "chat_template", None)
+    return {"date_string": TEMPLATE_DATE} if isinstance(template, str) and "date_string" in template else {}
+
+
 def _render(tokenizer: Any, msgs: list[dict], gen: bool = False) -> str:
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **template_kwargs(tokenizer))
 
 
 def _split(text: str, base: str, marker: str) -> tuple[str, str]:
@@ -111,6 +122,8 @@ def _probe_template(tokenizer: Any) -> ChatFormat:
     s, u, a, t = "\u2063SYSX\u2063", "\u2063USRX\u2063", "\u2063ASTX\u2063", "\u2063TOOLX\u2063"
     sys_msgs = [{"role": "system", "content": s}]
     t0 = _render(tokenizer, sys_msgs)
+    if s not in t0:  # Mistral v3: nothing for a system-only conversation (it goes into the last user turn)
+        return _probe_without_system_block(tokenizer, s, u, a)
     sys_pre, sys_post = t0.split(s, 1)
     t1 = _render(tokenizer, sys_msgs + [{"role": "user", "content": u}])
     user_pre, user_post = _split(t1, t0, u)
@@ -121,11 +134,35 @@ def _probe_template(tokenizer: Any) -> ChatFormat:
         t3 = _render(tokenizer, sys_msgs + [{"role": "user", "content": u}, {"role": "assistant", "content": a},
                                             {"role": "tool", "content": t, "tool_call_id": "c0"}])
         tool_pre, tool_post = _split(t3, t2, t)
+        if tool_pre.endswith('"') and tool_post.startswith('"'):  # Llama 3 JSON-quotes tool content; ours is raw
+            tool_pre, tool_post = tool_pre[:-1], tool_post[1:]
     except Exception:
         tool_pre, tool_post = user_pre, user_post
     # Trailing text after the system block (e.g. a default date line) belongs to the system suffix.
     return ChatFormat(prefix={"system": sys_pre, "user": user_pre, "assistant": ast_pre, "tool": tool_pre},
                       suffix={"system": sys_post, "user": user_post, "assistant": ast_post, "tool": tool_post},
+                      generation_prompt=gen or ast_pre)
+
+
+def _probe_without_system_block(tokenizer: Any, s: str, u: str, a: str) -> ChatFormat:
+    """Wrappers for templates that render no system block of its own (Mistral v3 puts the system prompt
+    in front of the *last* user message, which no append-only rendering can follow): user / assistant
+    wrappers from a conversation without a system message, and the system prompt as an instruction turn
+    of its own (what precedes it in the template's rendering, e.g. BOS + ``[INST] ``, then the user suffix)."""
+    u2 = "\u2063USRY\u2063"
+    t1 = _render(tokenizer, [{"role": "user", "content": u}])
+    t2 = _render(tokenizer, [{"role": "user", "content": u}, {"role": "assistant", "content": a}])
+    ast_pre, ast_post = _split(t2, t1, a)
+    t3 = _render(tokenizer, [{"role": "user", "content": u}, {"role": "assistant", "content": a},
+                             {"role": "user", "content": u2}])
+    user_pre, user_post = _split(t3, t2, u2)
+    with_sys = _render(tokenizer, [{"role": "system", "content": s}, {"role": "user", "content": u}])
+    if s not in with_sys:
+        raise ValueError("template renders no system prompt")
+    gen = _render(tokenizer, [{"role": "user", "content": u}], gen=True)[len(t1):]
+    sys_pre = with_sys[:with_sys.index(s)]
+    return ChatFormat(prefix={"system": sys_pre, "user": user_pre, "assistant": ast_pre, "tool": user_pre},
+                      suffix={"system": user_post, "user": user_post, "assistant": ast_post, "tool": user_post},
                       generation_prompt=gen or ast_pre)
 
 
@@ -143,7 +180,11 @@ def render_tool_schemas(tools: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_tool_calls(calls: Iterable[ToolCall]) -> str:
+def format_tool_calls(calls: Iterable[ToolCall], tool_format: Any = None) -> str:
+    """The calls as an assistant writes them: Hermes ``<tool_call>`` or ``tool_format``
+    (a :class:`~flashback_agents.toolformat.ToolCallFormat`)."""
+    if tool_format is not None:
+        return tool_format.render(calls)
     return "".join(f"{TOOL_CALL_OPEN}{c.to_json()}{TOOL_CALL_CLOSE}" for c in calls)
 
 
@@ -184,10 +225,16 @@ def _prefix_key(prefix: Sequence[int], key: str) -> str:
 class Layout:
     """Renders messages to token ids for one model. One code path for inference and training."""
 
-    def __init__(self, lm: LoadedModel, memo: ReplyMemo | None = None, fmt: ChatFormat | None = None):
+    def __init__(self, lm: Tokens, memo: ReplyMemo | None = None, fmt: ChatFormat | None = None,
+                 tool_format: Any = None):
+        from .toolformat import probe_tool_format
+
         self.lm = lm
         self.memo = memo if memo is not None else ReplyMemo()
         self.fmt = fmt or ChatFormat.from_tokenizer(lm.tokenizer)
+        #: the model's tool-call syntax (:class:`~flashback_agents.toolformat.ToolCallFormat`), probed from
+        #: its chat template; Hermes ``<tool_call>`` where the template has none
+        self.tool_format = tool_format or probe_tool_format(lm.tokenizer)
         # Bounded LRU of short texts (role wrappers, "\n", repeated short messages): an unbounded dict
         # grew by one entry per distinct short message for the life of the process.
         self._enc_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
@@ -235,7 +282,7 @@ class Layout:
         if role == "evidence":
             return self.evidence(msg.content, msg.name)
         if role == "system":
-            content = (msg.content or DEFAULT_SYSTEM) + render_tool_schemas(tools or [])
+            content = (msg.content or DEFAULT_SYSTEM) + self.tool_format.tools_text(tools or [])
             return self._enc(fmt.prefix["system"]) + self._enc(content) + self._enc(fmt.suffix["system"])
         if role == "tool":
             head = f"{msg.name}: " if msg.name else ""
@@ -248,7 +295,7 @@ class Layout:
             prefix = self._enc(fmt.generation_prompt)
             suffix = self._enc(fmt.suffix["assistant"])
             if body is None:
-                body = self._enc(msg.content + format_tool_calls(msg.tool_calls))
+                body = self._enc(msg.content + self.tool_format.render(msg.tool_calls))
             elif suffix and body and body[-1] == suffix[0]:
                 body = body[:-1]  # the generated EOS is the template's end-of-turn token
             return prefix + body + suffix

@@ -13,8 +13,10 @@ text around one call's JSON body, which :mod:`flashback_agents.constrained` wrap
 grammar of the body (``tool_call_processor(..., fmt=...)``), so constrained decoding writes the
 family's syntax and the family's parser accepts it.
 
-Not yet wired into :class:`~flashback_agents.layout.Layout` / :class:`~flashback_agents.chat.ChatEngine`
-(they still use Hermes for every model).
+:class:`~flashback_agents.layout.Layout` probes the format once per model (``Layout.tool_format``) and
+renders assistant calls and the tool list of the system block in it; :class:`~flashback_agents.chat.ChatEngine`
+parses replies, holds call markup back from streams and constrains required calls with the same format.
+:data:`HERMES` renders exactly what the layout rendered before formats were probed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall
+from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, render_tool_schemas
 
 __all__ = ["FORMATS", "HERMES", "LLAMA3_JSON", "MISTRAL", "ToolCallFormat", "call_schema", "format_for",
            "probe_tool_format"]
@@ -53,6 +55,41 @@ class ToolCallFormat:
         if self.array:
             return self.open + "[" + ", ".join(self.body(c) for c in calls) + "]" + self.close
         return "".join(self.open + self.body(c) + self.close for c in calls)
+
+    def tools_text(self, tools: list[dict] | tuple[dict, ...]) -> str:
+        """The tool list appended to the system block, in the family's words (deterministic: sorted
+        keys, tools in the order given). Hermes: exactly :func:`~flashback_agents.layout.render_tool_schemas`."""
+        if not tools:
+            return ""
+        if self.name == "llama3_json":  # the Llama 3.1+ template's tools-in-system text
+            return ("\n\nYou have access to the following functions. To call a function, please respond with JSON "
+                    'for a function call. Respond in the format {"name": function name, "parameters": dictionary '
+                    "of argument name and its value}. Do not use variables.\n\n"
+                    + "".join(json.dumps(_tool_entry(t), indent=4, ensure_ascii=False) + "\n\n" for t in tools)
+                    + "Tool results arrive marked as evidence.")
+        if self.name == "mistral":  # Mistral v3's [AVAILABLE_TOOLS] block
+            return ("\n\n[AVAILABLE_TOOLS] [" + ", ".join(json.dumps(_tool_entry(t), ensure_ascii=False) for t in tools)
+                    + "][/AVAILABLE_TOOLS]\nTool results arrive marked as evidence.")
+        return render_tool_schemas(tools)
+
+    def stream_split(self, raw: str) -> tuple[str, int]:
+        """While streaming: (the content before any call markup, how many of its chars are safe to emit
+        now; the rest might begin call markup)."""
+        from .generation import holdback
+
+        if self.open:
+            cut = raw.find(self.open)
+            if cut >= 0:
+                return raw[:cut], cut
+            return raw, len(raw) - holdback(raw, (self.open,))
+        # Llama 3: a call is a bare JSON object opening the reply, or follows <|python_tag|>
+        lead = len(raw) - len(raw.lstrip())
+        if lead == len(raw) or raw[lead] == "{":
+            return raw[:lead], 0
+        cut = raw.find(_PYTHON_TAG)
+        if cut >= 0:
+            return raw[:cut], cut
+        return raw, len(raw) - holdback(raw, (_PYTHON_TAG,))
 
     def grammar_affixes(self) -> tuple[str, str]:
         """Text before and after one call's JSON body under constrained decoding (one call)."""
@@ -85,7 +122,7 @@ class ToolCallFormat:
                 rest += 1
             if self.close and raw.startswith(self.close, rest):
                 end = rest + len(self.close)
-            pieces.append(raw[pos:start].removesuffix("<|python_tag|>"))  # Llama 3's built-in-tool tag
+            pieces.append(raw[pos:start].removesuffix(_PYTHON_TAG))  # Llama 3's built-in-tool tag
             calls.extend(found)  # type: ignore[arg-type]
             pos = search = end
         pieces.append(raw[pos:])
@@ -103,6 +140,16 @@ class ToolCallFormat:
         if not isinstance(args, dict) or (allowed is not None and obj["name"] not in allowed):
             return None
         return ToolCall(name=obj["name"], arguments=args, id="call_" + uuid.uuid4().hex[:24])
+
+
+_PYTHON_TAG = "<|python_tag|>"
+
+
+def _tool_entry(tool: dict) -> dict:
+    """``{"type": "function", "function": {name, description, parameters}}`` with sorted inner keys."""
+    fn = tool.get("function", tool)
+    inner = {"name": fn.get("name"), "description": fn.get("description", ""), "parameters": fn.get("parameters", {})}
+    return {"type": "function", "function": json.loads(json.dumps(inner, sort_keys=True))}
 
 
 def _json_start(raw: str, search: int) -> int:

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from flashback_agents.evaluation.common import shared_data_dir
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 import logtools  # noqa: E402
 from logtools import LogError, ReadLimits, count_values, read_log, search_logs, top_templates  # noqa: E402
 
-LOGHUB = Path(__file__).resolve().parents[2] / "shared" / "data" / "loghub"
+LOGHUB = shared_data_dir() / "loghub"
 SYSTEMS = ("Apache", "HDFS", "Hadoop", "Linux", "OpenSSH", "Proxifier", "Spark", "Zookeeper")
 THREADS = 1  # the test CPU is shared: one torch thread is several times faster under contention
 

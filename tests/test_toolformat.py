@@ -100,3 +100,199 @@ def test_constrained_decoding_writes_the_family_format(fmt, tiny_dir):
     if fmt.array:
         body = body[0]
     assert fmt.args_key in body  # "parameters" for Llama 3, "arguments" otherwise
+
+
+# --- wired in: Layout and ChatEngine use the probed format (tiny random model per template family) ---
+
+#: per family: special tokens its format needs, plain added tokens, the end-of-turn token (as EOS)
+FAMILY_TOKENS = {
+    "qwen2.5-7b-instruct": ([], ["<tool_call>", "</tool_call>"], None),
+    "llama-3.2-instruct": (["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"], [],
+                           "<|eot_id|>"),
+    "mistral-large-2407": (["</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                            "[TOOL_RESULTS]", "[/TOOL_RESULTS]"], [], "</s>"),
+}
+#: the raw text of a required call, as each family writes it
+FAMILY_SYNTAX = {
+    "qwen2.5-7b-instruct": r'<tool_call>\s*\{\s*"name"\s*:\s*"add"\s*,\s*"arguments"\s*:\s*\{.*\}\s*\}\s*</tool_call>',
+    "llama-3.2-instruct": r'\{\s*"name"\s*:\s*"add"\s*,\s*"parameters"\s*:\s*\{.*\}\s*\}',
+    "mistral-large-2407": r'\[TOOL_CALLS\]\s*\[\s*\{\s*"name"\s*:\s*"add"\s*,\s*"arguments"\s*:\s*\{.*\}\s*\}\s*\]',
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    """The tiny model with each family's template, special tokens and end-of-turn EOS (the model's
+    embeddings grow to the tokenizer when loaded); a longer window: the tiny vocabulary spells tool
+    schemas in many tokens."""
+    import shutil
+
+    from transformers import AddedToken, AutoTokenizer
+
+    from flashback_agents.testing import build_tiny_model_dir
+
+    tiny_dir = build_tiny_model_dir(tmp_path_factory.mktemp("tiny-families"), max_positions=4096)
+    out = {}
+    for name, (special, plain, eos) in FAMILY_TOKENS.items():
+        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
+        tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
+        if eos:
+            tok.eos_token = eos
+        tok.chat_template = _template(name)
+        tok.save_pretrained(str(path))
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="module")
+def family_engines(family_dirs):
+    from flashback_agents import load_model
+    from flashback_agents.chat import ChatEngine
+
+    engines = {name: ChatEngine(load_model(str(path), device="cpu", adapter=None)) for name, path in family_dirs.items()}
+    yield engines
+    for engine in engines.values():
+        engine.close()
+
+
+def _conversation():
+    from flashback_agents.layout import Message
+
+    call = ToolCall("add", {"a": 3, "b": 4}, id="abcdefghi")
+    return [Message("system", "You add numbers."), Message("user", "add 3 and 4", documents=["3 + 4 = 7"]),
+            Message("assistant", "", tool_calls=[call]), Message("tool", "7", tool_call_id="abcdefghi", name="add"),
+            Message("assistant", "It is 7."), Message("user", "and 1 and 2?"),
+            Message("assistant", "Sure.", tool_calls=[ToolCall("add", {"a": 1, "b": 2}, id="bcdefghij")]),
+            Message("tool", "3", tool_call_id="bcdefghij"), Message("evidence", "1 + 2 = 3", name="notes")]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_layout_renders_the_family_format_prefix_stable(name, family_engines):
+    """Each template's per-message rendering is append-only (1..n a prefix of 1..n+1), assistant calls
+    and the tool list are in the family's syntax, and Llama's system block has a fixed date."""
+    engine = family_engines[name]
+    layout, fmt = engine.layout, FAMILIES[name]
+    assert layout.tool_format is fmt
+    msgs = _conversation()
+    prev: list[int] = []
+    for n in range(1, len(msgs) + 1):
+        ids = layout.render(msgs[:n], tools=TOOLS, add_generation_prompt=False)
+        assert ids[:len(prev)] == prev, (name, n)
+        with_prompt = layout.render(msgs[:n], tools=TOOLS)
+        assert with_prompt[:len(ids)] == ids
+        prev = ids
+    text = engine.lm.decode(prev)
+    assert fmt.render([ToolCall("add", {"a": 3, "b": 4})]) in text  # the calls, as the family writes them
+    assert [(c.name, c.arguments) for c in fmt.parse(text[text.find("add 3 and 4"):], allowed={"add"})[1]] == \
+        [("add", {"a": 3, "b": 4}), ("add", {"a": 1, "b": 2})]
+    if name == "llama-3.2-instruct":
+        from flashback_agents.layout import TEMPLATE_DATE
+
+        assert f"Today Date: {TEMPLATE_DATE}\n" in text  # not today's: the prefix does not change daily
+        assert '"parameters"' in text and "respond with JSON for a function call" in text
+        assert '<|end_header_id|>\n\n<MARK_L>add: 7<MARK_R><|eot_id|>' in text  # tool results unquoted
+    elif name == "mistral-large-2407":
+        assert text.startswith("<|endoftext|>[INST] You add numbers.")  # probed, not the ChatML fallback
+        assert "[AVAILABLE_TOOLS] [" in text and "[/AVAILABLE_TOOLS]" in text
+        assert "[INST] and 1 and 2?[/INST]" in text
+    else:  # Hermes: exactly the layout's historical text
+        from flashback_agents.layout import render_tool_schemas
+
+        assert render_tool_schemas(TOOLS) in text and "<tool_call>" in text
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_engine_required_call_and_append_only_turns(name, family_engines):
+    """Through ChatEngine: a required call is written in the family's syntax and its parser reads it;
+    every turn computes exactly its new tokens (the rest is reused)."""
+    pytest.importorskip("xgrammar")
+    import re
+
+    from flashback_agents import GenerationConfig
+    from flashback_agents.layout import Message
+
+    engine = family_engines[name]
+    fmt = FAMILIES[name]
+    engine.pool.clear()
+    msgs = [Message("system", "You add numbers."), Message("user", "add 3 and 4")]
+    context: list[int] = []  # what the cache holds after each turn: prompt + generated ids
+    for turn, choice in enumerate(["required", None, "any"]):
+        ids = engine.layout.render(msgs, tools=TOOLS)
+        assert ids[:len(context)] == context, turn  # append-only
+        reply = engine.chat(msgs, tools=TOOLS, tool_choice=choice, config=GenerationConfig(max_new_tokens=6))
+        assert reply.usage.cache_read == len(context), turn  # turn 0: nothing cached yet
+        assert reply.usage.computed == len(ids) - len(context), turn  # exactly the new tokens
+        context = ids + reply.token_ids
+        if choice is not None:  # constrained: one call, in the family's syntax, read by its parser
+            assert re.fullmatch(FAMILY_SYNTAX[name], reply.raw_text.strip(), re.DOTALL), reply.raw_text
+            _, calls = fmt.parse(reply.raw_text, allowed={"add"})
+            assert [c.name for c in calls] == ["add"] and set(calls[0].arguments) == {"a", "b"}
+            assert [(c.name, c.arguments) for c in reply.tool_calls] == [(c.name, c.arguments) for c in calls]
+            assert reply.finish_reason == "tool_calls" and reply.text == ""
+        msgs.append(Message("assistant", reply.text, tool_calls=reply.tool_calls))
+        if reply.tool_calls:
+            call = reply.tool_calls[0]
+            msgs.append(Message("tool", str(sum(call.arguments.values())), tool_call_id=call.id))
+        else:
+            msgs.append(Message("user", "and 1 and 2?"))
+
+
+def test_tiny_default_model_keeps_hermes(tiny_dir):
+    """A template without tool syntax (the tiny model's ChatML, SmolLM2's): Hermes, rendered as before."""
+    from flashback_agents import load_model
+    from flashback_agents.layout import Layout, Message, render_tool_schemas
+
+    lm = load_model(str(tiny_dir), device="cpu", adapter=None)
+    layout = Layout(lm)
+    assert layout.tool_format is HERMES
+    call = ToolCall("add", {"a": 3, "b": 4})
+    ids = layout.render([Message("system", "S"), Message("user", "u"), Message("assistant", "x", tool_calls=[call])],
+                        tools=TOOLS, add_generation_prompt=False)
+    expected = ("<|im_start|>system\nS" + render_tool_schemas(TOOLS) + "<|im_end|>\n<|im_start|>user\nu<|im_end|>\n"
+                "<|im_start|>assistant\nx<tool_call>" + call.to_json() + "</tool_call><|im_end|>\n")
+    assert ids == lm.encode("<|im_start|>system\nS") + lm.encode(render_tool_schemas(TOOLS)) + \
+        lm.encode("<|im_end|>\n") + lm.encode("<|im_start|>user\n") + lm.encode("u") + lm.encode("<|im_end|>\n") + \
+        lm.encode("<|im_start|>assistant\n") + lm.encode("x<tool_call>" + call.to_json() + "</tool_call>") + \
+        lm.encode("<|im_end|>\n")
+    assert lm.decode(ids) == expected
+
+
+def test_special_token_markers_survive_decoding(family_engines):
+    """Decoding skips special tokens; a reply whose ``[TOOL_CALLS]`` is the special token (as a real
+    Mistral writes it unconstrained) still parses as a call, with the marker in ``raw_text``."""
+    from flashback_agents.chat import ChatUsage, _Plan
+    from flashback_agents.generation import GenerationConfig, GenerationResult
+
+    engine = family_engines["mistral-large-2407"]
+    lm = engine.lm
+    marker = lm.tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    ids = [marker] + lm.encode('[{"name": "add", "arguments": {"a": 1, "b": 2}}]') + [lm.tokenizer.eos_token_id]
+    text = lm.decode(ids, skip_special_tokens=True)
+    assert "[TOOL_CALLS]" not in text
+    plan = _Plan([], GenerationConfig(), None, {"add"}, parse_tools=True, remember=False)
+    reply = engine._finish(plan, GenerationResult(text=text, token_ids=ids, finish_reason="stop"), ChatUsage())
+    assert reply.raw_text.startswith("[TOOL_CALLS]") and reply.text == ""
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [("add", {"a": 1, "b": 2})]
+
+
+def test_stream_split_holds_call_markup_back():
+    assert HERMES.stream_split("Sure <tool") == ("Sure <tool", 5)  # may begin <tool_call>: held back
+    assert HERMES.stream_split('Sure <tool_call>{"name"') == ("Sure ", 5)
+    assert MISTRAL.stream_split("ok [TOOL_CALLS][{") == ("ok ", 3)
+    assert LLAMA3_JSON.stream_split('  {"name": "add"') == ("  ", 0)  # a reply opening with JSON: a call
+    assert LLAMA3_JSON.stream_split(" ") == (" ", 0)
+    assert LLAMA3_JSON.stream_split("It is 7 <|py") == ("It is 7 <|py", 8)
+    assert LLAMA3_JSON.stream_split("It is {7}") == ("It is {7}", 9)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_streamed_required_call_is_not_content(name, family_engines):
+    pytest.importorskip("xgrammar")
+    from flashback_agents.layout import Message
+
+    run = family_engines[name].stream_chat([Message("user", "add 3 and 4")], tools=TOOLS, tool_choice="any")
+    assert "".join(run) == ""
+    assert [c.name for c in run.reply.tool_calls] == ["add"]

@@ -29,6 +29,9 @@ class Constraint:
     schema: dict
     tools: list[dict] = field(default_factory=list)
     choice: str | None = None
+    #: the model's tool-call syntax (a :class:`~flashback_agents.toolformat.ToolCallFormat`; None: Hermes
+    #: ``<tool_call>``); ``schema`` stays the Hermes body (``"arguments"``), ``toolformat.call_schema`` adapts it
+    fmt: Any = None
 
 
 @dataclass

@@ -66,7 +66,7 @@ class LocalBackend(Backend):
             return []
         if constraint.kind == "json":
             return [json_schema_processor(self.lm, constraint.schema)]
-        return [tool_call_processor(self.lm, constraint.tools, constraint.choice)]
+        return [tool_call_processor(self.lm, constraint.tools, constraint.choice, fmt=constraint.fmt)]
 
     def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> LocalRun:
         return LocalRun(self.pool, ids, config, list(prepared or []))
