@@ -1,6 +1,7 @@
 """flashback-agents: fast local LLM agents with a persistent KV cache and the FlashBack append layout."""
 
-from .context import CachedContext, ContextError, ContextLoadError, ContextOverflowError, ContextStats, SyncResult
+from .context import (CachedContext, ContextConfig, ContextError, ContextLoadError, ContextOverflowError, ContextStats,
+                      SyncResult)
 from .generation import GenerationConfig, GenerationConfigError, GenerationResult, generate, stream
 from .layout import ChatFormat, Layout, LayoutError, Message, ToolCall
 from .models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, cache_dir, load_model,
@@ -12,7 +13,7 @@ from .engines import release_engines, shared_engine  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachedContext", "ContextError", "ContextLoadError", "ContextOverflowError", "ContextStats", "SyncResult",
+    "CachedContext", "ContextConfig", "ContextError", "ContextLoadError", "ContextOverflowError", "ContextStats", "SyncResult",
     "GenerationConfig", "GenerationConfigError", "GenerationResult", "generate", "stream",
     "ChatFormat", "Layout", "LayoutError", "Message", "ToolCall",
     "DEFAULT_MODEL", "MARK_L", "MARK_R", "LoadedModel", "ModelLoadError", "cache_dir", "load_model",

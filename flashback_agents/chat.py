@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from .backends.base import Backend, BackendRun, ChatUsage, Constraint
-from .context import ContextOverflowError
+from .context import ContextConfig, ContextOverflowError
 from .generation import GenerationConfig, GenerationResult
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
 from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel
@@ -398,19 +398,16 @@ class ChatEngine:
         overrides it. ``max_cached_bytes`` sets the byte budget shared by every pool of this model
         (the smallest value given wins; default 2 GiB)."""
         from .backends.local import LocalBackend
-        from .compaction import ON_OVERFLOW
 
-        if on_overflow not in ON_OVERFLOW:
-            raise ValueError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
         self.lm = lm
+        self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
+        #: the settings of every pooled context (one ContextConfig, checked once: a bad on_overflow raises here)
+        self.context_config = ContextConfig(self.max_context_tokens, on_overflow, low_water)
         self.on_overflow = on_overflow
         self.acquire_timeout = acquire_timeout
-        self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
         share = self._share_for(lm, max_cached_bytes)
         if backend is None:
-            self.pool: ContextPool | None = ContextPool(
-                lm, max_context_tokens=self.max_context_tokens, on_overflow=on_overflow, low_water=low_water,
-                budget=share.budget)
+            self.pool: ContextPool | None = ContextPool(lm, config=self.context_config, budget=share.budget)
             backend = LocalBackend(self.pool)
         else:
             self.pool = getattr(backend, "pool", None)  # a server backend has no local pool

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .tokens import Tokens
+
 logger = logging.getLogger("flashback_agents")
 
 ON_OVERFLOW = ("error", "evict", "shift")
@@ -67,7 +69,7 @@ class Compactor:
     cost (recomputing the tail after the first evicted block) is amortised over many steps.
     """
 
-    layout: object  # flashback_agents.layout.Layout (stub rendering, marker ids)
+    tokens: Tokens  # encode / decode and the marker ids (a LoadedModel, or a tokenizer-only model)
     budget: int
     low_water: float = 0.75
     _stubs: dict[str, list[int]] = field(default_factory=dict)
@@ -81,23 +83,22 @@ class Compactor:
 
     @property
     def marker_ids(self) -> tuple[int, int]:
-        return self.layout.lm.marker_ids
+        return self.tokens.marker_ids
 
     def _stub(self, block_ids: Sequence[int], cut_keep: int | None = None) -> list[int]:
         """Stub for a block: names the tool (when the block starts with 'name: ') and the tokens dropped."""
-        lm = self.layout.lm
-        body = lm.decode(list(block_ids[1:-1]))
+        body = self.tokens.decode(list(block_ids[1:-1]))
         head = body.split(":", 1)[0].strip() if ":" in body[:64] else ""
         name = head if head and " " not in head else "evidence"
-        if cut_keep is None:
-            return self.layout.marked(f"[evicted {name}: {len(block_ids)} tokens]")
-        kept = list(block_ids[1 : 1 + cut_keep])
-        note = lm.encode(f" [... cut {len(block_ids) - cut_keep - 2} tokens of {name}]")
         left, right = self.marker_ids
+        if cut_keep is None:
+            return [left] + self.tokens.encode(f"[evicted {name}: {len(block_ids)} tokens]") + [right]
+        kept = list(block_ids[1 : 1 + cut_keep])
+        note = self.tokens.encode(f" [... cut {len(block_ids) - cut_keep - 2} tokens of {name}]")
         return [left] + kept + note + [right]
 
     def copy(self) -> "Compactor":
-        return Compactor(self.layout, self.budget, self.low_water, dict(self._stubs), set(self._stub_keys))
+        return Compactor(self.tokens, self.budget, self.low_water, dict(self._stubs), set(self._stub_keys))
 
     def apply(self, ids: Sequence[int]) -> list[int]:
         """Replace every block evicted earlier with its stub (so re-sent history matches the cache)."""

@@ -13,9 +13,9 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -59,6 +59,60 @@ class _ContextFileNotFound(ContextLoadError, FileNotFoundError):
     """No file at the path given to :meth:`CachedContext.load` (also a ``FileNotFoundError``)."""
 
 
+@dataclass(frozen=True)
+class ContextConfig:
+    """How a context keeps its budget: ``max_context_tokens`` (None: the model's window), what to do
+    past it (``on_overflow``: "error", "evict" or "shift"), the fraction compaction shrinks to
+    (``low_water``) and the prefill chunk size. Checked once, here (:class:`ContextError`);
+    :meth:`budget_for` adds the checks that depend on the model."""
+
+    max_context_tokens: int | None = None
+    on_overflow: str = "error"
+    low_water: float = 0.75
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        from .compaction import ON_OVERFLOW
+
+        on_overflow, low_water, budget = self.on_overflow, self.low_water, self.max_context_tokens
+        if on_overflow not in ON_OVERFLOW:
+            raise ContextError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
+        if isinstance(low_water, bool) or not isinstance(low_water, (int, float)) or not 0 < low_water <= 1:
+            raise ContextError(f"low_water must be a fraction in (0, 1] of the budget, got {low_water!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ContextError(f"max_context_tokens must be a positive integer or None, got {budget!r}")
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise ContextError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
+
+    @classmethod
+    def of(cls, config: "ContextConfig | None" = None, **loose: Any) -> "ContextConfig":
+        """``config``, or one built from loose keyword arguments (the older way to pass the settings).
+
+        Loose arguments that differ from their defaults conflict with ``config``: pass one or the other."""
+        if config is None:
+            return cls(**loose)
+        if not isinstance(config, ContextConfig):
+            raise _ContextTypeError(f"config must be a ContextConfig, got {type(config).__name__}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        given = [k for k, v in loose.items() if not (type(v) is type(defaults[k]) and v == defaults[k])]
+        if given:
+            raise ContextError(f"pass either config= or {', '.join(given)}, not both")
+        return config
+
+    def budget_for(self, lm: Any) -> int:
+        """The token budget on ``lm`` (``max_context_tokens`` capped at its window), once the settings are
+        known to work with it (``shift`` needs rotary embeddings; compaction needs room for stubs)."""
+        budget = min(self.max_context_tokens or lm.max_positions, lm.max_positions)
+        if self.on_overflow == "shift" and kvcache.shift_unsupported_reason(lm.model):
+            raise ContextError(f"on_overflow='shift' does not work with this model: "
+                               f"{kvcache.shift_unsupported_reason(lm.model)}. Use on_overflow='evict' "
+                               "(recomputes the tail after an evicted block) or 'error'.")
+        if self.on_overflow != "error" and budget < 16:
+            raise ContextError(f"on_overflow={self.on_overflow!r} needs max_context_tokens >= 16 (room for stubs), "
+                               f"got {budget}; raise it or use on_overflow='error'.")
+        return budget
+
+
 @dataclass
 class ContextStats:
     """Counters for what the context computed vs reused (cumulative)."""
@@ -98,41 +152,32 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class CachedContext:
     """Token ids plus a ``DynamicCache`` covering exactly them; only ever computes new tokens."""
 
-    def __init__(self, lm: LoadedModel, *, max_context_tokens: int | None = None, prefill_chunk: int = 512,
-                 on_overflow: str = "error", low_water: float = 0.75):
-        from .compaction import ON_OVERFLOW
-
-        if on_overflow not in ON_OVERFLOW:
-            raise ContextError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
-        if isinstance(low_water, bool) or not isinstance(low_water, (int, float)) or not 0 < low_water <= 1:
-            raise ContextError(f"low_water must be a fraction in (0, 1] of the budget, got {low_water!r}")
-        if max_context_tokens is not None and (isinstance(max_context_tokens, bool)
-                                               or not isinstance(max_context_tokens, int) or max_context_tokens < 1):
-            raise ContextError(f"max_context_tokens must be a positive integer or None, got {max_context_tokens!r}")
+    def __init__(self, lm: LoadedModel, *, config: ContextConfig | None = None, max_context_tokens: int | None = None,
+                 prefill_chunk: int = 512, on_overflow: str = "error", low_water: float = 0.75):
+        """``config``: the budget settings as one :class:`ContextConfig`; the loose keyword arguments
+        still work (one or the other)."""
+        config = ContextConfig.of(config, max_context_tokens=max_context_tokens, on_overflow=on_overflow,
+                                  low_water=low_water, prefill_chunk=prefill_chunk)
         self.lm = lm
-        self.on_overflow = on_overflow
-        self.low_water = low_water
+        self.on_overflow = config.on_overflow
+        self.low_water = config.low_water
         self.last_compaction = None  # the CompactionEvent of the latest sync/append, if any
         self._ids: list[int] = []
         self._cache = kvcache.new_cache(lm.model)
         self._logits: torch.Tensor | None = None  # next-token logits after token_ids, when known
-        self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ContextError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
-        if on_overflow == "shift" and kvcache.shift_unsupported_reason(lm.model):
-            raise ContextError(f"on_overflow='shift' does not work with this model: "
-                               f"{kvcache.shift_unsupported_reason(lm.model)}. Use on_overflow='evict' "
-                               "(recomputes the tail after an evicted block) or 'error'.")
-        if on_overflow != "error" and self.max_context_tokens < 16:
-            raise ContextError(f"on_overflow={on_overflow!r} needs max_context_tokens >= 16 (room for stubs), got "
-                               f"{self.max_context_tokens}; raise it or use on_overflow='error'.")
-        self.prefill_chunk = prefill_chunk
+        self.max_context_tokens = config.budget_for(lm)
+        self.prefill_chunk = config.prefill_chunk
         self.stats = ContextStats()
         self.lock = threading.RLock()
         self._layout = None
         self._compactor = None
 
     # ------------------------------------------------------------------ views
+    @property
+    def config(self) -> ContextConfig:
+        """This context's settings (``max_context_tokens`` as capped at the model's window)."""
+        return ContextConfig(self.max_context_tokens, self.on_overflow, self.low_water, self.prefill_chunk)
+
     @property
     def token_ids(self) -> list[int]:
         return list(self._ids)
@@ -172,7 +217,7 @@ class CachedContext:
         from .compaction import Compactor
 
         if self._compactor is None:
-            self._compactor = Compactor(self.layout, self.max_context_tokens, self.low_water)
+            self._compactor = Compactor(self.lm, self.max_context_tokens, self.low_water)
         return self._compactor
 
     def view_of(self, ids: Sequence[int]) -> list[int]:
@@ -383,6 +428,16 @@ class CachedContext:
         with self.lock:
             self._truncate(0)
 
+    def use_cache(self, cache) -> None:
+        """Start over, empty, on ``cache``: an empty KV-cache object of another kind (e.g. transformers'
+        own ``DynamicCache``, which the benchmarks measure against); nothing else changes."""
+        with self.lock:
+            if kvcache.cache_len(cache) != 0:
+                raise ContextError(f"use_cache needs an empty cache; this one holds {kvcache.cache_len(cache)} tokens")
+            self._truncate(0)
+            self._cache = cache
+            self._logits = None
+
     def next_token_logits(self) -> torch.Tensor:
         """Logits for the token after ``token_ids`` (float32, shape [vocab])."""
         with self.lock:
@@ -421,9 +476,7 @@ class CachedContext:
         """An independent context holding a copy of the first ``n`` tokens of this one."""
         with self.lock:
             n = min(n, len(self._ids))
-            other = CachedContext(self.lm, max_context_tokens=self.max_context_tokens,
-                                  prefill_chunk=self.prefill_chunk, on_overflow=self.on_overflow,
-                                  low_water=self.low_water)
+            other = CachedContext(self.lm, config=self.config)
             cached = min(n, kvcache.cache_len(self._cache))
             other._cache = kvcache.copy_prefix(self.lm.model, self._cache, cached)
             other.stats.tokens_recomputed += cached - kvcache.cache_len(other._cache)  # hybrid: from a checkpoint

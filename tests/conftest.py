@@ -11,7 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from flashback_agents.evaluation.common import shared_data_dir  # noqa: E402 - after the offline settings
+
+SHARED_DATA = shared_data_dir()
 
 
 @pytest.fixture(scope="session")

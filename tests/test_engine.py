@@ -264,6 +264,46 @@ def test_load_model_errors(tmp_path):
         load_model("http://127.0.0.1:8080/v1")
 
 
+def test_context_config_is_one_validated_setting(tiny_lm):
+    from flashback_agents import ContextConfig, ContextError
+
+    cfg = ContextConfig(max_context_tokens=400, on_overflow="evict", low_water=0.6, prefill_chunk=7)
+    ctx = CachedContext(tiny_lm, config=cfg)
+    loose = CachedContext(tiny_lm, max_context_tokens=400, on_overflow="evict", low_water=0.6, prefill_chunk=7)
+    assert ctx.config == loose.config == cfg == ctx.fork().config
+    for bad in ({"on_overflow": "drop"}, {"low_water": 0}, {"max_context_tokens": 0}, {"prefill_chunk": True}):
+        with pytest.raises(ContextError):
+            ContextConfig(**bad)
+    with pytest.raises(ContextError, match="not both"):
+        CachedContext(tiny_lm, config=cfg, on_overflow="shift")
+    pool = ContextPool(tiny_lm, config=cfg)
+    assert (pool.max_context_tokens, pool.on_overflow, pool.low_water) == (400, "evict", 0.6)
+    with pool.acquire(tiny_lm.encode("hello there")) as lease:
+        assert lease.ctx.config == cfg
+
+
+def test_resolve_spec_is_the_one_spec_resolver(tmp_path, tiny_model_dir):
+    from flashback_agents.export_gguf import base_gguf_for
+    from flashback_agents.models import DEFAULT_MODEL, default_gguf_path, resolve_spec
+    from flashback_agents.llamacpp import resolve_gguf
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_spec(" smollm2 ").kind == "default" and resolve_spec("default").name == DEFAULT_MODEL
+    assert resolve_spec("default").gguf == default_gguf_path() == resolve_gguf("default") == base_gguf_for(None)
+    r = resolve_spec(str(gguf))
+    assert (r.kind, r.name, r.gguf) == ("gguf", "m", gguf) and r.tokenizer_source() == (str(tmp_path), {"gguf_file": "m.gguf"})
+    assert resolve_gguf(str(gguf)) == gguf == base_gguf_for(str(gguf))
+    r = resolve_spec(str(tiny_model_dir))
+    assert (r.kind, r.directory, r.source()) == ("dir", tiny_model_dir, str(tiny_model_dir))
+    assert resolve_spec("org/model").kind == "hub" and resolve_spec("http://h:1/v1").kind == "server"
+    for bad in ("", "no-such-model", str(tmp_path / "x.gguf"), str(tmp_path / "nothing" / "here")):
+        with pytest.raises(ModelLoadError):
+            resolve_spec(bad)
+    with pytest.raises(ModelLoadError, match="is not one"):
+        base_gguf_for(str(tiny_model_dir))
+
+
 def test_hub_id_without_network_says_how_to_get_it_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="download it on a machine that has one"):

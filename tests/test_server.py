@@ -24,7 +24,7 @@ from flashback_agents.chat import ChatEngine  # noqa: E402
 from flashback_agents.context import ContextOverflowError  # noqa: E402
 from flashback_agents.generation import GenerationConfig  # noqa: E402
 from flashback_agents.layout import Message  # noqa: E402
-from flashback_agents.serve import ServeConfig, ServerProcess, free_port  # noqa: E402
+from flashback_agents.llamacpp import ServeConfig, ServerProcess, free_port  # noqa: E402
 
 READ_LOG = {"type": "function", "function": {
     "name": "read_log", "description": "Read one line of the service log by its number.",

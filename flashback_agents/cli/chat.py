@@ -25,8 +25,9 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
 ) -> None:
     """Chat interactively; every turn computes only the new tokens (shown after each reply)."""
-    from ..context import CachedContext, ContextOverflowError
-    from ..generation import GenerationConfig, stream
+    from ..chat import ChatEngine
+    from ..context import ContextOverflowError
+    from ..generation import GenerationConfig
     from ..layout import Message
     from ..models import ModelLoadError, load_model
 
@@ -34,34 +35,36 @@ def chat(
         lm = load_model(model, adapter=None if (adapter or "").lower() == "none" else adapter)
     except ModelLoadError as exc:
         fail(str(exc))
-    ctx = CachedContext(lm)
+    # on_overflow="error": a turn that does not fit is refused (and said so), the conversation goes on
+    engine = ChatEngine(lm, on_overflow="error")
     messages = [Message("system", system)]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     typer.echo(f"{lm.name} on {lm.device} ({lm.max_positions} tokens). Empty line or Ctrl-D to quit.")
-    while True:
-        try:
-            line = input("you> ") if sys.stdin.isatty() else sys.stdin.readline()
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            break
-        messages.append(Message("user", line))
-        try:
-            sync = ctx.sync(ctx.layout.render(messages))
-        except ContextOverflowError as exc:
-            messages.pop()
-            typer.secho(str(exc), fg=typer.colors.RED, err=True)
-            continue
-        typer.echo("bot> ", nl=False)
-        run = stream(ctx, cfg)
-        for delta in run:
-            typer.echo(delta, nl=False)
-        reply = Message("assistant", run.result.text)
-        ctx.layout.remember_reply(reply, run.result.token_ids)
-        messages.append(reply)
-        typer.secho(f"\n  [tokens computed {sync.computed}, reused {sync.reused}, generated "
-                    f"{len(run.result.token_ids)} in {run.result.seconds:.2f}s]", fg=typer.colors.BRIGHT_BLACK)
+    try:
+        while True:
+            try:
+                line = input("you> ") if sys.stdin.isatty() else sys.stdin.readline()
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                break
+            messages.append(Message("user", line))
+            try:
+                run = engine.stream_chat(messages, config=cfg)
+            except ContextOverflowError as exc:
+                messages.pop()
+                typer.secho(str(exc), fg=typer.colors.RED, err=True)
+                continue
+            typer.echo("bot> ", nl=False)
+            for delta in run:
+                typer.echo(delta, nl=False)
+            reply, usage = run.reply, run.reply.usage
+            messages.append(Message("assistant", reply.text))
+            typer.secho(f"\n  [tokens computed {usage.computed}, reused {usage.cache_read}, generated "
+                        f"{len(reply.token_ids)} in {usage.decode_seconds:.2f}s]", fg=typer.colors.BRIGHT_BLACK)
+    finally:
+        engine.close()
 
 
 def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),

@@ -27,7 +27,7 @@ def serve(
     Then: ChatFlashBack(model="http://127.0.0.1:PORT/v1") or FlashBack(model="http://127.0.0.1:PORT/v1") (LlamaIndex).
     """
     from ..models import ModelLoadError
-    from ..serve import ServeConfig, resolve_gguf, serve_forever
+    from ..llamacpp import ServeConfig, resolve_gguf, serve_forever
 
     try:
         import xllamacpp  # noqa: F401

@@ -1,4 +1,4 @@
-"""Small helpers shared by the benchmarks: timing, filler text, plots."""
+"""Small helpers shared by the benchmarks: where the data lives, timing, filler text, plots."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import statistics
 import time
 from pathlib import Path
 from typing import Callable
+
+def shared_data_dir() -> Path:
+    """``../shared/data`` next to the repository (where the project keeps its data): the one place it is computed."""
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
+
 
 _FILLER = (
     "2024-03-01 10:15:02 INFO  scheduler: job 4411 started on worker-3 (queue=batch, priority=5)\n"

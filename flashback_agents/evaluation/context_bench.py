@@ -80,9 +80,9 @@ def decode_ms_per_token(lm, context: int, tokens: int = 32, growing: bool = True
     if not growing:
         from transformers.cache_utils import DynamicCache
 
-        ctx._cache = DynamicCache(config=lm.model.config)
+        ctx.use_cache(DynamicCache(config=lm.model.config))
     else:
-        ctx._cache = new_cache(lm.model)
+        ctx.use_cache(new_cache(lm.model))
     ctx.append(filler_ids(lm, context))
     import time
 

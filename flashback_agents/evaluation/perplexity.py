@@ -35,15 +35,11 @@ import torch
 
 from .. import kvcache
 from ..ralm_layout import evidence_ids, query_text, retrieval_points, step_ids
+from .common import shared_data_dir
 
 
 class PerplexityError(ValueError):
     """A user mistake in the perplexity evaluation (bad data spec, missing files, too-long windows)."""
-
-
-def shared_data_dir() -> Path:
-    """``../shared/data`` next to the repository (where the project keeps its data)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------------- config

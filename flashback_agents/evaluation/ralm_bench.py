@@ -15,7 +15,7 @@ from ..context import CachedContext
 from ..generation import GenerationConfig
 from ..ralm import PATTERNS, RalmResult, RetrievalLoop
 from ..retrieval.base import RetrievalError
-from .perplexity import shared_data_dir
+from .common import shared_data_dir
 
 __all__ = ["RalmBenchConfig", "default_wikitext_dir", "run_ralm_bench"]
 

@@ -80,7 +80,7 @@ def bench_server(url: str | None, scenario: Scenario, *, model: str = "smollm2-1
                  tokenizer: str | None = None, threads: int | None = None, progress: bool = True) -> dict:
     """Run the scenario in both layouts on one server (started here when ``url`` is None)."""
     from ..engines import server_engine
-    from ..serve import ServeConfig, ServerProcess, free_port
+    from ..llamacpp import ServeConfig, ServerProcess, free_port
 
     proc = None
     if url is None:

@@ -71,9 +71,9 @@ _TOKENIZERS: dict[str, Any] = {}
 
 def default_tokenizer_source() -> str:
     """Directory of the default model (tokenizer files only are read: no weights are loaded)."""
-    from ..models import convert_gguf, default_gguf_path
+    from ..models import DEFAULT_MODEL, resolve_spec
 
-    return str(convert_gguf(default_gguf_path()))
+    return resolve_spec(DEFAULT_MODEL).source()
 
 
 def load_tokenizer(spec: Any = None) -> Any:

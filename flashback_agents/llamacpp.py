@@ -40,17 +40,16 @@ class ServeConfig:
 
 def resolve_gguf(model: str) -> Path:
     """The GGUF file for ``model`` (a path, or the default model's name)."""
-    from .models import default_gguf_path, is_default_spec
+    from .models import spec_gguf
 
-    if is_default_spec(model):
-        return default_gguf_path()
+    gguf = spec_gguf(model)
+    if gguf is not None:
+        return gguf
     path = Path(os.path.expanduser(model))
     if not path.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
-    if path.suffix.lower() != ".gguf":
-        raise ModelLoadError(f"{path} is not a .gguf file; llama.cpp serves GGUF models (export one with "
-                             "`flashback-agents export ADAPTER OUT --gguf OUT.gguf`).")
-    return path
+    raise ModelLoadError(f"{path} is not a .gguf file; llama.cpp serves GGUF models (export one with "
+                         "`flashback-agents export ADAPTER OUT --gguf OUT.gguf`).")
 
 
 def default_threads() -> int:
@@ -136,7 +135,7 @@ class ServerProcess:
         import httpx
 
         resolve_gguf(self.cfg.model)  # clear error now, not in the child
-        cmd = [sys.executable, "-m", "flashback_agents.serve", "--model", self.cfg.model, "--host", self.cfg.host,
+        cmd = [sys.executable, "-m", "flashback_agents.llamacpp", "--model", self.cfg.model, "--host", self.cfg.host,
                "--port", str(self.cfg.port), "--ctx-size", str(self.cfg.ctx_size),
                "--parallel", str(self.cfg.parallel), "--cache-ram-mib", str(self.cfg.cache_ram_mib)]
         if self.cfg.threads:
@@ -181,10 +180,10 @@ class ServerProcess:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m flashback_agents.serve`` (what :class:`ServerProcess` runs)."""
+    """``python -m flashback_agents.llamacpp`` (what :class:`ServerProcess` runs)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m flashback_agents.serve")
+    ap = argparse.ArgumentParser(prog="python -m flashback_agents.llamacpp")
     ap.add_argument("--model", default=ServeConfig.model)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)

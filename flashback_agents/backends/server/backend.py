@@ -1,0 +1,394 @@
+"""The server backend: probe an OpenAI-compatible server, then run rendered ids on it (``ServerBackend``, ``ServerRun``).
+
+The engine renders locally; this module turns the rendered ids into requests on the server (wire
+format and dialects: :mod:`.protocol`; tokenizer: :mod:`.tokenizer`; errors: :mod:`.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from ...generation import GenerationConfig, GenerationResult
+from ...layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ...models import MARK_L, MARK_R, ModelLoadError
+from ..base import Backend, BackendRun, ChatUsage, Constraint
+from .errors import (ServerCacheReportError, ServerCacheReportWarning, ServerContextError, ServerError,
+                     ServerModelError, ServerStreamError, ServerUnreachableError)
+from .protocol import (PROBE_TEXT, Prepared, ServerInfo, StreamState, build_payload, cache_advice, cache_figures,
+                       finish_reason, http_error, read_event, split_url, stream_events)
+from .tokenizer import ServerTokenizerModel, add_marker_tokens_only, load_server_tokenizer
+
+__all__ = ["ServerBackend", "ServerRun"]
+
+
+class ServerBackend(Backend):
+    """Runs rendered token ids on an OpenAI-compatible server with prefix caching."""
+
+    def __init__(self, url: str, *, tokenizer: str | None = None, timeout: float = 600.0,
+                 connect_timeout: float = 5.0, startup_wait: float = 60.0, api_key: str | None = None,
+                 require_cache_report: bool = False, prompt_format: str = "ids"):
+        import httpx
+
+        if prompt_format not in ("ids", "text"):
+            raise ValueError(f"prompt_format must be 'ids' or 'text', got {prompt_format!r}")
+        base, api = split_url(url)
+        self.url = url
+        self.require_cache_report = require_cache_report
+        self.prompt_format = prompt_format
+        #: seconds a whole reply may take (also each read's limit): a server that trickles forever still ends
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout), headers=headers)
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+        self.info = self._probe(url, base, api, startup_wait)
+        self.lm = self._tokenizer_model(tokenizer)
+        self._finish_probe()
+
+    # ------------------------------------------------------------------ http helpers
+    def _get(self, url: str) -> Any:
+        import httpx
+
+        try:
+            r = self.client.get(url)
+        except httpx.TransportError as exc:
+            raise ServerUnreachableError(
+                f"Cannot reach the model server at {self.url} ({type(exc).__name__}: {exc}). Start one with "
+                "`flashback-agents serve --model PATH.gguf --port N` (llama.cpp), `vllm serve ...` or "
+                "`python -m sglang.launch_server ...`, and check the host and port.") from exc
+        return r
+
+    def _post_json(self, url: str, payload: dict) -> Any | None:
+        import httpx
+
+        try:
+            r = self.client.post(url, json=payload)
+        except httpx.TransportError as exc:
+            raise ServerUnreachableError(f"Lost the model server at {self.url} ({exc}).") from exc
+        if r.status_code >= 400:
+            return None
+        try:
+            return r.json()
+        except ValueError:
+            return None
+
+    def _probe(self, url: str, base: str, api: str, startup_wait: float) -> ServerInfo:
+        deadline = time.monotonic() + startup_wait
+        while True:
+            r = self._get(api + "/models")
+            if r.status_code == 503 and time.monotonic() < deadline:  # llama.cpp: "Loading model"
+                time.sleep(0.5)
+                continue
+            break
+        if r.status_code >= 400:
+            raise ServerError(f"The server at {url} answered GET /v1/models with HTTP {r.status_code}: "
+                              f"{r.text[:300]}. Is it an OpenAI-compatible server (llama.cpp, vLLM, SGLang)?")
+        try:
+            data = r.json().get("data") or []
+        except (ValueError, AttributeError):
+            data = []
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+            raise ServerModelError(f"The server at {url} lists no model (GET /v1/models); is it an OpenAI-compatible "
+                                   "server (llama.cpp, vLLM, SGLang) with a model loaded?")
+        entry = data[0]
+        owner = str(entry.get("owned_by", "")).lower()
+        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
+        info = ServerInfo(url=url, base_url=base, api_url=api, flavor="openai", model_id=str(entry.get("id", "")),
+                          n_vocab=meta.get("n_vocab"), n_ctx=meta.get("n_ctx") or entry.get("max_model_len"))
+        props = None
+        if owner in ("llamacpp", "llama.cpp") or "meta" in entry:
+            info.flavor = "llama.cpp"
+        elif owner in ("vllm", "sglang"):
+            info.flavor = owner
+        if info.flavor in ("llama.cpp", "openai"):
+            pr = self._get(base + "/props")
+            if pr.status_code == 200:
+                try:
+                    props = pr.json()
+                except ValueError:
+                    props = None
+            if isinstance(props, dict) and "default_generation_settings" in props:
+                info.flavor = "llama.cpp"
+                slot_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
+                info.n_ctx = slot_ctx or info.n_ctx  # per-slot window: what one request can use
+                info.model_path = props.get("model_path")
+        return info
+
+    def _tokenizer_model(self, tokenizer: str | None) -> ServerTokenizerModel:
+        info = self.info
+        candidates = [tokenizer, os.environ.get("FLASHBACK_TOKENIZER")] if tokenizer else \
+            [os.environ.get("FLASHBACK_TOKENIZER"), info.model_id, info.model_path]
+        tried: list[str] = []
+        tok, name = None, None
+        for spec in candidates:
+            if not spec:
+                continue
+            explicit = spec == tokenizer or spec == os.environ.get("FLASHBACK_TOKENIZER")
+            try:
+                tok, name = load_server_tokenizer(spec)
+                info.tokenizer_spec = spec
+                break
+            except ModelLoadError as exc:
+                if explicit:
+                    raise
+                tried.append(f"{spec!r} ({str(exc).splitlines()[0][:120]})")
+        if tok is None:
+            raise ServerModelError(
+                f"Cannot tell which tokenizer the model on {self.url} uses (tried {', '.join(tried) or 'nothing'}). "
+                "Pass tokenizer= (ChatEngine.shared / ServerBackend), --tokenizer, or set FLASHBACK_TOKENIZER to "
+                "the served model's directory, .gguf file, or 'smollm2-135m-instruct' for the default GGUF.")
+        self._base_vocab = len(tok)
+        self._text_marker_ids = {MARK_L: list(tok.encode(MARK_L, add_special_tokens=False)),
+                                 MARK_R: list(tok.encode(MARK_R, add_special_tokens=False))}
+        marker_ids = add_marker_tokens_only(tok)
+        return ServerTokenizerModel(model=None, tokenizer=tok, marker_ids=marker_ids,
+                                    name=name or info.model_id, context_window=int(info.n_ctx or 8192),
+                                    server_url=info.base_url)
+
+    def tokenize_on_server(self, text: str) -> list[int] | None:
+        """The server's tokenization of ``text`` (special tokens parsed), or None if it has no endpoint."""
+        payload = {"content": text, "add_special": False, "parse_special": True,
+                   "model": self.info.model_id, "prompt": text, "add_special_tokens": False}
+        data = self._post_json(self.info.base_url + "/tokenize", payload)
+        toks = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(toks, list):
+            return None
+        return [int(t["id"]) if isinstance(t, dict) else int(t) for t in toks]
+
+    def _finish_probe(self) -> None:
+        info, lm = self.info, self.lm
+        ours = lm.encode(PROBE_TEXT)
+        theirs = self.tokenize_on_server(PROBE_TEXT)
+        if theirs is not None:
+            if theirs != ours:
+                raise ServerModelError(
+                    f"The model served at {self.url} ({info.model_id}) tokenizes text differently from the "
+                    f"tokenizer {info.tokenizer_spec!r} used for rendering (server {theirs[:8]}..., ours "
+                    f"{ours[:8]}...): wrong model. Pass the served model's tokenizer (tokenizer= / --tokenizer / "
+                    "FLASHBACK_TOKENIZER) or point at the right server.")
+            info.tokenizer_checked = True
+        elif info.n_vocab is not None and int(info.n_vocab) < self._base_vocab:
+            raise ServerModelError(f"The model served at {self.url} has {info.n_vocab} tokens but the tokenizer "
+                                   f"{info.tokenizer_spec!r} has {self._base_vocab}: wrong model.")
+        left, right = lm.marker_ids
+        if theirs is not None and self.tokenize_on_server(MARK_L + MARK_R) == [left, right]:
+            info.markers = "ids"
+        else:
+            info.markers = "text"
+            wire = {}
+            for token, tid in ((MARK_L, left), (MARK_R, right)):
+                server_ids = self.tokenize_on_server(token) if theirs is not None else None
+                wire[tid] = server_ids or self._text_marker_ids[token]
+            info.marker_wire = wire
+
+    # ------------------------------------------------------------------ rendering -> wire
+    def to_wire(self, ids: list[int]) -> list[int]:
+        """The prompt ids as the server gets them (marker ids replaced by marker text where needed)."""
+        wire = self.info.marker_wire
+        if not wire:
+            return list(ids)
+        out: list[int] = []
+        for t in ids:
+            rep = wire.get(t)
+            if rep is None:
+                out.append(t)
+            else:
+                out.extend(rep)
+        return out
+
+    def wire_length(self, ids: list[int]) -> int:
+        wire = self.info.marker_wire
+        return len(ids) + sum(len(wire[t]) - 1 for t in ids if t in wire) if wire else len(ids)
+
+    # ------------------------------------------------------------------ Backend API
+    def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> Prepared:
+        from ...constrained import ConstraintError, cap_strings
+
+        if constraint is None:
+            return Prepared()
+        if not isinstance(constraint.schema, dict):
+            raise ConstraintError(f"response_schema must be a JSON schema dict, got {type(constraint.schema).__name__}.")
+        schema = cap_strings(constraint.schema)
+        try:  # validate here, before any request (xgrammar parses the schema without a tokenizer)
+            import xgrammar as xgr
+
+            xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+        except ImportError:  # pragma: no cover - xgrammar is a dependency
+            pass
+        except Exception as exc:
+            raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
+        if constraint.kind == "json":
+            return Prepared(schema=schema)
+        return Prepared(prefix_ids=self.lm.encode(TOOL_CALL_OPEN), prefix_text=TOOL_CALL_OPEN,
+                         suffix_text=TOOL_CALL_CLOSE, suffix_ids=self.lm.encode(TOOL_CALL_CLOSE), schema=schema)
+
+    def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> "ServerRun":
+        return ServerRun(self, ids, config, prepared if isinstance(prepared, Prepared) else Prepared())
+
+    def close(self) -> None:
+        self.client.close()
+
+    def warn_once(self, key: str, message: str) -> None:
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        warnings.warn(message, ServerCacheReportWarning if key == "cache" else UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ requests
+    def payload(self, wire: list[int], config: GenerationConfig, prepared: Prepared) -> tuple[str, dict]:
+        """(url, JSON body) of a streamed completion request for this server flavour."""
+        prompt: Any = wire if self.prompt_format == "ids" else self.lm.decode(wire)
+        return build_payload(self.info, prompt, config, prepared, self.warn_once)
+
+    @contextmanager
+    def open_stream(self, url: str, body: dict, timeout: float | None = None) -> Iterator[Any]:
+        """POST and open the streamed response; one retry when a kept-alive connection was already closed.
+
+        llama.cpp's HTTP server closes idle or much-reused keep-alive connections; a request that gets no
+        response at all on such a connection was never processed, so sending it again is safe.
+        """
+        import httpx
+
+        extra = {} if timeout is None else {"timeout": httpx.Timeout(timeout, connect=min(timeout, 5.0))}
+        request = self.client.build_request("POST", url, json=body, **extra)
+        for attempt in range(2):
+            try:
+                response = self.client.send(request, stream=True)
+                break
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if attempt:
+                    raise
+        try:
+            yield response
+        finally:
+            response.close()
+
+    def http_error(self, status: int, text: str, wire_len: int) -> ServerError:
+        """Map an HTTP error answer to the right :class:`ServerError`."""
+        return http_error(self.info, self.url, status, text, wire_len)
+
+
+class ServerRun(BackendRun):
+    """One streamed completion on the server. Closing the stream (cancel) stops the server's decoding."""
+
+    def __init__(self, backend: ServerBackend, ids: list[int], config: GenerationConfig, prepared: Prepared):
+        super().__init__(ids, config)
+        self.backend, self.prepared = backend, prepared
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._iter()
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a reply of an unexpected shape
+            raise ServerStreamError(f"The server at {self.backend.url} sent a reply of an unexpected shape "
+                                    f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
+                                    "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
+
+    def _iter(self) -> Iterator[str]:
+        import httpx
+
+        b = self.backend
+        wire = b.to_wire(self.ids) + self.prepared.prefix_ids
+        if b.info.n_ctx and len(wire) + 1 > b.info.n_ctx:
+            raise ServerContextError(len(wire) + 1, int(b.info.n_ctx), b.url)
+        url, body = b.payload(wire, self.config, self.prepared)
+        llama = b.info.flavor == "llama.cpp"
+        state = StreamState()
+        t0 = time.perf_counter()
+        try:
+            cancelled = yield from self._stream(url, body, wire, state, llama)
+        except httpx.ConnectError as exc:
+            raise ServerUnreachableError(f"Cannot reach the model server at {b.url} ({exc}); start it again "
+                                         "(or check the address): the next call reconnects.") from exc
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # an event of the wrong shape
+            raise ServerStreamError(f"The server at {b.url} sent a stream event of an unexpected shape "
+                                    f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
+                                    "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
+        except httpx.TimeoutException as exc:
+            raise ServerStreamError(f"The model server at {b.url} timed out mid-request ({exc}); the call "
+                                    "failed, the next call starts a fresh request.") from exc
+        except httpx.TransportError as exc:  # RemoteProtocolError, ReadError: the connection dropped
+            raise ServerStreamError(f"The connection to the model server at {b.url} dropped mid-stream after "
+                                    f"{len(state.raw)} characters ({type(exc).__name__}: {exc}); the call failed, "
+                                    "the next call starts a fresh request.") from exc
+        seconds = time.perf_counter() - t0
+        if not cancelled and not state.complete(llama):
+            raise ServerStreamError(f"The stream from {b.url} ended before the server finished the reply; "
+                                    "the call failed, the next call starts a fresh request.")
+        self._finish(wire, state, llama, cancelled, seconds, t0)
+
+    def _stream(self, url: str, body: dict, wire: list[int], state: StreamState, llama: bool):
+        """Send the request and yield the reply's text as it streams; True when cancelled midway."""
+        import httpx
+
+        b, prep = self.backend, self.prepared
+        limit = self.timeout if self.timeout is not None else b.timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        with b.open_stream(url, body, timeout=self.timeout) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise b.http_error(r.status_code, r.text, len(wire))
+            if prep.prefix_text:
+                state.raw += prep.prefix_text
+                yield prep.prefix_text
+            for ev in stream_events(r.iter_lines(), b.url):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"no complete reply within {limit:g} s")
+                if "error" in ev:
+                    err = ev["error"]
+                    raise b.http_error(int(err.get("code", 500)) if isinstance(err, dict) else 500,
+                                       json.dumps(ev), len(wire))
+                text = read_event(ev, state, llama)
+                if text:
+                    yield text
+                if self._cancelled.is_set():
+                    return True  # leaving the block closes the connection: the server stops decoding
+        return False
+
+    def _finish(self, wire: list[int], state: StreamState, llama: bool, cancelled: bool, seconds: float,
+                t0: float) -> None:
+        """Set ``result`` and ``usage`` from a finished (or cancelled) stream."""
+        b, prep = self.backend, self.prepared
+        finish, stop_string = finish_reason(state, llama, b.info.n_ctx, cancelled, self.config.stop)
+        eos = b.lm.tokenizer.eos_token_id
+        gen_ids = state.gen_ids
+        if not state.got_ids:  # no generated ids from the server: re-tokenize (a cache miss on the reply at worst)
+            gen_ids = b.lm.encode(state.raw[len(prep.prefix_text):])
+        if gen_ids and finish == "stop" and stop_string is None and (
+                gen_ids[-1] == eos or gen_ids[-1] in self._special_ids()):
+            gen_ids = gen_ids[:-1]  # the end-of-generation token (llama.cpp may pick any EOG token)
+        raw = state.raw
+        token_ids = list(prep.prefix_ids) + gen_ids
+        if prep.suffix_text and not cancelled and finish == "stop":
+            raw += prep.suffix_text
+            token_ids += prep.suffix_ids
+        if finish == "stop" and stop_string is None and eos is not None and not cancelled:
+            token_ids.append(int(eos))  # the end-of-turn token, as the in-process engine reports it
+        self.result = GenerationResult(text=raw, token_ids=token_ids, finish_reason=finish or "stop",
+                                       seconds=seconds, stop_string=stop_string)
+        self.usage = self._usage(wire, state, len(gen_ids), seconds, t0)
+
+    def _special_ids(self) -> set[int]:
+        return set(getattr(self.backend.lm.tokenizer, "all_special_ids", []) or [])
+
+    def _usage(self, wire: list[int], state: StreamState, n_out: int, seconds: float, t0: float) -> ChatUsage:
+        b = self.backend
+        cached, computed, prefill, decode = cache_figures(state, len(wire))
+        if cached is None:
+            msg = (f"The server at {b.url} ({b.info.flavor}) did not report how many prompt tokens came from its "
+                   f"cache, so cache_read cannot be measured; {cache_advice(b.info.flavor)}.")
+            if b.require_cache_report:
+                raise ServerCacheReportError(msg)
+            b.warn_once("cache", msg + " cache_read is reported as 0.")
+            cached, computed = 0, len(wire)
+        if prefill is None:
+            prefill = (state.first_token_at - t0) if state.first_token_at is not None else seconds
+            decode = seconds - prefill
+        return ChatUsage(input_tokens=len(wire), output_tokens=n_out, cache_read=cached, computed=computed,
+                         prefill_seconds=prefill, decode_seconds=decode)
