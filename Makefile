@@ -20,11 +20,11 @@ test-fast:
 	$(PY) -m pytest -q -ra -m "not model"
 
 # The shipped FlashBack adapter, from ../shared/data, one command (about 75 min on 2 CPU cores; see
-# flashback_agents/adapters/smollm2-135m-instruct/README.md). The adapter is the step-150 checkpoint.
+# flashback_agents/adapters/smollm2-135m-instruct/README.md).
 DATA ?= ../shared/data
 adapter:
 	mkdir -p build
 	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark
 	flashback-agents train --data build/loghub.jsonl --ralm-corpus $(DATA)/wikitext-2/valid.txt --out build/adapter \
-	  --steps 200 --stop-after 150 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 5e-4 \
+	  --steps 200 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 5e-4 \
 	  --warmup-steps 20 --eval-every 25 --save-every 25 --eval-max-samples 8 --threads 1 --seed 0

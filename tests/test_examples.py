@@ -403,10 +403,12 @@ def test_writing_assistant_drafts_with_sources(tmp_path, capsys):
         assert 1 <= s.start_line <= s.end_line <= len(p.read_text().splitlines())
     assert "sources used:" in printed and res.sources[0].label in printed
     # FlashBack (the paper's layout): every retrieval after the first reuses the clean text so far and
-    # computes only the last stride of text plus the new evidence (top_k chunks of <= 96 tokens + markers)
+    # computes only the last stride of text (plus, the first time, the assistant header that followed the
+    # question's evidence) and the new evidence (top_k chunks of ~96 tokens + markers; a chunk's text may
+    # re-tokenize a few tokens longer than its slice)
     later = [r for r in res.retrievals if r.step > 0]
     assert all(r.reused > 0 for r in later)
-    assert all(r.computed <= 16 + 2 * (96 + 2) for r in later)
+    assert all(r.computed <= 16 + 8 + 2 * (96 + 8) for r in later), [r.computed for r in later]
 
 
 def test_loghub_transcripts_are_exact_and_readable(shared_data, tmp_path):
