@@ -28,7 +28,7 @@ from .backends.base import Backend, BackendRun, ChatUsage, Constraint
 from .context import ContextConfig, ContextOverflowError
 from .generation import GenerationConfig, GenerationResult
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
-from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel
+from .models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
 from .pool import ContextPool, MemoryBudget
 
 __all__ = ["ChatEngine", "ChatReply", "ChatUsage", "ChatRun", "AsyncChatRun", "parse_tool_calls",
@@ -470,7 +470,7 @@ class ChatEngine:
             _forget_model(self.lm)
 
     @classmethod
-    def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = AUTO_ADAPTER,
+    def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = DEFAULT_ADAPTER,
                max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                on_overflow: str = "evict") -> "ChatEngine":
         """The process-wide engine for these arguments: :func:`flashback_agents.engines.shared_engine`."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from .backends.server import ServerBackend, ServerContextError, ServerError, is_server_spec
 from .chat import ChatEngine
-from .models import AUTO_ADAPTER, DEFAULT_MODEL, LoadedModel, shared_model
+from .models import AUTO_ADAPTER, DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel, shared_model
 
 __all__ = ["shared_engine", "server_engine", "release_engines", "clear_server_engines", "ServerChatEngine"]
 
@@ -46,7 +46,7 @@ class ServerChatEngine(ChatEngine):
             raise ServerContextError(n, limit, self.backend.url)
 
 
-def shared_engine(model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = AUTO_ADAPTER,
+def shared_engine(model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = DEFAULT_ADAPTER,
                   max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                   on_overflow: str = "evict", *, engine_cls: type[ChatEngine] = ChatEngine) -> ChatEngine:
     """The process-wide engine for these arguments (same args -> same engine, weights and pool).

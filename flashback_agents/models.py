@@ -46,6 +46,10 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARK_L = "<MARK_L>"
 MARK_R = "<MARK_R>"
 AUTO_ADAPTER = "auto"  # the adapter shipped for the base model, if any (``adapter=None``: none)
+# What ``load_model`` and the integrations attach when no adapter is named. The shipped adapter
+# lowers retrieval perplexity but made the log agent's own answers worse (docs/benchmarks.md,
+# section 5), so it is opt-in (``adapter="auto"``) until one helps agents too. The one switch.
+DEFAULT_ADAPTER: str | None = None
 ADAPTER_META = "flashback_adapter.json"
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -370,12 +374,13 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
     return model.to(device), tokenizer
 
 
-def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = AUTO_ADAPTER,
+def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = DEFAULT_ADAPTER,
                device: str | None = None, dtype: Any = None) -> LoadedModel:
     """Load a causal LM by spec, add the marker tokens, and attach a trained adapter.
 
-    ``adapter="auto"`` (the default) attaches the FlashBack adapter shipped for this base model (the
-    default model has one); ``adapter=None`` attaches none; ``adapter="DIR"`` attaches your own.
+    ``adapter="auto"`` attaches the FlashBack adapter shipped for this base model (the default model
+    has one); ``adapter=None`` (the default, :data:`DEFAULT_ADAPTER`) attaches none; ``adapter="DIR"``
+    attaches your own.
 
     Every failure a user can cause (unknown spec, missing file, no network, not a causal LM)
     raises :class:`ModelLoadError` with what to do about it.
@@ -497,7 +502,7 @@ _SHARED: dict[tuple, LoadedModel] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = AUTO_ADAPTER,
+def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = DEFAULT_ADAPTER,
                  device: str | None = None, dtype: Any = None) -> LoadedModel:
     """Process-wide cache of loaded models, so integrations construct cheaply and share weights."""
     key = (spec, str(adapter) if adapter else None, device, str(dtype) if dtype else None)

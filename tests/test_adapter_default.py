@@ -1,5 +1,5 @@
-"""The shipped adapter: loaded by default for its base model, off with ``adapter=None``, and an
-adapter trained on another base model refused with a clear error."""
+"""The shipped adapter: attached by ``adapter="auto"`` (the default is :data:`DEFAULT_ADAPTER`), off
+with ``adapter=None``, and an adapter trained on another base model refused with a clear error."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from flashback_agents import CachedContext, load_model
 from flashback_agents.layout import Layout
-from flashback_agents.models import (AUTO_ADAPTER, DEFAULT_MODEL, ModelLoadError, base_fingerprint, resolve_adapter,
+from flashback_agents.models import (AUTO_ADAPTER, DEFAULT_ADAPTER, DEFAULT_MODEL, ModelLoadError, base_fingerprint, resolve_adapter,
                                      shipped_adapter)
 from flashback_agents.testing import build_tiny_model_dir
 from flashback_agents.training import TrainConfig, train
@@ -67,14 +67,15 @@ def test_adapter_argument_resolution(tmp_path):
 
 
 @pytest.mark.model
-def test_default_model_loads_the_shipped_adapter_and_can_turn_it_off():
+def test_default_model_ships_an_adapter_that_auto_attaches_and_none_turns_off():
     shipped = shipped_adapter(DEFAULT_MODEL)
     assert shipped is not None and (shipped / "adapter_model.safetensors").is_file()
     card = (shipped / "README.md").read_text()
     assert "flashback-agents train" in card and "seed" in card
-    with_adapter = load_model()
+    with_adapter = load_model(adapter=AUTO_ADAPTER)
     without = load_model(adapter=None)
     assert with_adapter.adapter == str(shipped) and without.adapter is None
+    assert load_model().adapter == (str(shipped) if DEFAULT_ADAPTER == AUTO_ADAPTER else DEFAULT_ADAPTER)
     a, b = CachedContext(with_adapter), CachedContext(without)
     for ctx in (a, b):
         ctx.append("The observatory was founded in")

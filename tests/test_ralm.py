@@ -213,12 +213,15 @@ def test_default_model_retrieves_and_keeps_greedy_output(default_lm, tmp_path):
     retr = BM25Retriever.from_texts(docs, ids=["zorblat", "lobster", "python"])
     ctx = CachedContext(default_lm)
     ids = ctx.layout.render([Message("user", "When is the Zorblat festival held?")], add_generation_prompt=False)
-    res = RetrievalLoop(ctx, retr, stride=8, top_k=1).generate(ids, GenerationConfig(max_new_tokens=24),
-                                                               answer_prefix=ctx.layout.generation_prompt())
+    # one retrieval, for the question (the un-adapted model restarts its sentence after evidence placed
+    # mid-answer, which is what the adapter is for; docs/benchmarks.md section 5)
+    res = RetrievalLoop(ctx, retr, stride=64, top_k=1).generate(ids, GenerationConfig(max_new_tokens=24),
+                                                                answer_prefix=ctx.layout.generation_prompt())
     # the paper's layout: one evidence block, after the question (and after the text generated before
     # the latest retrieval), never inside it
     assert ctx.token_ids[:len(ids)] == ids and ctx.token_ids.count(default_lm.marker_ids[0]) == 1
-    assert res.retrievals[0].doc_ids == ["zorblat"] and "Zorblat festival is held" not in res.text
+    assert res.retrievals[0].doc_ids == ["zorblat"]
+    assert not set(default_lm.marker_ids) & set(res.token_ids)  # the returned text is generated, never evidence
     assert "Quellin" in res.text  # only the evidence names the town: the model read it
     assert_cache_matches_recompute(ctx)
     ids = ctx.layout.render([Message("user", "When is the Zorblat festival held?")])

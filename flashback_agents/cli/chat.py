@@ -18,7 +18,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
 def chat(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model spec: default name, HF id, dir or .gguf."),
-    adapter: Optional[str] = typer.Option("auto", help="FlashBack adapter directory; 'auto' = the one shipped for "
+    adapter: Optional[str] = typer.Option("none", help="FlashBack adapter directory; 'auto' = the one shipped for "
                                           "the model, 'none' = no adapter."),
     system: str = typer.Option("You are a helpful assistant.", help="System prompt."),
     max_new_tokens: int = typer.Option(256, help="Maximum tokens per reply."),
@@ -80,7 +80,7 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
         cache_dir,
         default_gguf_path,
         load_model,
-        shipped_adapter,
+        shipped_adapter, DEFAULT_ADAPTER,
     )
 
     data: dict = {"flashback_agents": __version__, "torch": torch.__version__,
@@ -93,7 +93,8 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
         data["default_gguf"] = f"missing ({exc})"
     data["default_converted"] = (cache_dir() / DEFAULT_MODEL / "config.json").is_file()
     shipped = shipped_adapter(model)
-    data["adapter"] = str(shipped) if shipped else None  # what load_model(model) attaches by default
+    data["shipped_adapter"] = str(shipped) if shipped else None  # adapter="auto" attaches it
+    data["adapter"] = (str(shipped) if shipped else None) if DEFAULT_ADAPTER == "auto" else DEFAULT_ADAPTER
     if load:
         try:
             lm = load_model(model)

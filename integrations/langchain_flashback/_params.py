@@ -19,7 +19,7 @@ class FlashBackParams(BaseModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="Model spec (see flashback_agents.load_model), "
                        "or an http(s) URL of an OpenAI-compatible server.")
-    adapter: str | None = Field(default="auto", description="FlashBack adapter: 'auto' (the one shipped for the "
+    adapter: str | None = Field(default=None, description="FlashBack adapter: 'auto' (the one shipped for the "
                                 "model, if any), None (no adapter) or the directory of a trained one.")
     temperature: float = 0.0
     max_tokens: int | None = 256

@@ -210,7 +210,7 @@ class FlashBack(FunctionCallingLLM):
 
     model: str = Field(default=DEFAULT_MODEL, description="Model spec: the default model, a HF id, a "
                        "local directory or a .gguf file (or pass an already loaded LoadedModel).")
-    adapter: Optional[str] = Field(default="auto", description="FlashBack adapter: 'auto' (the one shipped for "
+    adapter: Optional[str] = Field(default=None, description="FlashBack adapter: 'auto' (the one shipped for "
                                    "the model, if any), None (no adapter) or the directory of a trained one.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     max_tokens: int = Field(default=256, ge=0, description="max_new_tokens per reply.")
