@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import threading
 import uuid
 import weakref
@@ -388,16 +389,24 @@ class ChatEngine:
     min_constrained_tokens: int = 256
     #: most engines kept by :meth:`shared` (an engine holds a pool; each distinct setting makes one)
     max_shared_engines: int = 8
+    #: under ``tool_choice="auto"`` a call the model opens is constrained to the tools' schemas (free
+    #: text stays free): a small model's calls otherwise often carry the schema instead of a value
+    lazy_tool_grammar: bool = True
 
     def __init__(self, lm: LoadedModel, *, max_cached_bytes: int | None = None,
                  max_context_tokens: int | None = None, model_name: str | None = None,
                  on_overflow: str = "evict", low_water: float = 0.75, backend: Backend | None = None,
-                 acquire_timeout: float | None = 300.0):
+                 acquire_timeout: float | None = 300.0, kv_store_dir: str | os.PathLike | None = None,
+                 kv_store_max_bytes: int | None = None):
         """``acquire_timeout``: seconds a call waits for a free pooled context before raising
         :class:`~flashback_agents.pool.PoolTimeoutError` (None: wait forever); a call's ``timeout=``
         overrides it. ``max_cached_bytes`` sets the byte budget shared by every pool of this model
-        (the smallest value given wins; default 2 GiB)."""
+        (the smallest value given wins; default 2 GiB). ``kv_store_dir``: a directory for the disk
+        tier (:mod:`flashback_agents.kvstore`): contexts evicted from memory, or left at close/exit,
+        are written there and restored instead of recomputed, also by a later process;
+        ``kv_store_max_bytes`` bounds it (LRU; default 16 GiB)."""
         from .backends.local import LocalBackend
+        from .kvstore import shared_store
 
         self.lm = lm
         self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
@@ -406,8 +415,11 @@ class ChatEngine:
         self.on_overflow = on_overflow
         self.acquire_timeout = acquire_timeout
         share = self._share_for(lm, max_cached_bytes)
+        #: the disk tier under this engine's pool (None: memory only)
+        self.kv_store = shared_store(kv_store_dir, kv_store_max_bytes) if kv_store_dir is not None else None
         if backend is None:
-            self.pool: ContextPool | None = ContextPool(lm, config=self.context_config, budget=share.budget)
+            self.pool: ContextPool | None = ContextPool(lm, config=self.context_config, budget=share.budget,
+                                                        store=self.kv_store)
             backend = LocalBackend(self.pool)
         else:
             self.pool = getattr(backend, "pool", None)  # a server backend has no local pool
@@ -472,11 +484,13 @@ class ChatEngine:
     @classmethod
     def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = DEFAULT_ADAPTER,
                max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
-               on_overflow: str = "evict") -> "ChatEngine":
+               on_overflow: str = "evict", *, kv_store_dir: str | os.PathLike | None = None,
+               kv_store_max_bytes: int | None = None) -> "ChatEngine":
         """The process-wide engine for these arguments: :func:`flashback_agents.engines.shared_engine`."""
         from .engines import shared_engine
 
-        return shared_engine(model, adapter, max_cached_bytes, max_context_tokens, on_overflow, engine_cls=cls)
+        return shared_engine(model, adapter, max_cached_bytes, max_context_tokens, on_overflow, engine_cls=cls,
+                             kv_store_dir=kv_store_dir, kv_store_max_bytes=kv_store_max_bytes)
 
     def on_close(self, callback: Callable[["ChatEngine"], None]) -> None:
         """Call ``callback(self)`` when this engine is closed (the engine caches forget it then)."""
@@ -518,6 +532,9 @@ class ChatEngine:
             constraint = Constraint("json", response_schema)
         elif choice not in (None, "none"):
             constraint = Constraint("tool_call", tool_call_schema(tools, choice), tools=tools, choice=choice,
+                                    fmt=self.layout.tool_format)
+        elif choice is None and tools and self.lazy_tool_grammar:
+            constraint = Constraint("tool_call_auto", tool_call_schema(tools), tools=tools,
                                     fmt=self.layout.tool_format)
         try:
             prepared = self.backend.prepare(ids, config, constraint)

@@ -110,7 +110,8 @@ class GrammarCache:
             return entry[1]
 
     def get(self, lm: LoadedModel, kind: str, schema: dict, affixes: tuple[str, str] | None = None):
-        """Compiled grammar for ``kind`` ("tool_call" wraps the schema in the call markup, "json" not).
+        """Compiled grammar for ``kind`` ("tool_call" wraps the schema in the call markup, "json" not,
+        "tool_call_auto" leaves text free until the call markup opens).
 
         ``affixes``: the text around a call's body in the model's own format
         (:meth:`flashback_agents.toolformat.ToolCallFormat.grammar_affixes`); default Hermes ``<tool_call>``.
@@ -128,6 +129,8 @@ class GrammarCache:
             body = xgr.Grammar.from_json_schema(json.dumps(cap_strings(schema)), any_whitespace=False)
         except Exception as exc:  # xgrammar raises RuntimeError with the parse details
             raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
+        if kind == "tool_call_auto":
+            return self._compile_auto(lm, key, schema, affixes)
         if kind == "tool_call":
             before, after = affixes or (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
             parts = ([xgr.Grammar.from_ebnf(f"root ::= {json.dumps(before, ensure_ascii=False)}")] if before else []) \
@@ -136,6 +139,34 @@ class GrammarCache:
         else:
             grammar = body
         compiled = compiler.compile_grammar(grammar)
+        with self._lock:
+            self._grammars[key] = compiled
+            while len(self._grammars) > self.max_entries:
+                self._grammars.popitem(last=False)
+        return compiled
+
+    def _compile_auto(self, lm: LoadedModel, key: tuple, schema: dict, affixes: tuple[str, str] | None):
+        """Free text, but once the model opens a call (the format's opening tag) the call must parse.
+
+        xgrammar's triggered structural tag: text is unconstrained until the trigger, then the call body
+        follows ``schema``. This is how a call under ``tool_choice="auto"`` is kept valid (arguments of
+        the declared types, a declared tool name) without forcing the model to call anything.
+        """
+        import xgrammar as xgr
+
+        before, after = affixes or (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+        if not before.strip():
+            raise ConstraintError("A call format without an opening tag cannot be constrained lazily.")
+        try:  # the body as EBNF, compact JSON (no free whitespace) as in a required call
+            body = str(xgr.Grammar.from_json_schema(json.dumps(cap_strings(schema)), any_whitespace=False))
+            tag = {"type": "structural_tag", "format": {
+                "type": "triggered_tags", "triggers": [before],
+                "tags": [{"begin": before, "content": {"type": "grammar", "grammar": body}, "end": after}],
+                "at_least_one": False, "stop_after_first": False}}
+            grammar = xgr.Grammar.from_structural_tag(json.dumps(tag))
+        except Exception as exc:
+            raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
+        compiled = self.compiler(lm).compile_grammar(grammar)
         with self._lock:
             self._grammars[key] = compiled
             while len(self._grammars) > self.max_entries:
@@ -166,15 +197,39 @@ def _processor(compiled) -> Any:
     return LogitsProcessor(compiled)  # single use: one per generation
 
 
-def tool_call_processor(lm: LoadedModel, tools: Sequence[dict], choice: str | None = None, fmt: Any = None) -> Any:
+def tool_call_processor(lm: LoadedModel, tools: Sequence[dict], choice: str | None = None, fmt: Any = None,
+                        auto: bool = False) -> Any:
     """A fresh logits processor forcing exactly one valid call of one of ``tools``, written in
-    ``fmt`` (a :class:`~flashback_agents.toolformat.ToolCallFormat`; default Hermes ``<tool_call>``)."""
+    ``fmt`` (a :class:`~flashback_agents.toolformat.ToolCallFormat`; default Hermes ``<tool_call>``).
+
+    ``auto=True``: no call is forced, but any call the model opens must parse (``tool_choice="auto"``).
+    """
+    if auto:
+        from .toolformat import call_schema
+
+        body = tool_call_schema(tools) if fmt is None else call_schema(fmt, tool_call_schema(tools))
+        affixes = None if fmt is None else fmt.grammar_affixes()
+        return _processor(GRAMMARS.get(lm, "tool_call_auto", body, affixes=affixes))
     if fmt is None:
         return _processor(GRAMMARS.get(lm, "tool_call", tool_call_schema(tools, choice)))
     from .toolformat import call_schema
 
     return _processor(GRAMMARS.get(lm, "tool_call", call_schema(fmt, tool_call_schema(tools, choice)),
                                    affixes=fmt.grammar_affixes()))
+
+
+def lazy_calls_supported(lm: LoadedModel, fmt: Any = None) -> bool:
+    """Whether calls under ``tool_choice="auto"`` can be constrained lazily for this model/format.
+
+    The trigger is the call's opening text; a format that opens with a *special* token (Mistral's
+    ``[TOOL_CALLS]``) cannot be matched as text by the grammar, which would mask that token and forbid
+    calls altogether, so those stay unconstrained.
+    """
+    before = fmt.grammar_affixes()[0] if fmt is not None else TOOL_CALL_OPEN
+    if not before.strip():
+        return False
+    special = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+    return not any(t in special for t in lm.encode(before))
 
 
 def json_schema_processor(lm: LoadedModel, schema: dict) -> Any:

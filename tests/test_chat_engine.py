@@ -247,3 +247,61 @@ def test_default_model_tool_call_and_memo(default_lm):
     assert r2.usage.cache_read >= r1.usage.input_tokens + r1.usage.output_tokens
     assert r2.usage.computed == r2.usage.input_tokens - r2.usage.cache_read
     assert time.perf_counter() - t0 < 120
+
+
+# ---------------------------------------------------------------- lazy call grammar (tool_choice="auto")
+def test_auto_grammar_leaves_text_free_and_constrains_an_opened_call(tiny_lm):
+    import xgrammar as xgr
+
+    compiled = GRAMMARS.get(tiny_lm, "tool_call_auto", tool_call_schema(TOOLS))
+    free = xgr.GrammarMatcher(compiled)
+    assert free.accept_string("Any prose at all, 42 { not json")
+    bad = xgr.GrammarMatcher(compiled)
+    assert not bad.accept_string('Sure. <tool_call>{"name": "add", "arguments": {"a": "seven"}}')
+    bad = xgr.GrammarMatcher(compiled)
+    assert not bad.accept_string('<tool_call>{"name": "mul", ')
+    good = xgr.GrammarMatcher(compiled)
+    assert good.accept_string('Sure. <tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
+
+
+def test_auto_call_opened_by_the_model_parses(tiny_lm):
+    """Force the random model to open a call: the lazy grammar makes the rest a valid call of a bound tool."""
+    import torch
+
+    from flashback_agents.constrained import tool_call_processor
+    from flashback_agents.context import CachedContext
+    from flashback_agents.generation import generate
+
+    opener = tiny_lm.encode("<tool_call>")
+
+    def force_opener(ids, scores):
+        step = ids.shape[1] - start
+        if step < len(opener):
+            out = torch.full_like(scores, float("-inf"))
+            out[:, opener[step]] = 0.0
+            return out
+        return scores
+
+    ctx = CachedContext(tiny_lm)
+    ctx.append("hello")
+    start = len(ctx)
+    result = generate(ctx, GenerationConfig(max_new_tokens=80),
+                      [force_opener, tool_call_processor(tiny_lm, TOOLS, auto=True)])
+    text, calls = parse_tool_calls(result.text, {"add", "echo"})
+    assert len(calls) == 1 and calls[0].name in {"add", "echo"}, result.text
+    if calls[0].name == "add":
+        assert set(calls[0].arguments) == {"a", "b"} and all(0 <= v <= 9 for v in calls[0].arguments.values())
+    else:
+        assert calls[0].arguments["w"] in ("hello", "bye")
+
+
+def test_lazy_calls_need_a_textual_opening_tag(tiny_lm):
+    from types import SimpleNamespace
+
+    from flashback_agents.constrained import lazy_calls_supported
+
+    assert lazy_calls_supported(tiny_lm)  # Hermes <tool_call> is plain text
+    special = SimpleNamespace(grammar_affixes=lambda: (tiny_lm.tokenizer.eos_token, ""))
+    assert not lazy_calls_supported(tiny_lm, special)  # a special-token opener would be masked: stay free
+    empty = SimpleNamespace(grammar_affixes=lambda: ("", ""))
+    assert not lazy_calls_supported(tiny_lm, empty)

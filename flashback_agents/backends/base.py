@@ -19,7 +19,8 @@ from ..generation import GenerationConfig, GenerationResult
 
 @dataclass
 class Constraint:
-    """What the output must be: ``kind="tool_call"`` (``<tool_call>{schema}</tool_call>``) or ``"json"``.
+    """What the output must be: ``kind="tool_call"`` (``<tool_call>{schema}</tool_call>``), ``"json"``, or
+    ``"tool_call_auto"`` (free text, but a call the model opens must follow ``schema``).
 
     ``schema`` is the JSON schema of the call body / the JSON output; ``tools`` and ``choice`` are
     kept for backends that build their own grammar from them (the local xgrammar path).
@@ -47,6 +48,18 @@ class ChatUsage:
     compacted: bool = False  # this call compacted the context (on_overflow="evict"/"shift")
     tokens_evicted: int = 0  # tokens removed by that compaction
     tokens_recomputed: int = 0  # tail tokens recomputed because of it
+    cache_restored: int = 0  # of ``cache_read``: tokens read back from the disk KV store (kv_store_dir)
+    #: multi-token decoding (local backend; see flashback_agents.speculation): model forwards run while
+    #: decoding, draft tokens verified, drafts kept, kept drafts the grammar forced (jump-forward)
+    forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    forced: int = 0
+
+    @property
+    def forwards_per_token(self) -> float | None:
+        """Decode forwards per generated token (1.0 without speculation; None: nothing generated)."""
+        return self.forwards / self.output_tokens if self.output_tokens else None
 
     @property
     def total_tokens(self) -> int:

@@ -43,7 +43,10 @@ class LocalRun(BackendRun):
                 result.token_ids = ctx.token_ids[held:] if n > 0 else []
             usage = ChatUsage(input_tokens=held, output_tokens=len(result.token_ids),
                               cache_read=lease.sync.reused, computed=lease.sync.computed,
-                              prefill_seconds=prefill, decode_seconds=ctx.stats.decode_seconds - decode0)
+                              prefill_seconds=prefill, decode_seconds=ctx.stats.decode_seconds - decode0,
+                              forwards=result.forwards, drafted=result.drafted, accepted=result.accepted,
+                              forced=result.forced)
+            usage.cache_restored = lease.restored
             if event is not None:
                 usage.compacted = True
                 usage.tokens_evicted = event.tokens_evicted
@@ -60,12 +63,16 @@ class LocalBackend(Backend):
 
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> list:
         """xgrammar logits processors for the constraint (compiled now, so schema errors raise early)."""
-        from ..constrained import json_schema_processor, tool_call_processor
+        from ..constrained import json_schema_processor, lazy_calls_supported, tool_call_processor
 
         if constraint is None:
             return []
         if constraint.kind == "json":
             return [json_schema_processor(self.lm, constraint.schema)]
+        if constraint.kind == "tool_call_auto":
+            if not lazy_calls_supported(self.lm, constraint.fmt):
+                return []
+            return [tool_call_processor(self.lm, constraint.tools, fmt=constraint.fmt, auto=True)]
         return [tool_call_processor(self.lm, constraint.tools, constraint.choice, fmt=constraint.fmt)]
 
     def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> LocalRun:

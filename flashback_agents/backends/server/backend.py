@@ -210,7 +210,7 @@ class ServerBackend(Backend):
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> Prepared:
         from ...constrained import ConstraintError, cap_strings
 
-        if constraint is None:
+        if constraint is None or constraint.kind == "tool_call_auto":  # calls the model opens stay free here
             return Prepared()
         if not isinstance(constraint.schema, dict):
             raise ConstraintError(f"response_schema must be a JSON schema dict, got {type(constraint.schema).__name__}.")
