@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 from .context import CachedContext
 from .generation import GenerationConfig, LogitsProcessor, _Run
-from .ralm_layout import evidence_ids
+from .ralm_layout import evidence_ids, query_text
 from .retrieval.base import Document, RetrievalError, Retriever
 
 PATTERNS = ("append", "prepend")
@@ -132,9 +132,8 @@ class RetrievalLoop:
         return self._prefix + [t for s in self._segs for t in s.ids]
 
     def _query(self) -> str:
-        markers = set(self.ctx.lm.marker_ids)
-        stream = [t for s in self._segs if s.doc is None for t in s.ids if t not in markers]
-        return self.ctx.lm.decode(stream[-self.query_tokens:], skip_special_tokens=True).strip()
+        stream = [t for s in self._segs if s.doc is None for t in s.ids]  # the text so far, no evidence
+        return query_text(self.ctx.lm, stream, len(stream), self.query_tokens, skip=self.ctx.lm.marker_ids)
 
     def _present(self) -> dict[str, _Seg]:
         return {s.doc.id: s for s in self._segs if s.doc is not None}

@@ -8,14 +8,14 @@ Runs on the tiny model's tokenizer (no real model, no llama.cpp build needed).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
+
+from fake_llama import FakeLlama  # noqa: E402
 
 from flashback_agents.backends.server import (ServerError, ServerRequestError, ServerStreamError,  # noqa: E402
                                               ServerUnreachableError)
@@ -24,132 +24,6 @@ from flashback_agents.generation import GenerationConfig  # noqa: E402
 from flashback_agents.layout import Message  # noqa: E402
 
 REPLY = "Hello there"
-
-
-class FakeLlama:
-    """A llama.cpp ``/completion`` server whose next replies can be told to fail in given ways."""
-
-    def __init__(self, tokenizer_dir: str, port: int = 0):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.faults: list[str] = []      # consumed one per completion request
-        self.cached: list[int] = []      # the prompt the server's prefix cache holds
-        self.release = threading.Event()  # frees handlers stalled by "stall"
-        self.requests = 0
-        self.conns: list = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def setup(self):
-                super().setup()
-                fake.conns.append(self.connection)
-
-            def _json(self, obj, status=200):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self._json({"object": "list", "data": [{"id": "tiny", "owned_by": "llamacpp",
-                                                            "meta": {"n_vocab": len(fake.tok), "n_ctx": 2048}}]})
-                else:
-                    self._json({"error": {"code": 404, "message": "not found"}}, 404)
-
-            def _chunk(self, raw: bytes):
-                self.wfile.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
-                self.wfile.flush()
-
-            def _event(self, obj):
-                self._chunk(f"data: {json.dumps(obj)}\n\n".encode())
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-                if self.path == "/tokenize":
-                    self._json({"tokens": fake.tok.encode(body["content"], add_special_tokens=False)})
-                    return
-                fake.requests += 1
-                fault = fake.faults.pop(0) if fake.faults else "ok"
-                prompt = list(body["prompt"])
-                if fault == "http500":
-                    self._json({"error": {"code": 500, "message": "internal error: slot crashed", "type": "server"}}, 500)
-                    return
-                if fault == "stall":  # accepts, then says nothing
-                    fake.release.wait(30)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                ids = fake.tok.encode(REPLY, add_special_tokens=False)
-                if fault == "trickle":  # a token now and then, forever (each read is within the timeout)
-                    while not fake.release.is_set():
-                        self._event({"content": "a", "tokens": [ids[0]], "stop": False})
-                        time.sleep(0.1)
-                    return
-                if fault == "malformed":
-                    self._chunk(b"data: {this is not json\n\n")
-                    self.wfile.write(b"0\r\n\r\n")
-                    return
-                if fault == "wrong-shape":
-                    self._event({"content": 5, "tokens": "abc", "stop": False})
-                    self.wfile.write(b"0\r\n\r\n")
-                    return
-                if fault == "error-event":
-                    self._event({"error": {"code": 500, "message": "decode failed"}})
-                    self.wfile.write(b"0\r\n\r\n")
-                    return
-                self._event({"content": fake.tok.decode(ids[:1]), "tokens": ids[:1], "stop": False})
-                if fault == "kill":  # the process dies: half a chunk, then the socket closes
-                    self.wfile.write(b"40\r\ndata: {\"content\": \"lo")
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                if fault == "no-final":
-                    self.wfile.write(b"0\r\n\r\n")
-                    return
-                text = fake.tok.decode(ids[1:])
-                self._event({"content": text, "tokens": ids[1:], "stop": False})
-                common = 0
-                while common < min(len(prompt), len(fake.cached)) and prompt[common] == fake.cached[common]:
-                    common += 1
-                fake.cached = prompt + ids
-                self._event({"content": "", "tokens": [], "stop": True, "stop_type": "eos",
-                             "tokens_evaluated": len(prompt), "tokens_predicted": len(ids),
-                             "timings": {"cache_n": common, "prompt_n": len(prompt) - common,
-                                         "prompt_ms": 1.0, "predicted_ms": 1.0}})
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        """Like a killed process: the listening socket and every open connection go away."""
-        import socket
-
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        for conn in self.conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            except OSError:
-                pass
 
 
 @pytest.fixture()

@@ -7,14 +7,14 @@ error paths run against a small fake server in a thread. Every server started he
 from __future__ import annotations
 
 import json
-import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 pytest.importorskip("xllamacpp")
 pytest.importorskip("httpx")
+
+from fake_llama import FakeLlama  # noqa: E402
 
 from flashback_agents.backends.server import (ServerCacheReportError, ServerCacheReportWarning,  # noqa: E402
                                               ServerContextError, ServerModelError, ServerStreamError,
@@ -156,88 +156,14 @@ def test_unreachable_server():
         ChatEngine.shared(url)
 
 
-class _Fake:
-    """A llama.cpp look-alike: configurable tokenizer answers, cache report and a dropped stream."""
-
-    def __init__(self):
-        self.tok, _ = load_server_tokenizer("smollm2-135m-instruct")
-        self.wrong_tokens = False
-        self.timings = True
-        self.drop_next = False
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _json(self, obj, status=200):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self._json({"object": "list", "data": [{"id": "smollm2-135m-instruct", "owned_by": "llamacpp",
-                                                            "meta": {"n_vocab": 49152, "n_ctx": 2048}}]})
-                else:
-                    self._json({"error": {"code": 404, "message": "not found"}}, 404)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-                if self.path == "/tokenize":
-                    ids = fake.tok.encode(body["content"], add_special_tokens=False)
-                    self._json({"tokens": [i + 1 for i in ids] if fake.wrong_tokens else ids})
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-
-                def chunk(obj):
-                    data = f"data: {json.dumps(obj)}\n\n".encode()
-                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-                    self.wfile.flush()
-
-                chunk({"content": "Hel", "tokens": [19556], "stop": False})
-                if fake.drop_next:
-                    fake.drop_next = False
-                    self.wfile.write(b"40\r\ndata: {\"content\": \"lo")  # half a chunk, then the line goes dead
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                chunk({"content": "lo", "tokens": [3857], "stop": False})
-                final = {"content": "", "tokens": [2], "stop": True, "stop_type": "eos",
-                         "tokens_evaluated": len(body["prompt"]), "tokens_predicted": 3}
-                if fake.timings:
-                    final["timings"] = {"cache_n": 3, "prompt_n": len(body["prompt"]) - 3, "prompt_ms": 1.0,
-                                        "predicted_ms": 1.0}
-                chunk(final)
-                self.wfile.write(b"0\r\n\r\n")
-                self.wfile.flush()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture()
 def fake():
-    f = _Fake()
+    f = FakeLlama(load_server_tokenizer("smollm2-135m-instruct")[0], model_id="smollm2-135m-instruct", reply="Hello")
     try:
         yield f
     finally:
         clear_server_engines()
-        f.close()
+        f.stop()
 
 
 def test_wrong_model_is_refused(fake):
@@ -264,12 +190,14 @@ def test_missing_cache_figures_warn_or_fail(fake):
 
 def test_dropped_stream_fails_cleanly_and_next_call_works(fake):
     engine = ChatEngine.shared(fake.url)
-    fake.drop_next = True
+    engine.chat([Message("user", "hi")])
+    fake.faults.append("kill")
     with pytest.raises(ServerStreamError, match="dropped mid-stream"):
         list(engine.stream_chat([Message("user", "hi")]))
     reply = engine.chat([Message("user", "hi")])
     assert reply.text == "Hello" and reply.finish_reason == "stop"
-    assert reply.usage.cache_read == 3 and reply.usage.computed == reply.usage.input_tokens - 3
+    assert fake.last_cache_n and reply.usage.cache_read == fake.last_cache_n  # the server's figure, passed on
+    assert reply.usage.computed == reply.usage.input_tokens - fake.last_cache_n
 
 
 def test_serve_command_rejects_a_missing_model(tmp_path):
