@@ -463,8 +463,12 @@ def final_prompt(question: str, outputs: Sequence[tuple[str, dict, ToolOutput]],
             "and names from that result.")
 
 
-def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print) -> AgentResult:
-    """Run the tool loop; ``out`` receives the console lines (``print`` by default)."""
+def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any = None) -> AgentResult:
+    """Run the tool loop; ``out`` receives the console lines (``print`` by default).
+
+    ``llm``: the chat model (default: ChatFlashBack per ``cfg``); ``agent_transcripts.py`` passes a
+    scripted one to record the agent's own prompts as training data.
+    """
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 
     if cfg.max_steps < 2:
@@ -480,7 +484,7 @@ def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print) -> AgentR
     say = (lambda *a: None) if cfg.quiet else out
     say(f"log: {log.describe()}")
     say(f"question: {cfg.question}")
-    llm = _llm(cfg)
+    llm = _llm(cfg) if llm is None else llm
     messages: list = [SystemMessage(SYSTEM), HumanMessage(user_message(log, cfg.question))]
     steps: list[StepRecord] = []
     outputs: list[tuple[str, dict, ToolOutput]] = []

@@ -442,6 +442,52 @@ def test_loghub_transcripts_are_exact_and_readable(shared_data, tmp_path):
         assert answer.startswith(f"{Counter(r[key] for r in rows)[value]} lines")
 
 
+def test_agent_transcripts_render_what_the_agent_sends(tiny_lm, tmp_path):
+    """Transcripts recorded from run_agent (scripted model) train on exactly the ids the agent sends:
+    the training sample of a conversation == the inference render of the same LangChain messages, and
+    the agent's last prompt is its prefix. The recorded answers quote the tool result."""
+    import json
+
+    import agent_transcripts
+    import log_analysis_agent as agent
+    from langchain_flashback.chat_models import to_flashback_messages
+
+    from flashback_agents.layout import Layout
+    from flashback_agents.training.samples import conversation_sample
+    from flashback_agents.training.transcripts import parse_conversation
+
+    layout = Layout(tiny_lm)
+    for steps in (2, 5):  # budget 2: the last call is forced after the agent's final-answer prompt
+        msgs = agent_transcripts.episode(str(logtools.SAMPLE_LOG), "How many lines have level ERROR?",
+                                         "level_count", steps, tmp_path / "store")
+        row = {"tools": agent.TOOLS, "messages": agent_transcripts.openai_messages(msgs)}
+        conv = parse_conversation(json.loads(json.dumps(row)))
+        sample, truncated = conversation_sample(layout, conv, max_length=100_000)
+        assert sample is not None and not truncated
+        inference = layout.render(to_flashback_messages(msgs), tools=agent.TOOLS, add_generation_prompt=False)
+        assert sample.input_ids == inference
+        prompt = layout.render(to_flashback_messages(msgs[:-1]), tools=agent.TOOLS)
+        assert sample.input_ids[:len(prompt)] == prompt
+        final = msgs[-1].tool_calls[0]
+        assert final["name"] == "final_answer" and len(final["args"]["answer"]) <= agent_transcripts.ANSWER_MAX
+        counts = logtools.count_lines(read_log(logtools.SAMPLE_LOG, ReadLimits()), "level").data["counts"]
+        assert final["args"]["answer"].startswith(f"{counts['ERROR']} of ")
+        assert (steps == 2) == any(m.type == "human" and "Call final_answer" in m.content for m in msgs)
+
+
+def test_agent_transcripts_leave_out_the_validation_systems(shared_data, tmp_path):
+    import json
+
+    import agent_transcripts
+
+    out = tmp_path / "agent.jsonl"
+    assert agent_transcripts.main(["--data", str(shared_data / "loghub"), "--out", str(out), "--per-question", "1",
+                                   "--exclude", "Hadoop,Linux,Spark", "--store", str(tmp_path / "store")]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    users = " ".join(m["content"] for r in rows for m in r["messages"] if m["role"] == "user")
+    assert rows and "Apache_2k.log" in users and not re.search(r"(Hadoop|Linux|Spark)_2k\.log", users)
+
+
 # ----------------------------------------------------------- the writing assistant on unseen notes
 NOTE_SETS = {
     "beekeeping": {
