@@ -7,6 +7,7 @@ from .layout import ChatFormat, Layout, LayoutError, Message, ToolCall
 from .models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, cache_dir, load_model,
                      shared_model)
 from .pool import ContextPool, MemoryBudget, PoolTimeoutError
+from .kvstore import DiskKVStore, KVStoreWarning
 from .chat import ChatEngine  # noqa: E402  (after the core: chat builds on it)
 from .engines import release_engines, shared_engine  # noqa: E402
 
@@ -17,6 +18,6 @@ __all__ = [
     "GenerationConfig", "GenerationConfigError", "GenerationResult", "generate", "stream",
     "ChatFormat", "Layout", "LayoutError", "Message", "ToolCall",
     "DEFAULT_MODEL", "MARK_L", "MARK_R", "LoadedModel", "ModelLoadError", "cache_dir", "load_model",
-    "shared_model", "ContextPool", "MemoryBudget", "PoolTimeoutError", "ChatEngine", "release_engines",
+    "shared_model", "ContextPool", "MemoryBudget", "PoolTimeoutError", "DiskKVStore", "KVStoreWarning", "ChatEngine", "release_engines",
     "shared_engine", "__version__",
 ]

@@ -125,6 +125,10 @@ class ContextStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decoded_tokens: int = 0
+    forwards: int = 0  # model forwards run while decoding (one per token, fewer with speculation)
+    drafted: int = 0  # draft tokens verified (prompt lookup + grammar jump-forward; see speculation.py)
+    accepted: int = 0  # drafts kept (they equalled the token plain decoding chose)
+    forced: int = 0  # accepted drafts that came from grammar jump-forward
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -259,8 +263,9 @@ class CachedContext:
         return self.lm.encode(text)
 
     @torch.inference_mode()
-    def _run(self, ids: list[int], decode: bool = False) -> torch.Tensor:
-        """Run ``ids`` (appended to the cache) in chunks; return the last position's logits.
+    def _run(self, ids: list[int], decode: bool = False, keep: int = 1) -> torch.Tensor:
+        """Run ``ids`` (appended to the cache) in chunks; return the last position's logits
+        (``keep`` > 1: the last ``keep`` positions' logits, shape [keep, vocab]).
 
         On any failure the cache is cropped back, so a failed call changes nothing.
         """
@@ -269,11 +274,18 @@ class CachedContext:
         model = self.lm.model
         device = self.lm.device
         logits = None
+        rows = []
         try:
             for i in range(0, len(ids), self.prefill_chunk):
-                chunk = torch.tensor([ids[i : i + self.prefill_chunk]], dtype=torch.long, device=device)
-                out = kvcache.forward(model, chunk, self._cache, logits_to_keep=1)
+                piece = ids[i : i + self.prefill_chunk]
+                chunk = torch.tensor([piece], dtype=torch.long, device=device)
+                want = max(1, min(len(piece), i + len(piece) - (len(ids) - keep)))
+                out = kvcache.forward(model, chunk, self._cache, logits_to_keep=want)
                 logits = out.logits[0, -1]
+                if keep > 1 and i + len(piece) > len(ids) - keep:
+                    rows.append(out.logits[0, -want:])
+                if decode:
+                    self.stats.forwards += 1
         except BaseException:
             kvcache.crop_to(self._cache, start)
             raise
@@ -282,6 +294,8 @@ class CachedContext:
             self.stats.decode_seconds += dt
         else:
             self.stats.prefill_seconds += dt
+        if keep > 1:
+            return torch.cat(rows)[-keep:].float()
         return logits.float()
 
     def _truncate(self, n: int) -> None:
@@ -375,7 +389,9 @@ class CachedContext:
                     self._truncate(common)
                     self._extend(ids[common:])
                     self.stats.tokens_reused += common
-                    event.tokens_recomputed = max(0, old_view - common) if self.on_overflow == "evict" else 0
+                    # shift: 0 once the stubs were spliced in; a change it cannot splice (stubs merged
+                    # across tool-call turns) is recomputed like evict, and counted
+                    event.tokens_recomputed = max(0, old_view - common)
                     self.stats.tokens_recomputed += event.tokens_recomputed
                     return SyncResult(common, len(ids) - common)
             self._check_room(len(ids), "sync")
@@ -462,6 +478,37 @@ class CachedContext:
             self._logits = None
             self.stats.decoded_tokens += 1
 
+    def _verify_forward(self, drafts: list[int]) -> torch.Tensor:
+        """Run the pending token and ``drafts`` in one forward; the cache then covers them all (the
+        caller restores the invariant with :meth:`_accept_verified`, under the same lock hold).
+
+        Returns logits [len(drafts) + 1, vocab]: row ``i`` is the next-token distribution after
+        ``token_ids + drafts[:i]``. Plain attention caches only (see ``speculation.plan``).
+        """
+        with self.lock:
+            if not self._ids:
+                raise ContextError("the context is empty: append something first")
+            self._check_room(len(self._ids) + len(drafts) + 1, "generation")
+            cached = kvcache.cache_len(self._cache)
+            if cached == len(self._ids) and self._logits is None:  # logits forgotten: rerun the last token
+                cached = kvcache.crop_to(self._cache, cached - 1)
+            pending = self._ids[cached:]
+            if pending:
+                return self._run(pending + list(drafts), decode=True, keep=len(drafts) + 1)
+            rows = self._run(list(drafts), decode=True, keep=len(drafts))
+            return torch.cat([self._logits.unsqueeze(0), rows.reshape(len(drafts), -1)])
+
+    def _accept_verified(self, drafts: list[int], n_ok: int, last: int) -> None:
+        """After :meth:`_verify_forward`: keep ``drafts[:n_ok]`` (cached), drop the rest of the drafts
+        from the cache, and push ``last`` (the token chosen after them) as pending."""
+        with self.lock:
+            base = len(self._ids)
+            kvcache.crop_to(self._cache, base + n_ok)
+            self._ids.extend(int(t) for t in drafts[:n_ok])
+            self._ids.append(int(last))
+            self._logits = None
+            self.stats.decoded_tokens += n_ok + 1
+
     def flush(self) -> None:
         """Run any pending token now (so the cache covers all of ``token_ids``)."""
         with self.lock:
@@ -492,41 +539,36 @@ class CachedContext:
     def save(self, path: str | os.PathLike) -> None:
         """Save token ids, KV tensors, the model fingerprint and every setting that decides what the
         context does next (budget, ``on_overflow``, ``low_water``, ``prefill_chunk``, the blocks it
-        evicted), atomically. Tensors and plain values only: it loads with ``weights_only=True``."""
+        evicted), atomically, in the format of the disk KV store (:mod:`flashback_agents.kvstore`:
+        safetensors + JSON metadata, nothing pickled)."""
+        from .kvstore import write_context
+
         with self.lock:
             self.flush()
             # A hybrid model's recurrent state is not saved: its ids are recomputed on load (counted).
-            plain = kvcache.is_plain(self._cache)
-            tensors = [(k[..., : len(self._ids), :].contiguous().cpu(), v[..., : len(self._ids), :].contiguous().cpu())
-                       for k, v in (kvcache.layer_tensors(self._cache) if self._ids and plain else [])]
-            evicted = None
-            if self._compactor is not None:
-                evicted = {"stubs": {k: list(v) for k, v in self._compactor._stubs.items()},
-                           "stub_keys": sorted(self._compactor._stub_keys)}
-            payload = {"format": _FORMAT, "fingerprint": self.lm.fingerprint, "model": self.lm.name,
-                       "token_ids": list(self._ids), "kv": tensors,
-                       "max_context_tokens": self.max_context_tokens, "on_overflow": self.on_overflow,
-                       "low_water": float(self.low_water), "prefill_chunk": int(self.prefill_chunk),
-                       "evicted": evicted}
-            payload["checksum"] = _checksum(payload)
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
+            write_context(self, path)
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | os.PathLike) -> "CachedContext":
         """Load a saved context; refuse one made with other weights or another tokenizer.
 
-        The file is not trusted: it is read with ``weights_only=True`` (no code runs) and every key,
+        Reads format v3 (what :meth:`save` writes) and the older torch files (v1/v2).
+        The file is not trusted: v1/v2 are read with ``weights_only=True`` (no code runs) and every key,
         type, dtype, shape, id range and length is checked before anything is built, so a corrupt or
         crafted file raises :class:`ContextLoadError` here instead of failing later inside torch.
         """
+        from .kvstore import is_v3_file, read_context
+
         path = Path(path)
         if not path.is_file():
             raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save wrote.")
-        try:
+        if is_v3_file(path):
+            try:
+                return read_context(lm, path)
+            except FileNotFoundError:
+                raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save "
+                                           "wrote.") from None
+        try:  # format v1/v2 (torch zip, read with weights_only=True): still loaded
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ContextLoadError(f"{path} is not a saved flashback-agents context ({exc.__class__.__name__}); "

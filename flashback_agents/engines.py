@@ -48,22 +48,31 @@ class ServerChatEngine(ChatEngine):
 
 def shared_engine(model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = DEFAULT_ADAPTER,
                   max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
-                  on_overflow: str = "evict", *, engine_cls: type[ChatEngine] = ChatEngine) -> ChatEngine:
+                  on_overflow: str = "evict", *, engine_cls: type[ChatEngine] = ChatEngine,
+                  kv_store_dir: str | os.PathLike | None = None, kv_store_max_bytes: int | None = None) -> ChatEngine:
     """The process-wide engine for these arguments (same args -> same engine, weights and pool).
 
     An ``http(s)://`` model spec is an OpenAI-compatible server (llama.cpp, vLLM, SGLang): the engine
     renders locally (tokenizer only) and runs on the server (see :mod:`flashback_agents.backends.server`).
     At most :attr:`ChatEngine.max_shared_engines` are kept: the least recently used one is closed beyond that.
+    ``kv_store_dir`` (a disk tier for the pool, :mod:`flashback_agents.kvstore`) is part of the key:
+    engines with different store directories are different engines.
     """
     if is_server_spec(model):
+        if kv_store_dir is not None:
+            raise ServerError("kv_store_dir applies to models run in this process; a server keeps its own cache "
+                              "(llama.cpp: --slot-save-path); drop kv_store_dir for a server URL.")
         return server_engine(model.strip(), adapter=adapter, max_context_tokens=max_context_tokens)
+    from .kvstore import store_path
+
+    store = (store_path(kv_store_dir), kv_store_max_bytes) if kv_store_dir is not None else None
     if isinstance(model, LoadedModel):
         if adapter not in (None, AUTO_ADAPTER):
             raise ValueError("adapter= cannot be combined with an already loaded model")
-        key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens, on_overflow)
+        key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens, on_overflow, store)
     else:
         key = (model or DEFAULT_MODEL, str(adapter) if adapter else None, max_cached_bytes, max_context_tokens,
-               on_overflow)
+               on_overflow, store)
     with _LOCK:
         engine = _SHARED.get(key)
         if engine is not None and (not isinstance(model, LoadedModel) or engine.lm is model):
@@ -75,7 +84,9 @@ def shared_engine(model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None 
         engine = _SHARED.get(key)
         if engine is None or engine.lm is not lm:
             engine = engine_cls(lm, max_cached_bytes=max_cached_bytes, max_context_tokens=max_context_tokens,
-                                on_overflow=on_overflow)
+                                on_overflow=on_overflow, **({"kv_store_dir": kv_store_dir,
+                                                             "kv_store_max_bytes": kv_store_max_bytes}
+                                                            if kv_store_dir is not None else {}))
             engine.on_close(_forget_engine)
             _SHARED[key] = engine
         _SHARED.move_to_end(key)

@@ -2,6 +2,8 @@
 
 One loop serves both ``generate`` and ``stream``, so streamed and non-streamed greedy outputs are
 identical by construction. Generated tokens stay in the context: the next turn reuses them.
+Where exact, a step decodes several tokens in one forward (grammar jump-forward, prompt-lookup
+speculation: :mod:`flashback_agents.speculation`); the output is plain decoding's.
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class GenerationConfig:
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
+    #: prompt-lookup speculation (drafts copied from the context, verified in one forward; exact):
+    #: None = on for greedy decoding, off when sampling; True also with sampling (still exact: the
+    #: seeded sampler draws once per kept token, as plain decoding does). See flashback_agents.speculation.
+    speculate: bool | None = None
+    draft_tokens: int = 8  # most drafts verified per forward
+    ngram: int = 3  # longest suffix (in tokens) looked up in the context to find drafts
+    #: grammar jump-forward on constrained replies: the text the grammar forces is run in one forward
+    jump_forward: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or self.stop is None:
@@ -81,6 +91,17 @@ class GenerationConfig:
             raise GenerationConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise GenerationConfigError(f"seed must be an integer or None, got {self.seed!r}.")
+        if self.speculate is not None and not isinstance(self.speculate, bool):
+            raise GenerationConfigError(f"speculate must be True, False or None (on for greedy decoding), got "
+                                        f"{self.speculate!r}.")
+        if not isinstance(self.jump_forward, bool):
+            raise GenerationConfigError(f"jump_forward must be True or False, got {self.jump_forward!r}.")
+        if not 1 <= number("draft_tokens", self.draft_tokens, True) <= 64:
+            raise GenerationConfigError(f"draft_tokens must be in 1..64 (drafts verified per forward; turn "
+                                        f"speculation off with speculate=False), got {self.draft_tokens!r}.")
+        if not 1 <= number("ngram", self.ngram, True) <= 16:
+            raise GenerationConfigError(f"ngram must be in 1..16 (tokens matched against the context), got "
+                                        f"{self.ngram!r}.")
         self.stop = normalize_stop(self.stop)
 
 
@@ -91,6 +112,10 @@ class GenerationResult:
     finish_reason: str  # "stop" (stop string or EOS), "length" (max_new_tokens), "context" (window full)
     seconds: float = 0.0
     stop_string: str | None = None
+    forwards: int = 0  # model forwards this generation ran (the first token's logits come with the prompt)
+    drafted: int = 0  # draft tokens verified (speculation + jump-forward)
+    accepted: int = 0  # drafts kept
+    forced: int = 0  # kept drafts that the grammar forced (jump-forward)
 
 
 @dataclass
@@ -155,6 +180,8 @@ class _Run:
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
+        from . import speculation
+
         ctx, cfg = self.ctx, self.cfg
         lm = ctx.lm
         eos = lm.eos_token_ids if cfg.stop_at_eos else set()
@@ -165,50 +192,69 @@ class _Run:
         text = ""
         finish, stop_hit = "length", None
         t0 = time.perf_counter()
-        # The lock is taken per token, never held across a ``yield``: a stream abandoned mid-way (or
+        st = ctx.stats
+        before = (st.forwards, st.drafted, st.accepted, st.forced)
+        with ctx.lock:
+            spec, jump, grammar = speculation.plan(ctx, cfg, self.processors, self.on_token)
+            decoder = speculation.Decoder(ctx, cfg, sample, eos, spec, jump, grammar) if spec or jump else None
+        steps = 0
+        # The lock is taken per step, never held across a ``yield``: a stream abandoned mid-way (or
         # closed by the garbage collector in another thread) must not leave the context locked.
-        for _ in range(cfg.max_new_tokens):
+        while steps < cfg.max_new_tokens:
             with ctx.lock:
                 if len(ctx) >= ctx.max_context_tokens:
                     finish = "context"
                     break
-                logits = ctx.next_token_logits()
-                if len(gen) < cfg.min_new_tokens and eos:
-                    logits = logits.clone()
-                    logits[list(eos)] = float("-inf")
-                if self.processors:
-                    ids = torch.tensor([ctx.ids], dtype=torch.long)
-                    scores = logits.unsqueeze(0)
-                    for p in self.processors:
-                        scores = p(ids, scores)
-                    logits = scores[0]
-                tok = sample(logits)
-                ctx.push_generated(tok)
-            if self.on_token is not None:
-                self.on_token(tok)
-            if tok in eos:
-                finish = "stop"
-                break
-            gen.append(tok)
-            text = lm.decode(gen, skip_special_tokens=True)
-            if stops:
-                window = max(0, emitted - max(len(s) for s in stops))
-                hits = [(text.find(s, window), s) for s in stops if text.find(s, window) >= 0]
-                if hits:
-                    pos, stop_hit = min(hits)
-                    text = text[:pos]
-                    finish = "stop"
+                if decoder is not None:  # one forward, one or more tokens (exactly plain decoding's)
+                    toks = decoder.step(len(gen), min(cfg.max_new_tokens - steps, ctx.max_context_tokens - len(ctx)))
+                else:
+                    logits = ctx.next_token_logits()
+                    if len(gen) < cfg.min_new_tokens and eos:
+                        logits = logits.clone()
+                        logits[list(eos)] = float("-inf")
+                    if self.processors:
+                        ids = torch.tensor([ctx.ids], dtype=torch.long)
+                        scores = logits.unsqueeze(0)
+                        for p in self.processors:
+                            scores = p(ids, scores)
+                        logits = scores[0]
+                    tok = sample(logits)
+                    ctx.push_generated(tok)
+                    toks = [tok]
+            done = False
+            for j, tok in enumerate(toks):
+                steps += 1
+                if self.on_token is not None:
+                    self.on_token(tok)
+                if tok in eos:  # always the last of ``toks``
+                    finish, done = "stop", True
                     break
-            safe = len(text) - holdback(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
+                gen.append(tok)
+                text = lm.decode(gen, skip_special_tokens=True)
+                if stops:
+                    window = max(0, emitted - max(len(s) for s in stops))
+                    hits = [(text.find(s, window), s) for s in stops if text.find(s, window) >= 0]
+                    if hits:
+                        pos, stop_hit = min(hits)
+                        text = text[:pos]
+                        finish, done = "stop", True
+                        if j + 1 < len(toks):  # tokens decoded past the stop: the context keeps none of them
+                            ctx.rollback(len(toks) - j - 1)
+                        break
+                safe = len(text) - holdback(text, stops)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            if done:
+                break
         if len(text) > emitted:
             yield text[emitted:]
         held = ctx.ids
         all_ids = gen + ([held[-1]] if finish == "stop" and stop_hit is None and held and held[-1] in eos else [])
         self.result = GenerationResult(text=text, token_ids=all_ids, finish_reason=finish,
-                                       seconds=time.perf_counter() - t0, stop_string=stop_hit)
+                                       seconds=time.perf_counter() - t0, stop_string=stop_hit,
+                                       forwards=st.forwards - before[0], drafted=st.drafted - before[1],
+                                       accepted=st.accepted - before[2], forced=st.forced - before[3])
 
 
 Run = _Run  # public name: ``for delta in Run(ctx, config, processors, on_token=...)``
@@ -219,7 +265,8 @@ def stream(ctx: CachedContext, config: GenerationConfig | None = None,
     """Iterate over text deltas; after iteration ``run.result`` holds the :class:`GenerationResult`.
 
     ``on_token(id)`` is called after each sampled token is pushed to the context (the FlashBack loop
-    uses it to append evidence every ``stride`` tokens).
+    uses it to append evidence every ``stride`` tokens). A run with ``on_token`` (which may change the
+    context between tokens) decodes one token per forward: no speculation, no jump-forward.
     """
     return _Run(ctx, config or GenerationConfig(), processors, on_token)
 

@@ -255,11 +255,12 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
     return out
 
 
-def cache_from_tensors(model: Any, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """Rebuild a cache from per-layer (key, value) tensors (a copy is made)."""
+def cache_from_tensors(model: Any, tensors: list[tuple[torch.Tensor, torch.Tensor]], copy: bool = True) -> DynamicCache:
+    """Rebuild a cache from per-layer (key, value) tensors (a copy is made; ``copy=False`` for tensors the
+    caller gives away: growing layers copy into their own buffer anyway, plain ones keep them)."""
     cache = new_cache(model)
     for layer, (k, v) in zip(cache.layers, tensors):
-        layer.update(k.clone(), v.clone())
+        layer.update(k.clone() if copy else k, v.clone() if copy else v)
     return cache
 
 

@@ -289,9 +289,15 @@ class Layout:
             return (self._enc(fmt.prefix["tool"]) + self.marked(head + msg.content)
                     + self._enc(fmt.suffix["tool"]))
         if role == "assistant":
-            body = self.memo.get(_prefix_key(prefix, msg.key())) if prefix is not None else None
+            at = _prefix_key(prefix, msg.key()) if prefix is not None else None
+            body = self.memo.get(at) if at is not None else None
             if body is None:
                 body = self.memo.get(msg.key())
+                if body is not None and at is not None:
+                    # pin it after this prefix: a reply moved by a history edit (a summary, trimmed
+                    # messages) keeps these ids in the next call too, even if the same text is generated
+                    # again meanwhile with other ids (which replaces the text-only entry)
+                    self.memo.put(at, body)
             prefix = self._enc(fmt.generation_prompt)
             suffix = self._enc(fmt.suffix["assistant"])
             if body is None:

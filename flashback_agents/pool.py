@@ -3,10 +3,16 @@
 Agent frameworks re-send the whole conversation at every step; the pool finds the context whose
 tokens share the longest prefix with the new request, so only the new tail is computed. A context
 in use by one caller is never handed to another; idle contexts are evicted LRU under a byte budget.
+
+With a disk tier (``store=``, a :class:`~flashback_agents.kvstore.DiskKVStore`), an evicted context is
+written to disk first (and every idle one on :meth:`ContextPool.clear` and at interpreter exit), and
+``acquire`` restores the longest stored prefix when it beats what memory holds, so a conversation
+survives eviction and process restarts without being recomputed.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -14,10 +20,13 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .context import CachedContext, ContextConfig, SyncResult, common_prefix
 from .models import LoadedModel
+
+if TYPE_CHECKING:
+    from .kvstore import DiskKVStore
 
 logger = logging.getLogger("flashback_agents")
 
@@ -67,6 +76,7 @@ class Lease:
 
     ctx: CachedContext
     sync: SyncResult
+    restored: int = 0  # tokens of ``sync.reused`` read back from the disk tier (not in memory before)
 
 
 class ContextPool:
@@ -74,10 +84,13 @@ class ContextPool:
 
     def __init__(self, lm: LoadedModel, *, max_bytes: int = 2 << 30, max_contexts: int = 16,
                  max_context_tokens: int | None = None, on_overflow: str = "error", low_water: float = 0.75,
-                 budget: MemoryBudget | None = None, config: ContextConfig | None = None):
+                 budget: MemoryBudget | None = None, config: ContextConfig | None = None,
+                 store: "DiskKVStore | None" = None):
         """``budget``: a :class:`MemoryBudget` shared with other pools of the same model (then
         ``max_bytes`` is ignored: the shared budget's ``max_bytes`` applies to all of them together).
-        ``config``: the settings of every context (:class:`ContextConfig`), or the loose keyword arguments."""
+        ``config``: the settings of every context (:class:`ContextConfig`), or the loose keyword arguments.
+        ``store``: a disk tier (:class:`~flashback_agents.kvstore.DiskKVStore`) evicted contexts are
+        written to and restored from (None: memory only)."""
         #: the settings every context of this pool gets
         self.config = ContextConfig.of(config, max_context_tokens=max_context_tokens, on_overflow=on_overflow,
                                        low_water=low_water)
@@ -89,6 +102,10 @@ class ContextPool:
         self._lock = self.budget.lock
         self._free = self.budget.free
         self._warned_oversize = False
+        #: the disk tier below this pool (None: memory only)
+        self.store = store
+        if store is not None:
+            _STORED_POOLS.add(self)
 
     @property
     def max_context_tokens(self) -> int | None:
@@ -142,6 +159,10 @@ class ContextPool:
         ``reserve``: tokens of room wanted for the reply (used by contexts that compact on overflow).
         """
         deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        # Disk lookup before taking the lock (it lists the store directory): (entry, tokens) or (None, 0)
+        disk = self.store.longest_prefix(self.lm, ids, self.config.on_overflow) if self.store is not None \
+            else (None, 0)
+        restore = None
         with self._free:
             while all(e.busy for e in self._entries) and len(self._entries) >= self.max_contexts:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -152,26 +173,50 @@ class ContextPool:
                         "started, raise max_contexts, or pass a larger timeout.")
                 self._free.wait(remaining)
             entry, fork = self._pick(ids)
+            if disk[0] is not None:
+                mem = common_prefix(entry.ctx.ids, entry.ctx.view_of(ids)) if len(entry.ctx) else 0
+                if disk[1] >= mem + self.store.min_gain:  # restoring beats memory by enough to pay the read
+                    restore, fork = disk, False
+                    if len(entry.ctx):
+                        entry = _Entry(CachedContext(self.lm, config=self.config))
+                        self._entries.append(entry)
             if fork:
                 n = common_prefix(entry.ctx.ids, entry.ctx.view_of(ids))
                 entry = _Entry(entry.ctx.fork_prefix(n))
                 self._entries.append(entry)
             entry.busy = True
+        evicted: list[tuple[ContextPool, CachedContext]] = []
         try:
+            restored = 0
+            if restore is not None:  # the entry is busy (ours) and empty: fill it from disk, outside the lock
+                loaded = self.store.load(restore[0], self.lm, restore[1], ids, config=self.config)
+                if loaded is not None:  # None: gone, corrupt or foreign (warned): recomputed below
+                    entry.ctx, restored = loaded, restore[1]
             result = entry.ctx.sync(ids, reserve=reserve)
-            yield Lease(entry.ctx, result)
+            yield Lease(entry.ctx, result, min(restored, result.reused))
         finally:
             with self._free:
                 entry.busy = False
                 entry.last_used = time.monotonic()
                 if len(entry.ctx) == 0 and entry in self._entries:
                     self._entries.remove(entry)
-                self._evict(keep=entry)
+                evicted = self._evict(keep=entry)
                 self._free.notify_all()
+            _persist(evicted)
 
-    def _evict(self, keep: _Entry | None = None) -> None:
+    def persist(self) -> int:
+        """Write every idle context to the disk tier now (they stay in memory); returns how many were
+        written. Called at interpreter exit for pools with a store, so a restart resumes from disk."""
+        if self.store is None:
+            return 0
+        with self._lock:
+            ctxs = [e.ctx for e in self._entries if not e.busy]
+        return _persist([(self, c) for c in ctxs])
+
+    def _evict(self, keep: _Entry | None = None) -> list[tuple["ContextPool", CachedContext]]:
         """Drop least recently used idle contexts (of every pool sharing the budget) while over the byte
-        budget, and this pool's while over its count (caller holds the shared lock).
+        budget, and this pool's while over its count (caller holds the shared lock). Returns the evicted
+        contexts a disk tier wants, for the caller to write once the lock is released.
 
         ``keep`` (the context just released) is never dropped for bytes: a conversation larger than
         the whole budget would otherwise be evicted after every call and reuse nothing next time; it
@@ -181,6 +226,7 @@ class ContextPool:
         idle = sorted(((p, e) for p in pools for e in p._entries if not e.busy and e is not keep),
                       key=lambda pe: pe[1].last_used)
         total = sum(e.ctx.nbytes for p in pools for e in p._entries)
+        out: list[tuple[ContextPool, CachedContext]] = []
         for p, e in list(idle):
             if p is self and len(self._entries) > self.max_contexts:
                 pass
@@ -188,6 +234,8 @@ class ContextPool:
                 continue
             total -= e.ctx.nbytes
             p._entries.remove(e)
+            if p.store is not None:
+                out.append((p, e.ctx))
         if keep is not None and total > self.max_bytes and keep.ctx.nbytes > self.max_bytes \
                 and not self._warned_oversize:
             self._warned_oversize = True
@@ -197,7 +245,43 @@ class ContextPool:
                    "on_overflow='evict'.")
             logger.warning(msg)
             warnings.warn(msg, PoolBudgetWarning, stacklevel=4)
+        return out
 
     def clear(self) -> None:
+        """Drop every idle context (written to the disk tier first, if there is one)."""
         with self._lock:
+            dropped = [(self, e.ctx) for e in self._entries if not e.busy and self.store is not None]
             self._entries = [e for e in self._entries if e.busy]
+        _persist(dropped)
+
+
+_STORED_POOLS: "weakref.WeakSet[ContextPool]" = weakref.WeakSet()
+
+
+def _persist(items: list[tuple[ContextPool, CachedContext]]) -> int:
+    """Write contexts to their pool's disk tier (no pool lock held); a failure warns, never raises."""
+    if not items:
+        return 0
+    from .kvstore import KVStoreWarning
+
+    written = 0
+    for pool, ctx in items:
+        if pool.store is None or not pool.store.storable(ctx):
+            continue
+        try:
+            written += pool.store.put(ctx) is not None
+        except Exception as exc:  # a full disk or a vanished directory must not fail the call
+            msg = f"flashback-agents: could not write a context to {pool.store} ({type(exc).__name__}: {exc})"
+            logger.warning(msg)
+            warnings.warn(msg, KVStoreWarning, stacklevel=3)
+    return written
+
+
+@atexit.register
+def _persist_all_at_exit() -> None:
+    """A process that ends normally leaves its conversations on disk for the next one."""
+    for pool in list(_STORED_POOLS):
+        try:
+            pool.persist()
+        except Exception:  # pragma: no cover - interpreter shutdown: best effort
+            logger.debug("flashback-agents: could not persist a pool at exit", exc_info=True)

@@ -198,9 +198,11 @@ def test_chat_engine_turns_compute_only_new_tokens(arch, lms):
                 held = prev.usage.input_tokens + prev.usage.output_tokens
                 assert r.usage.cache_read == held if prev.finish_reason == "length" else r.usage.cache_read >= held - 1
             # the model ran exactly: the new prompt tokens, the previous turn's last generated token (it
-            # stays pending until the next call) and the tokens generated now but the last one
+            # stays pending until the next call), the tokens generated now but the last one, and the
+            # speculative drafts that were rejected (greedy decoding speculates by default)
             pending_before = 1 if prev is not None and prev.finish_reason == "length" else 0
-            assert ran == r.usage.computed + pending_before + r.usage.output_tokens - 1, (turn, ran, r.usage)
+            rejected = r.usage.drafted - r.usage.accepted
+            assert ran == r.usage.computed + pending_before + r.usage.output_tokens - 1 + rejected, (turn, ran, r.usage)
             msgs = msgs + [Message("assistant", r.text, tool_calls=r.tool_calls), Message("user", question)]
             prev = r
     finally:

@@ -125,3 +125,82 @@ def test_unevictable_overflow_says_so(tiny_lm):
 def test_bad_overflow_mode_is_clear(tiny_lm):
     with pytest.raises(ValueError, match="on_overflow must be one of"):
         CachedContext(tiny_lm, on_overflow="drop")
+
+
+# --------------------------------------------------------------- rare compactions (issue 19, part 3)
+def _agent_conversation(steps: int, words: int = 12) -> list[Message]:
+    """An agent loop: every step an assistant tool call (with a long argument) and its result."""
+    msgs = [Message("system", "You analyse logs."), Message("user", "count errors")]
+    for i in range(steps):
+        call = ToolCall("grep", {"q": f"e{i} " + "a long regular expression " * 4}, id=f"c{i}")
+        msgs.append(Message("assistant", "", tool_calls=[call]))
+        msgs.append(Message("tool", " ".join(f"line{i}-{j} ERROR disk" for j in range(words)),
+                            tool_call_id=f"c{i}", name="grep"))
+    return msgs
+
+
+def test_compactions_are_rare_and_every_other_step_is_a_pure_append(long_lm):
+    tiny_lm = long_lm
+    lay = Layout(tiny_lm)
+    budget, steps, reserve = 3000, 64, 64
+    ctx = CachedContext(tiny_lm, max_context_tokens=budget, on_overflow="evict")
+    prev_len, compacted_at = 0, []
+    for step in range(1, steps + 1):
+        msgs = _agent_conversation(step)
+        res = ctx.sync(lay.render(msgs), reserve=reserve)
+        ev = ctx.last_compaction
+        if ev is None:  # a pure append: exactly the new tokens computed
+            assert res.reused == prev_len and res.computed == len(ctx) - prev_len, f"step {step}"
+        else:
+            compacted_at.append(step)
+            assert res.reused == min(prev_len, ev.first_changed)
+            assert res.computed == len(ctx) - res.reused
+            # the stubs and the tool-call turns between them went into one stub
+            blocks = [tiny_lm.decode(ctx.token_ids[b.start:b.end]) for b in find_blocks(ctx.token_ids, tiny_lm.marker_ids)]
+            assert ev.stubs_merged == 1 and "[evicted grep:" in blocks[0]
+            assert not any("[evicted" in b for b in blocks[1:])
+        assert len(ctx) <= budget - reserve
+        prev_len = len(ctx)
+    assert 2 <= len(compacted_at) <= steps // 8, compacted_at
+    assert all(b - a >= 8 for a, b in zip(compacted_at, compacted_at[1:])), compacted_at
+    assert_consistent(ctx)
+    text = tiny_lm.decode(ctx.token_ids)
+    # system, user, the oldest call, one merged stub naming the tool, the newest call and result
+    assert "You analyse logs." in text and "count errors" in text and '"e0 ' in text
+    assert text.count("[evicted grep: ") == 1 and " results, " in text
+    assert f'"e{steps - 1} ' in text and f"line{steps - 1}-11 ERROR disk" in text
+
+
+def test_merged_view_is_prefix_stable_for_resent_and_compacted_histories(long_lm):
+    tiny_lm = long_lm
+    lay = Layout(tiny_lm)
+    ctx = CachedContext(tiny_lm, max_context_tokens=1500, on_overflow="evict")
+    for step in range(1, 30):
+        ctx.sync(lay.render(_agent_conversation(step)))
+    assert ctx.stats.compactions >= 2
+    full = lay.render(_agent_conversation(29))
+    view = ctx.view_of(full)
+    assert view == ctx.token_ids  # the full history maps to what is held
+    assert ctx.view_of(view) == view  # and the view is a fixed point
+    longer = lay.render(_agent_conversation(30))
+    assert ctx.view_of(longer)[:len(view)] == view  # a history that grew maps to a view that grew
+    # a copy (saved and loaded, or forked) maps the same way
+    assert ctx.compactor.copy().apply(longer) == ctx.view_of(longer)
+
+
+def test_user_turns_stop_merging(long_lm):
+    """Stubs merge only across tool-call turns: a user message between two results is never evicted."""
+    tiny_lm = long_lm
+    lay = Layout(tiny_lm)
+    msgs = _agent_conversation(3, words=40)
+    msgs.append(Message("user", "now look at the disks"))
+    for i in range(3, 6):
+        call = ToolCall("grep", {"q": f"d{i}"}, id=f"d{i}")
+        msgs += [Message("assistant", "", tool_calls=[call]),
+                 Message("tool", " ".join(f"disk{i}-{j} full" for j in range(60)), tool_call_id=f"d{i}", name="grep")]
+    ctx = CachedContext(tiny_lm, max_context_tokens=len(lay.render(msgs)) - 50, on_overflow="evict")
+    ctx.sync(lay.render(msgs))
+    text = tiny_lm.decode(ctx.token_ids)
+    assert "now look at the disks" in text
+    assert text.count("[evicted") >= 2  # one stub before the user turn, one after
+    assert_consistent(ctx)

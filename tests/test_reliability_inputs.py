@@ -55,8 +55,10 @@ class Env:
         ctx = CachedContext(lm, max_context_tokens=300, on_overflow="evict")
         ctx.append(lm.encode("hello world, this is a saved context"))
         self.ctx_file = tmp / "good.pt"
-        ctx.save(self.ctx_file)
+        torch.save(_v2_payload(ctx), self.ctx_file)  # the older torch format (still loaded): its key table
         self.payload = torch.load(self.ctx_file, weights_only=True)
+        self.v3_file = tmp / "good.safetensors"
+        ctx.save(self.v3_file)  # what save writes now (kvstore format v3)
         self.n = 0
 
     def file(self, data: bytes | str, name: str = "f") -> Path:
@@ -102,6 +104,20 @@ class Env:
 
 
 _DELETE = object()
+
+
+def _v2_payload(ctx: CachedContext) -> dict:
+    """A context as format v2 (torch zip) held it; ``CachedContext.save`` writes v3 since issue 19."""
+    from flashback_agents import kvcache
+    from flashback_agents.context import _checksum
+
+    kv = [(k.contiguous().clone(), v.contiguous().clone()) for k, v in kvcache.layer_tensors(ctx.cache)]
+    payload = {"format": "flashback-context-v2", "fingerprint": ctx.lm.fingerprint, "model": ctx.lm.name,
+               "token_ids": ctx.token_ids, "kv": kv, "max_context_tokens": ctx.max_context_tokens,
+               "on_overflow": ctx.on_overflow, "low_water": float(ctx.low_water),
+               "prefill_chunk": int(ctx.prefill_chunk), "evicted": None}
+    payload["checksum"] = _checksum(payload)
+    return payload
 ok_msgs = [Message("user", "hi")]
 TOOL = {"type": "function", "function": {"name": "grep", "description": "Search.",
                                          "parameters": {"type": "object", "properties": {"p": {"type": "string"}}}}}
@@ -109,6 +125,12 @@ TOOL = {"type": "function", "function": {"name": "grep", "description": "Search.
 
 def _kv(fn: Callable[[torch.Tensor], Any]) -> Callable[[dict], list]:
     return lambda p: [(fn(k), fn(v)) for k, v in p["kv"]]
+
+
+def _flip(data: bytes, pos: int) -> bytes:
+    b = bytearray(data)
+    b[pos] ^= 0xFF
+    return bytes(b)
 
 
 def _pwn_file(env: Env) -> Path:
@@ -178,6 +200,10 @@ CASES: dict[str, Callable[[Env], Any]] = {
     "load-json-file": lambda e: CachedContext.load(e.lm, e.file('{"format": "flashback-context-v2"}')),
     "load-code-pickle": lambda e: CachedContext.load(e.lm, _pwn_file(e)),
     "load-truncated-zip": lambda e: CachedContext.load(e.lm, e.file(e.ctx_file.read_bytes()[:300])),
+    "load-truncated-v3": lambda e: CachedContext.load(e.lm, e.file(e.v3_file.read_bytes()[:-100])),
+    "load-v3-flipped-byte": lambda e: CachedContext.load(e.lm, e.file(_flip(e.v3_file.read_bytes(), -50))),
+    "load-v3-edited-ids": lambda e: CachedContext.load(e.lm, e.file(e.v3_file.read_bytes().replace(
+        b'\\"token_ids\\": [', b'\\"token_ids\\": [1, ', 1))),
     "load-a-list": lambda e: (torch.save([1, 2], e.tmp / "l.pt"), CachedContext.load(e.lm, e.tmp / "l.pt")),
     "load-format-other": lambda e: e.load(format="something-else"),
     "load-no-fingerprint": lambda e: e.load(fingerprint=_DELETE),

@@ -21,6 +21,7 @@ def _ints(text: str) -> list[int]:
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("context")(context)
+    bench_app.command("pool")(pool)
     bench_app.command("decode")(decode)
     bench_app.command("agent")(agent)
     bench_app.command("long")(long)
@@ -56,6 +57,8 @@ def long(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG: seconds per step, one line per system."),
+    no_speculation: bool = typer.Option(False, "--no-speculation", help="Also run ours with speculation and "
+                                        "jump-forward off, in the same run (a comparison row)."),
 ) -> None:
     """A long agent run on a budget: ChatFlashBack (evict) vs ChatHuggingFace + trim_messages."""
     from ..evaluation.agent_bench import Scenario
@@ -67,6 +70,8 @@ def long(
     budget = 1536 if quick and budget is None else budget
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     systems = ("flashback", "shift", "chathf") if shift else ("flashback", "chathf")
+    if no_speculation:
+        systems += ("no-speculation",)
     data = bench_long(lm, model, scenario, budget, systems)
     if plot:
         save_plot(plot, list(range(1, scenario.steps + 1)),
@@ -78,10 +83,18 @@ def long(
         return
     typer.echo(f"{data['model']} budget={data['budget']} scenario={data['scenario']}")
     for s in data["systems"]:
-        typer.echo(f"  {s['system']:<34} total {s['total_s']:8.2f}s  compactions {s['compactions']:3d}  "
-                   f"recomputed {s['tokens_recomputed']:6d}  evicted {s['tokens_evicted']:6d}")
+        fpt = f"  {s['forwards_per_token']:.2f} forwards/token" if "forwards_per_token" in s else ""
+        typer.echo(f"  {s['system']:<48} total {s['total_s']:8.2f}s  compactions {s['compactions']:3d}  "
+                   f"recomputed {s['tokens_recomputed']:6d}  evicted {s['tokens_evicted']:6d}{fpt}")
+        if s.get("compaction_steps"):
+            typer.echo(f"    compacted at steps {s['compaction_steps']}; steps neither compacting nor a pure append: "
+                       f"{s.get('non_append_steps') or 'none'}")
     if "speedup_vs_chathf_trim" in data:
         typer.echo(f"  FlashBack vs ChatHuggingFace + trim_messages: {data['speedup_vs_chathf_trim']:.2f}x")
+    if "speedup_vs_chathf_trim_no_speculation" in data:
+        typer.echo(f"  FlashBack without speculation vs ChatHuggingFace + trim_messages: "
+                   f"{data['speedup_vs_chathf_trim_no_speculation']:.2f}x (speculation: "
+                   f"{data['speedup_vs_no_speculation']:.2f}x)")
 
 
 def agent(
@@ -100,6 +113,11 @@ def agent(
                                          "(http://HOST:PORT/v1); default: start the embedded llama.cpp server."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="With --backend server: tokenizer spec of "
                                             "the served model (default: found from the server)."),
+    no_speculation: bool = typer.Option(False, "--no-speculation", help="Also run ours with speculation and "
+                                        "jump-forward off, in the same run (rows '... (no speculation)')."),
+    tool_calls: bool = typer.Option(False, "--tool-calls", help="Every step a required (grammar-constrained) "
+                                    "search_logs call copying the pattern the previous tool result suggests, "
+                                    "instead of G free-text tokens (ours, ideal, ChatHuggingFace)."),
 ) -> None:
     """Replay one agent run through the ideal loop, ChatHuggingFace, LlamaIndex HuggingFaceLLM and ours."""
     from ..evaluation.agent_bench import Scenario, bench_agent
@@ -107,6 +125,7 @@ def agent(
     from ..models import load_model
 
     scenario = Scenario(4, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
+    scenario.tool_calls = tool_calls
     if backend not in ("local", "server"):
         fail(f"--backend must be 'local' or 'server', got {backend!r}")
     if backend == "server":
@@ -124,7 +143,7 @@ def agent(
         return
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     only = [s.strip() for s in systems.split(",")] if systems else None
-    data = bench_agent(lm, model, scenario, only)
+    data = bench_agent(lm, model, scenario, only, no_speculation=no_speculation)
     if plot:
         rows = [r for r in data["systems"] if r["steps"]]
         save_plot(plot, list(range(1, scenario.steps + 1)),
@@ -145,6 +164,8 @@ def agent(
         if "speedup_vs_chathf_total" in r:
             extra += f"  {r['speedup_vs_chathf_total']:.2f}x faster than ChatHuggingFace (last step " \
                      f"{r['speedup_vs_chathf_last']:.2f}x)"
+        if "forwards_per_token" in r:
+            extra += f"  {r['forwards_per_token']:.2f} forwards/token"
         typer.echo(f"  {r['system']:<28} total {r['total_s']:7.2f}s  last step {r['last_step_s']:6.2f}s  "
                    f"computed {r['tokens_computed']:6d}  reused {r['tokens_reused']:6d}{extra}")
 
@@ -156,13 +177,30 @@ def context(
     repeats: int = typer.Option(3, help="Timed repeats (median)."),
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write a PNG of seconds vs context length."),
+    restore: bool = typer.Option(False, "--restore", help="Instead: restore the context from the disk KV store "
+                                 "vs recompute it (next-token logits compared)."),
+    store_dir: Optional[str] = typer.Option(None, "--store-dir", help="With --restore: the store directory "
+                                            "(default: a temporary one, removed after)."),
 ) -> None:
     """Cached append vs full recompute, measured in one run (the prize of keeping the cache)."""
     from ..evaluation.common import save_plot
-    from ..evaluation.context_bench import bench_context, points_to_dicts
+    from ..evaluation.context_bench import bench_context, bench_restore, points_to_dicts
     from ..models import load_model
 
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
+    if restore:
+        import torch
+
+        try:
+            rows = points_to_dicts(bench_restore(lm, _ints(context), repeats=repeats, store_dir=store_dir))
+        except ValueError as exc:
+            fail(str(exc))
+        data = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype),
+                "threads": torch.get_num_threads(), "scenario": "restore", **rows[-1]}
+        if len(rows) > 1:
+            data["curve"] = rows
+        emit(data, json_out)
+        return
     try:
         points = bench_context(lm, _ints(context), append=append, repeats=repeats)
     except ValueError as exc:
@@ -181,18 +219,58 @@ def context(
     emit(data, json_out)
 
 
+def pool(
+    conversations: int = typer.Option(32, help="Conversations, taking turns round-robin."),
+    steps: int = typer.Option(12, help="Steps per conversation."),
+    tokens: int = typer.Option(256, help="Tokens of tool observation appended per step (T)."),
+    generate: int = typer.Option(8, help="Tokens generated per step (G), EOS ignored."),
+    hold: int = typer.Option(4, help="Conversations (at their final length) the memory budget holds."),
+    systems: str = typer.Option("memory,disk", help="Comma-separated: memory (no disk tier), disk."),
+    store_dir: Optional[str] = typer.Option(None, "--store-dir", help="Disk tier directory (default: a "
+                                            "temporary one, removed after)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Many conversations through one ChatFlashBack under a small memory budget, with and without the
+    disk KV tier: tokens recomputed and seconds (issue 19)."""
+    from ..evaluation.pool_bench import bench_pool
+
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    if not chosen or any(s not in ("memory", "disk") for s in chosen):
+        fail(f"--systems takes memory and/or disk, got {systems!r}")
+    for name, v in (("conversations", conversations), ("steps", steps), ("tokens", tokens), ("hold", hold)):
+        if v < 1:
+            fail(f"--{name} must be at least 1, got {v}")
+    data = bench_pool(model, conversations, steps, tokens, generate, hold, store_dir, chosen,
+                      progress=None if json_out else typer.echo)
+    if json_out:
+        emit(data, True)
+        return
+    typer.echo(f"{data['model']} {data['dtype']} threads={data['threads']}: {conversations} conversations x "
+               f"{steps} steps, T={tokens}, G={generate}, memory for {hold} ({data['max_cached_bytes'] / 2**20:.0f} MiB)")
+    for name, r in data["systems"].items():
+        typer.echo(f"  {name:<7} {r['seconds']:8.1f}s  computed {r['tokens_computed']:>8}  recomputed "
+                   f"{r['tokens_recomputed']:>8}  restored {r['tokens_restored']:>8}")
+    if "speedup" in data:
+        ratio = data["recomputed_ratio"]
+        typer.echo(f"  disk tier: {data['speedup']:.2f}x fewer seconds, " + (
+            f"{ratio:.1f}x fewer recomputed tokens" if ratio is not None else "no token recomputed"))
+
+
 def decode(
     context: str = typer.Option("512,4096", "--context", help="Context length(s), comma-separated."),
     tokens: int = typer.Option(32, help="Decoded tokens per measurement."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_out: bool = typer.Option(False, "--json"),
+    no_speculation: bool = typer.Option(False, "--no-speculation", help="Also time generate with prompt-lookup "
+                                        "speculation vs without it (the same tokens), in the same run."),
 ) -> None:
     """Milliseconds per decoded token vs the weight-streaming floor and vs transformers' DynamicCache."""
     from ..evaluation.context_bench import bench_decode
     from ..models import load_model
 
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
-    data = bench_decode(lm, _ints(context), tokens=tokens)
+    data = bench_decode(lm, _ints(context), tokens=tokens, speculation=no_speculation)
     if json_out:
         emit(data, True)
     else:
@@ -201,6 +279,12 @@ def decode(
             typer.echo(f"  context {r['context_tokens']:>5}: {r['ms_per_token']:.1f} ms/token "
                        f"({r['ratio_to_floor']:.2f}x floor), DynamicCache {r['dynamic_cache_ms_per_token']:.1f} ms "
                        f"({r['speedup_vs_dynamic_cache']:.2f}x slower)")
+            g = r.get("generate")
+            if g:
+                typer.echo(f"    generate: speculation {g['speculation_ms_per_token']:.1f} ms/token vs "
+                           f"{g['no_speculation_ms_per_token']:.1f} without ({g['speedup']:.2f}x), "
+                           f"{g['forwards_per_token']:.2f} forwards/token, drafts {g['accepted']}/{g['drafted']} "
+                           f"kept, identical tokens: {g['identical_tokens']}")
 
 
 def bench_ralm_cmd(

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -94,7 +95,28 @@ def decode_ms_per_token(lm, context: int, tokens: int = 32, growing: bool = True
     return (time.perf_counter() - t0) / tokens * 1000
 
 
-def bench_decode(lm, contexts: list[int], tokens: int = 32) -> dict:
+def generate_ms_per_token(lm, context: int, tokens: int = 32, speculation: bool = True) -> dict:
+    """``generate`` (greedy, ``tokens`` tokens, EOS masked) on ``context`` tokens of log text, with
+    prompt-lookup speculation on or off: ms per token and the multi-token decoding counters."""
+    import time
+
+    from ..generation import GenerationConfig, generate
+
+    ctx = CachedContext(lm)
+    ctx.append(filler_ids(lm, context))
+    cfg = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, speculate=speculation,
+                           jump_forward=speculation)
+    t0 = time.perf_counter()
+    r = generate(ctx, cfg)
+    dt = time.perf_counter() - t0
+    n = max(1, len(r.token_ids))
+    return {"ms_per_token": dt / n * 1000, "tokens": len(r.token_ids), "forwards": r.forwards,
+            "forwards_per_token": r.forwards / n, "drafted": r.drafted, "accepted": r.accepted,
+            "token_ids": r.token_ids}
+
+
+def bench_decode(lm, contexts: list[int], tokens: int = 32, speculation: bool = False) -> dict:
+    """``speculation``: also time ``generate`` with prompt-lookup speculation vs without (same run)."""
     floor_ms = weight_floor_seconds(lm) * 1000
     rows = []
     for n in tqdm(contexts, desc="bench decode", unit="ctx"):
@@ -103,9 +125,78 @@ def bench_decode(lm, contexts: list[int], tokens: int = 32) -> dict:
         rows.append({"context_tokens": n, "ms_per_token": ours, "dynamic_cache_ms_per_token": dyn,
                      "floor_ms": floor_ms, "ratio_to_floor": ours / floor_ms,
                      "speedup_vs_dynamic_cache": dyn / ours})
+        if speculation:
+            plain = generate_ms_per_token(lm, n, tokens, speculation=False)
+            spec = generate_ms_per_token(lm, n, tokens, speculation=True)
+            rows[-1]["generate"] = {
+                "no_speculation_ms_per_token": plain["ms_per_token"], "speculation_ms_per_token": spec["ms_per_token"],
+                "speedup": plain["ms_per_token"] / spec["ms_per_token"], "forwards_per_token": spec["forwards_per_token"],
+                "no_speculation_forwards_per_token": plain["forwards_per_token"], "drafted": spec["drafted"],
+                "accepted": spec["accepted"], "identical_tokens": spec["token_ids"] == plain["token_ids"]}
     return {"model": lm.name, "dtype": str(lm.dtype), "threads": torch.get_num_threads(),
             "floor_ms": floor_ms, "points": rows}
 
 
 def points_to_dicts(points: list[ContextPoint]) -> list[dict]:
     return [asdict(p) for p in points]
+
+
+@dataclass
+class RestorePoint:
+    context_tokens: int
+    file_bytes: int
+    write_s: float
+    restore_s: float  # lookup + read + checks + cache rebuild + next-token logits
+    recompute_s: float  # prefill of every token + next-token logits (what a miss costs)
+    ratio: float
+    max_abs_logit_diff: float
+    logits_equal: bool
+
+
+@torch.inference_mode()
+def bench_restore(lm, contexts: list[int], repeats: int = 3, store_dir: str | None = None,
+                  atol: float = 1e-4) -> list[RestorePoint]:
+    """Restoring an N-token context from the disk tier vs recomputing it (both to next-token logits).
+
+    The file is read right after it was written, so from the page cache: the restore time is the
+    store's own cost (parsing, CRC checks, copying into the cache), not the disk's."""
+    import shutil
+    import tempfile
+    import time
+
+    from ..kvstore import DiskKVStore
+
+    root = store_dir or tempfile.mkdtemp(prefix="flashback-restore-")
+    points = []
+    try:
+        for n in tqdm(contexts, desc="bench context --restore", unit="ctx"):
+            if n > lm.max_positions:
+                raise ValueError(f"--context {n} exceeds the model window ({lm.max_positions})")
+            ids = filler_ids(lm, n)
+            store = DiskKVStore(Path(root) / f"n{n}", max_bytes=1 << 40, min_tokens=1)
+            src = CachedContext(lm)
+            src.append(ids)
+            t0 = time.perf_counter()
+            path = store.put(src)
+            write_s = time.perf_counter() - t0
+            out: dict[str, torch.Tensor] = {}
+
+            def recompute() -> None:
+                ctx = CachedContext(lm)
+                ctx.append(ids)
+                out["recompute"] = ctx.next_token_logits()
+
+            def restore() -> None:
+                entry, k = store.longest_prefix(lm, ids)
+                ctx = store.load(entry, lm, k, ids)
+                out["restore"] = ctx.next_token_logits()
+
+            t_restore = timed(restore, repeats=max(repeats, 3))
+            t_full = timed(recompute, repeats=repeats)
+            diff = (out["restore"] - out["recompute"]).abs().max().item()
+            points.append(RestorePoint(n, path.stat().st_size, write_s, t_restore, t_full, t_full / t_restore,
+                                       diff, diff <= atol))
+    finally:
+        if store_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return points

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .agent_bench import QUESTION, SYSTEM, Scenario, tool_results
+from .agent_bench import QUESTION, SYSTEM, Scenario, _fresh, _spec_kwargs, tool_results
 
 
 @dataclass
@@ -27,6 +27,10 @@ class LongStep:
     compacted: bool = False
     tokens_evicted: int = 0
     tokens_recomputed: int = 0
+    forwards: int = 0  # decode forwards (ours; see flashback_agents.speculation)
+    drafted: int = 0
+    accepted: int = 0
+    forced: int = 0
 
 
 @dataclass
@@ -40,17 +44,19 @@ class LongRun:
 
 
 def run_flashback(spec: str, lm, scenario: Scenario, results: list[str], budget: int,
-                  on_overflow: str = "evict") -> LongRun:
+                  on_overflow: str = "evict", speculation: bool = True) -> LongRun:
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 
     from langchain_flashback import ChatFlashBack
 
     from .agent_bench import TOOLS
 
-    chat = ChatFlashBack(model=spec, max_tokens=scenario.generate, max_context_tokens=budget,
-                         on_overflow=on_overflow).bind_tools(TOOLS[:1], tool_choice="search_logs")
+    base = ChatFlashBack(model=spec, max_tokens=scenario.generate, max_context_tokens=budget,
+                         on_overflow=on_overflow, **_spec_kwargs(speculation))
+    _fresh(base.engine)  # a rerun (speculation off) must not start from the previous run's cache
+    chat = base.bind_tools(TOOLS[:1], tool_choice="search_logs")
     history: list = [SystemMessage(SYSTEM), HumanMessage(QUESTION)]
-    run = LongRun(f"ChatFlashBack ({on_overflow})")
+    run = LongRun(f"ChatFlashBack ({on_overflow})" + ("" if speculation else " (no speculation)"))
     for i in tqdm(range(scenario.steps), desc=run.name, unit="step", leave=False):
         t0 = time.perf_counter()
         ai = chat.invoke(history)
@@ -58,7 +64,9 @@ def run_flashback(spec: str, lm, scenario: Scenario, results: list[str], budget:
         meta, usage = ai.response_metadata, ai.usage_metadata
         run.steps.append(LongStep(i + 1, dt, usage["input_tokens"], usage["output_tokens"],
                                   usage["input_token_details"]["cache_read"], meta["compacted"],
-                                  meta["tokens_evicted"], meta["tokens_recomputed"]))
+                                  meta["tokens_evicted"], meta["tokens_recomputed"], meta.get("decode_forwards", 0),
+                                  meta.get("draft_tokens", 0), meta.get("draft_tokens_accepted", 0),
+                                  meta.get("forced_tokens", 0)))
         # each step is a real (grammar-constrained) tool call, and its result is appended marked
         if not ai.tool_calls:
             raise RuntimeError(f"step {i + 1}: the reply was cut before its tool call completed "
@@ -106,6 +114,8 @@ def run_chathf_trim(lm, scenario: Scenario, results: list[str], budget: int,
 
 def bench_long(lm, spec: str, scenario: Scenario, budget: int | None = None,
                systems: tuple[str, ...] = ("flashback", "chathf")) -> dict:
+    """``systems``: "flashback", "shift", "chathf", and "no-speculation" (ours again with speculation and
+    jump-forward off, in the same run)."""
     budget = budget or lm.max_positions - 2 * scenario.generate - 64
     results = tool_results(lm, scenario)
     runs = []
@@ -113,6 +123,8 @@ def bench_long(lm, spec: str, scenario: Scenario, budget: int | None = None,
         runs.append(run_flashback(spec, lm, scenario, results, budget))
     if "shift" in systems:
         runs.append(run_flashback(spec, lm, scenario, results, budget, on_overflow="shift"))
+    if "no-speculation" in systems:
+        runs.append(run_flashback(spec, lm, scenario, results, budget, speculation=False))
     if "chathf" in systems:  # same number of generated tokens per step as ours (its tool calls vary in length)
         gen = [s.output_tokens for s in runs[0].steps] if runs else None
         runs.append(run_chathf_trim(lm, scenario, results, budget, gen))
@@ -120,15 +132,32 @@ def bench_long(lm, spec: str, scenario: Scenario, budget: int | None = None,
            "scenario": asdict(scenario), "systems": []}
     for r in runs:
         comp = [s for s in r.steps if s.compacted]
+        # a step that did not compact must be a pure append: all of the previous prompt and reply from the cache
+        not_pure = [s.step for p, s in zip(r.steps, r.steps[1:])
+                    if not s.compacted and s.cache_read != p.prompt_tokens + p.output_tokens] \
+            if r.name.startswith("ChatFlashBack") else []
         out["systems"].append({
             "system": r.name, "total_s": r.total, "steps": [asdict(s) for s in r.steps],
-            "compactions": len(comp), "compaction_step_s": [s.seconds for s in comp],
+            "compactions": len(comp), "compaction_steps": [s.step for s in comp],
+            "steps_per_compaction": len(r.steps) / max(1, len(comp)),
+            "non_append_steps": not_pure,
+            "compaction_step_s": [s.seconds for s in comp],
             "tokens_recomputed": sum(s.tokens_recomputed for s in comp),
             "tokens_evicted": sum(s.tokens_evicted for s in comp)})
+        row = out["systems"][-1]
+        row["output_tokens"] = sum(s.output_tokens for s in r.steps)
+        if any(s.forwards for s in r.steps):  # ours: multi-token decoding counters, in total
+            row.update({k: sum(getattr(s, k) for s in r.steps) for k in ("forwards", "drafted", "accepted", "forced")})
+            row["forwards_per_token"] = row["forwards"] / max(1, row["output_tokens"])
     by = {s["system"]: s for s in out["systems"]}
     fb, hf = by.get("ChatFlashBack (evict)"), by.get("ChatHuggingFace + trim_messages")
+    plain = by.get("ChatFlashBack (evict) (no speculation)")
     if fb and hf:
         out["speedup_vs_chathf_trim"] = hf["total_s"] / fb["total_s"]
+    if plain and hf:
+        out["speedup_vs_chathf_trim_no_speculation"] = hf["total_s"] / plain["total_s"]
+    if fb and plain:
+        out["speedup_vs_no_speculation"] = plain["total_s"] / fb["total_s"]
     return out
 
 

@@ -3,6 +3,7 @@ become an engine and a GenerationConfig."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +35,16 @@ class FlashBackParams(BaseModel):
     max_context_tokens: int | None = None
     on_overflow: str = "evict"  # "evict" (oldest tool results/documents -> stubs), "shift" or "error"
     min_tokens: int = 0  # EOS masked until this many tokens (fixed-length benchmark runs)
+    kv_store_dir: str | Path | None = Field(default=None, description="Directory of the disk KV tier: contexts evicted "
+                                     "from memory (or left at exit) are saved there and restored instead of "
+                                     "recomputed, also by the next process (flashback_agents.kvstore).")
+    kv_store_max_bytes: int | None = Field(default=None, description="Byte budget of kv_store_dir (LRU; "
+                                           "default 16 GiB).")
+    #: exact multi-token decoding (flashback_agents.speculation): prompt-lookup speculation (None: on for
+    #: greedy), drafts per forward, grammar jump-forward on constrained calls; a server backend ignores them
+    speculate: bool | None = None
+    draft_tokens: int = 8
+    jump_forward: bool = True
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 
@@ -44,7 +55,8 @@ class FlashBackParams(BaseModel):
 
     def _engine_for_model(self, model: str) -> ChatEngine:
         return ChatEngine.shared(model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
+                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow,
+                                 kv_store_dir=self.kv_store_dir, kv_store_max_bytes=self.kv_store_max_bytes)
 
     @property
     def engine(self) -> ChatEngine:
@@ -63,4 +75,6 @@ class FlashBackParams(BaseModel):
                                 min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),
                                 temperature=float(kwargs.get("temperature", self.temperature) or 0.0),
                                 top_p=float(kwargs.get("top_p", self.top_p)), seed=kwargs.get("seed", self.seed),
-                                stop=tuple(stops))
+                                stop=tuple(stops), speculate=kwargs.get("speculate", self.speculate),
+                                draft_tokens=kwargs.get("draft_tokens", self.draft_tokens),
+                                jump_forward=kwargs.get("jump_forward", self.jump_forward))

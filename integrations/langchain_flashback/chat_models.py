@@ -137,7 +137,9 @@ def _response_metadata(reply: ChatReply) -> dict:
     return {"model_name": reply.model_name, "model_provider": PROVIDER, "finish_reason": reply.finish_reason,
             "prefill_seconds": round(u.prefill_seconds, 4), "decode_seconds": round(u.decode_seconds, 4),
             "computed_tokens": u.computed, "compacted": u.compacted, "tokens_evicted": u.tokens_evicted,
-            "tokens_recomputed": u.tokens_recomputed}
+            "tokens_recomputed": u.tokens_recomputed, "cache_restored_tokens": u.cache_restored,
+            "decode_forwards": u.forwards, "draft_tokens": u.drafted,
+            "draft_tokens_accepted": u.accepted, "forced_tokens": u.forced}
 
 
 def _lc_tool_calls(reply: ChatReply) -> list[dict]:

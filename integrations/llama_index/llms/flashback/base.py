@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 from typing import Any, AsyncGenerator, Dict, Generator, List, Optional, Sequence, Union
 
 from llama_index.core.base.llms.types import (
@@ -161,6 +162,11 @@ def usage_dict(reply: ChatReply) -> dict:
         "compacted": u.compacted,
         "tokens_evicted": u.tokens_evicted,
         "tokens_recomputed": u.tokens_recomputed,
+        "cache_restored": u.cache_restored,
+        "decode_forwards": u.forwards,
+        "draft_tokens": u.drafted,
+        "draft_tokens_accepted": u.accepted,
+        "forced_tokens": u.forced,
     }
 
 
@@ -228,6 +234,16 @@ class FlashBack(FunctionCallingLLM):
                              "'evict' the oldest tool results/documents into stubs, 'shift' (experimental) or "
                              "'error'.")
     min_tokens: int = Field(default=0, ge=0, description="EOS masked until this many tokens are generated.")
+    kv_store_dir: Optional[Union[str, Path]] = Field(default=None, description="Directory of the disk KV tier: contexts "
+                                        "evicted from memory (or left at exit) are saved there and restored "
+                                        "instead of recomputed, also by the next process.")
+    kv_store_max_bytes: Optional[int] = Field(default=None, description="Byte budget of kv_store_dir (LRU; "
+                                              "default 16 GiB).")
+    speculate: Optional[bool] = Field(default=None, description="Prompt-lookup speculative decoding (exact: the "
+                                      "output equals plain decoding's); None: on for greedy decoding.")
+    draft_tokens: int = Field(default=8, ge=1, le=64, description="Most draft tokens verified per forward.")
+    jump_forward: bool = Field(default=True, description="Grammar jump-forward on constrained replies (required "
+                               "tool calls, response_schema): forced text runs in one forward (exact).")
     tool_choice: Optional[str] = Field(default=None, description="Default tool choice when tools are given: "
                                        "None/'auto', 'none', 'required' or a tool name.")
 
@@ -239,7 +255,8 @@ class FlashBack(FunctionCallingLLM):
         self._engine = ChatEngine.shared(lm if lm is not None else self.model, adapter=self.adapter,
                                          max_cached_bytes=self.max_cached_bytes,
                                          max_context_tokens=self.max_context_tokens,
-                                         on_overflow=self.on_overflow)
+                                         on_overflow=self.on_overflow, kv_store_dir=self.kv_store_dir,
+                                         kv_store_max_bytes=self.kv_store_max_bytes)
 
     @classmethod
     def class_name(cls) -> str:
@@ -271,6 +288,9 @@ class FlashBack(FunctionCallingLLM):
             top_p=float(kwargs.pop("top_p", self.top_p)),
             seed=kwargs.pop("seed", self.seed),
             stop=normalize_stop(stop if stop is not None else self.stop),
+            speculate=kwargs.pop("speculate", self.speculate),
+            draft_tokens=kwargs.pop("draft_tokens", self.draft_tokens),
+            jump_forward=kwargs.pop("jump_forward", self.jump_forward),
         )
 
     def _chat_args(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> tuple[list[Message], dict]:
