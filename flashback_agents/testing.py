@@ -129,3 +129,21 @@ def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidde
     model.save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return path
+
+
+def full_logits(lm, ids) -> "torch.Tensor":
+    """Next-token logits of a full recompute of ``ids`` (no cache): what a cached context must equal."""
+    import torch
+
+    with torch.no_grad():
+        return lm.model(torch.tensor([list(ids)])).logits[0, -1].float()
+
+
+def assert_cache_matches_recompute(ctx, tol: float = 1e-4) -> None:
+    """The engine's invariant: the cache holds exactly ``ctx.token_ids`` and its logits equal a recompute."""
+    from .kvcache import cache_len
+
+    ctx.flush()
+    assert cache_len(ctx.cache) == len(ctx.token_ids)
+    diff = (ctx.next_token_logits() - full_logits(ctx.lm, ctx.token_ids)).abs().max().item()
+    assert diff < tol, diff

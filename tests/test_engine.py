@@ -9,21 +9,14 @@ import torch
 
 from flashback_agents import (CachedContext, ContextLoadError, ContextOverflowError, ContextPool, GenerationConfig,
                               Layout, LayoutError, Message, ModelLoadError, ToolCall, generate, load_model, stream)
-from flashback_agents.kvcache import GrowingLayer, cache_len
+from flashback_agents.kvcache import GrowingLayer
+from flashback_agents.testing import assert_cache_matches_recompute
 
 TOL = 1e-4
 
 
-def full_logits(lm, ids):
-    with torch.no_grad():
-        return lm.model(torch.tensor([ids])).logits[0, -1].float()
-
-
 def assert_consistent(ctx):
-    ctx.flush()
-    assert cache_len(ctx.cache) == len(ctx.token_ids)
-    diff = (ctx.next_token_logits() - full_logits(ctx.lm, ctx.token_ids)).abs().max().item()
-    assert diff < TOL, diff
+    assert_cache_matches_recompute(ctx, TOL)
 
 
 def rand_ids(lm, n, rng):

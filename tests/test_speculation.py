@@ -11,34 +11,20 @@ import torch
 
 from flashback_agents import CachedContext, GenerationConfig, generate, stream
 from flashback_agents.generation import GenerationConfigError
+from flashback_agents.evaluation.agent_bench import TOOLS as AGENT_BENCH_TOOLS
 from flashback_agents.kvcache import cache_len
 from flashback_agents.speculation import NgramIndex, plan
+from flashback_agents.testing import assert_cache_matches_recompute, full_logits
 
 TOL = 1e-4
-TOOLS = [
-    {"type": "function", "function": {
-        "name": "search_logs", "description": "Search the log file with a regular expression.",
-        "parameters": {"type": "object", "properties": {"pattern": {"type": "string", "maxLength": 32}},
-                       "required": ["pattern"]}}},
-    {"type": "function", "function": {
-        "name": "count_by_level", "description": "Count log lines by level.",
-        "parameters": {"type": "object", "properties": {"window": {"type": "string", "maxLength": 32}}}}},
-]
+TOOLS = AGENT_BENCH_TOOLS  # the tools of `bench agent --tool-calls`
 OFF = dict(speculate=False, jump_forward=False)
 MODES = {"plain": OFF, "speculate": dict(speculate=True, jump_forward=False),
          "jump": dict(speculate=False, jump_forward=True), "both": dict(speculate=True, jump_forward=True)}
 
 
-def full_logits(lm, ids):
-    with torch.no_grad():
-        return lm.model(torch.tensor([ids])).logits[0, -1].float()
-
-
 def assert_consistent(ctx):
-    ctx.flush()
-    assert cache_len(ctx.cache) == len(ctx.token_ids)
-    diff = (ctx.next_token_logits() - full_logits(ctx.lm, ctx.token_ids)).abs().max().item()
-    assert diff < TOL, diff
+    assert_cache_matches_recompute(ctx, TOL)
 
 
 def repetitive_prompt(rng, n=40):
