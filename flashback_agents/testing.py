@@ -131,7 +131,7 @@ def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidde
     return path
 
 
-def full_logits(lm, ids) -> "torch.Tensor":
+def full_logits(lm, ids):
     """Next-token logits of a full recompute of ``ids`` (no cache): what a cached context must equal."""
     import torch
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from flashback_agents import CachedContext, GenerationConfig, generate, stream
 from flashback_agents.generation import GenerationConfigError
