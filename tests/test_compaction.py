@@ -8,8 +8,8 @@ import torch
 from flashback_agents import CachedContext, ContextOverflowError, Layout, Message, ToolCall
 from flashback_agents.compaction import find_blocks
 from flashback_agents.kvcache import layer_tensors
-
-from test_engine import assert_consistent, full_logits
+from flashback_agents.testing import full_logits
+from test_engine import assert_consistent
 
 
 @pytest.fixture(scope="module")
