@@ -541,8 +541,10 @@ class ChatEngine:
         except ConstraintError as exc:
             raise ConstraintError(f"{str(exc).strip()} (fix the JSON schema of the tools / response_schema: check "
                                   "its types, properties and required lists)") from exc
-        if constraint is not None and config.max_new_tokens < self.min_constrained_tokens:
+        if constraint is not None and constraint.kind != "tool_call_auto" \
+                and config.max_new_tokens < self.min_constrained_tokens:
             # A constrained reply is only useful complete: a small max_tokens must not cut a required call.
+            # (Under tool_choice="auto" nothing is required: the caller's max_tokens stands.)
             config.max_new_tokens = self.min_constrained_tokens
         return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, timeout=timeout)
 

@@ -305,3 +305,12 @@ def test_lazy_calls_need_a_textual_opening_tag(tiny_lm):
     assert not lazy_calls_supported(tiny_lm, special)  # a special-token opener would be masked: stay free
     empty = SimpleNamespace(grammar_affixes=lambda: ("", ""))
     assert not lazy_calls_supported(tiny_lm, empty)
+
+
+def test_auto_tool_choice_keeps_the_callers_max_tokens(engine):
+    """The lazy call grammar is no required constraint: max_tokens is not raised to the constrained floor."""
+    reply = engine.chat([Message("user", "hi")], tools=TOOLS, config=GenerationConfig(max_new_tokens=3,
+                                                                                     stop_at_eos=False))
+    assert len(reply.token_ids) <= 3
+    forced = engine.chat([Message("user", "hi")], tools=TOOLS, tool_choice="any", config=cfg(3))
+    assert forced.tool_calls  # a required call is still completed past a small max_tokens
