@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flashback_agents import CachedContext, GenerationConfig, generate
-from flashback_agents.context import common_prefix
 from flashback_agents.evaluation.ralm_bench import RalmBenchConfig, run_ralm_bench
 from flashback_agents.ralm import RetrievalLoop
 from flashback_agents.retrieval import Document, RetrievalError
