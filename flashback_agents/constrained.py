@@ -130,8 +130,8 @@ class GrammarCache:
         except Exception as exc:  # xgrammar raises RuntimeError with the parse details
             raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
         if kind == "tool_call_auto":
-            return self._compile_auto(lm, key, schema, affixes)
-        if kind == "tool_call":
+            grammar = _lazy_call_grammar(body, affixes)
+        elif kind == "tool_call":
             before, after = affixes or (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
             parts = ([xgr.Grammar.from_ebnf(f"root ::= {json.dumps(before, ensure_ascii=False)}")] if before else []) \
                 + [body] + ([xgr.Grammar.from_ebnf(f"root ::= {json.dumps(after, ensure_ascii=False)}")] if after else [])
@@ -139,34 +139,6 @@ class GrammarCache:
         else:
             grammar = body
         compiled = compiler.compile_grammar(grammar)
-        with self._lock:
-            self._grammars[key] = compiled
-            while len(self._grammars) > self.max_entries:
-                self._grammars.popitem(last=False)
-        return compiled
-
-    def _compile_auto(self, lm: LoadedModel, key: tuple, schema: dict, affixes: tuple[str, str] | None):
-        """Free text, but once the model opens a call (the format's opening tag) the call must parse.
-
-        xgrammar's triggered structural tag: text is unconstrained until the trigger, then the call body
-        follows ``schema``. This is how a call under ``tool_choice="auto"`` is kept valid (arguments of
-        the declared types, a declared tool name) without forcing the model to call anything.
-        """
-        import xgrammar as xgr
-
-        before, after = affixes or (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
-        if not before.strip():
-            raise ConstraintError("A call format without an opening tag cannot be constrained lazily.")
-        try:  # the body as EBNF, compact JSON (no free whitespace) as in a required call
-            body = str(xgr.Grammar.from_json_schema(json.dumps(cap_strings(schema)), any_whitespace=False))
-            tag = {"type": "structural_tag", "format": {
-                "type": "triggered_tags", "triggers": [before],
-                "tags": [{"begin": before, "content": {"type": "grammar", "grammar": body}, "end": after}],
-                "at_least_one": False, "stop_after_first": False}}
-            grammar = xgr.Grammar.from_structural_tag(json.dumps(tag))
-        except Exception as exc:
-            raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
-        compiled = self.compiler(lm).compile_grammar(grammar)
         with self._lock:
             self._grammars[key] = compiled
             while len(self._grammars) > self.max_entries:
@@ -189,6 +161,30 @@ class GrammarCache:
 
 
 GRAMMARS = GrammarCache()
+
+
+def _lazy_call_grammar(body: Any, affixes: tuple[str, str] | None) -> Any:
+    """Free text, but once the model opens a call (the format's opening tag) the call must parse.
+
+    xgrammar's triggered structural tag: text is unconstrained until the trigger, then the call body
+    (``body``, the compact-JSON grammar a required call uses, passed as EBNF: the tag's own
+    ``json_schema`` content would allow free whitespace) follows. This is how a call under
+    ``tool_choice="auto"`` is kept valid (a declared tool name, arguments of the declared types)
+    without forcing the model to call anything.
+    """
+    import xgrammar as xgr
+
+    before, after = affixes or (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+    if not before.strip():
+        raise ConstraintError("A call format without an opening tag cannot be constrained lazily.")
+    tag = {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": [before],
+        "tags": [{"begin": before, "content": {"type": "grammar", "grammar": str(body)}, "end": after}],
+        "at_least_one": False, "stop_after_first": False}}
+    try:
+        return xgr.Grammar.from_structural_tag(json.dumps(tag))
+    except Exception as exc:
+        raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
 
 
 def _processor(compiled) -> Any:
