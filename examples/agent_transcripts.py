@@ -91,28 +91,6 @@ class ScriptedModel:
         return reply
 
 
-def openai_messages(messages: Sequence[Any]) -> list[dict]:
-    """LangChain messages -> the OpenAI-style dicts of docs/formats.md (tool names kept)."""
-    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
-
-    out: list[dict] = []
-    for m in messages:
-        if isinstance(m, SystemMessage):
-            out.append({"role": "system", "content": m.content})
-        elif isinstance(m, HumanMessage):
-            out.append({"role": "user", "content": m.content})
-        elif isinstance(m, AIMessage):
-            calls = [{"id": c["id"], "type": "function",
-                      "function": {"name": c["name"], "arguments": json.dumps(c["args"])}} for c in m.tool_calls]
-            out.append({"role": "assistant", "content": m.content or None, "tool_calls": calls} if calls
-                       else {"role": "assistant", "content": m.content})
-        elif isinstance(m, ToolMessage):
-            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "name": m.name, "content": m.content})
-        else:
-            raise TypeError(f"unexpected message type {type(m).__name__}")
-    return out
-
-
 def episode(log_path: str, question: str, kind: str, max_steps: int, store: Path) -> list[Any]:
     """One agent run with the scripted model; returns the LangChain messages of the whole conversation."""
     log = read_log(log_path, ReadLimits())
@@ -130,6 +108,8 @@ def episodes(root: str | Path, exclude: set[str], rng: random.Random, per_questi
     two steps, so the last call is forced with the agent's final-answer prompt (as at inference when
     the budget runs out), the other half let the scripted model answer on its own at step 2.
     """
+    from langchain_core.messages import messages_to_dict  # the trainer reads this format (docs/formats.md)
+
     out = []
     for q in agent.eval_questions(root):
         if q.system.lower() in exclude:
@@ -138,7 +118,7 @@ def episodes(root: str | Path, exclude: set[str], rng: random.Random, per_questi
         for _ in range(per_question):
             question = rng.choice(PHRASINGS[q.kind]).format(level=level)
             msgs = episode(q.log, question, q.kind, rng.choice([2, 5]), store)
-            out.append({"tools": agent.TOOLS, "messages": openai_messages(msgs), "source": f"{q.system}:{q.kind}"})
+            out.append({"tools": agent.TOOLS, "messages": messages_to_dict(msgs), "source": f"{q.system}:{q.kind}"})
     return out
 
 

@@ -450,6 +450,7 @@ def test_agent_transcripts_render_what_the_agent_sends(tiny_lm, tmp_path):
 
     import agent_transcripts
     import log_analysis_agent as agent
+    from langchain_core.messages import messages_to_dict
     from langchain_flashback.chat_models import to_flashback_messages
 
     from flashback_agents.layout import Layout
@@ -460,7 +461,7 @@ def test_agent_transcripts_render_what_the_agent_sends(tiny_lm, tmp_path):
     for steps in (2, 5):  # budget 2: the last call is forced after the agent's final-answer prompt
         msgs = agent_transcripts.episode(str(logtools.SAMPLE_LOG), "How many lines have level ERROR?",
                                          "level_count", steps, tmp_path / "store")
-        row = {"tools": agent.TOOLS, "messages": agent_transcripts.openai_messages(msgs)}
+        row = {"tools": agent.TOOLS, "messages": messages_to_dict(msgs)}
         conv = parse_conversation(json.loads(json.dumps(row)))
         sample, truncated = conversation_sample(layout, conv, max_length=100_000)
         assert sample is not None and not truncated
@@ -484,7 +485,7 @@ def test_agent_transcripts_leave_out_the_validation_systems(shared_data, tmp_pat
     assert agent_transcripts.main(["--data", str(shared_data / "loghub"), "--out", str(out), "--per-question", "1",
                                    "--exclude", "Hadoop,Linux,Spark", "--store", str(tmp_path / "store")]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    users = " ".join(m["content"] for r in rows for m in r["messages"] if m["role"] == "user")
+    users = " ".join(m["data"]["content"] for r in rows for m in r["messages"] if m["type"] == "human")
     assert rows and "Apache_2k.log" in users and not re.search(r"(Hadoop|Linux|Spark)_2k\.log", users)
 
 
