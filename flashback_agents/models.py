@@ -392,6 +392,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     source, name = resolved.source(), resolved.name
     adapter_dir = resolve_adapter(name, adapter)
     model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
+    from .attention import use_flashback_attention
+
+    use_flashback_attention(model)  # grouped-query steps on a cache without repeating it (attention.py)
     fingerprint = base_fingerprint(model)
     if adapter_dir is not None:
         try:
