@@ -134,6 +134,8 @@ def model_key(lm: "LoadedModel") -> str:
             h.update(str(adapter).encode())
     key = h.hexdigest()[:24]
     with _KEYS_LOCK:
+        for dead in [k for k, (ref, _) in _KEYS.items() if ref() is None]:  # bounded by the live models
+            del _KEYS[dead]
         _KEYS[id(lm)] = (weakref.ref(lm), key)
     return key
 

@@ -94,6 +94,11 @@ def test_no_retrieval_equals_plain_model(tiny_lm, setup):
     assert res.tokens == count == CFG.tokens
     assert abs(res.ppl - math.exp(total / count)) / math.exp(total / count) < 1e-4
     assert res.tokens_computed == sum(len(b) for b in blocks)
+    # the per-offset breakdown partitions the same tokens: offset j counts every stride's j-th token
+    assert len(res.offset_tokens) == CFG.stride and sum(res.offset_tokens) == res.tokens
+    assert res.offset_tokens[0] == sum(len(P.chunk_starts(b, CFG.stride)) for b in blocks)
+    assert abs(sum(res.offset_nll) - res.nll) < 1e-6 * abs(res.nll)
+    assert len(res.as_dict()["offset_ppl"]) == CFG.stride
 
 
 def test_append_cached_matches_direct_forward(tiny_lm, setup):

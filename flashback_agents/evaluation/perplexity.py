@@ -203,13 +203,33 @@ class SettingResult:
     tokens: int = 0
     tokens_computed: int = 0  # model positions run (the price of the layout)
     seconds: float = 0.0
+    # NLL summed by offset in the stride (0: the token right after the evidence): where a layout loses
+    offset_nll: list[float] = field(default_factory=list)
+    offset_tokens: list[int] = field(default_factory=list)
 
     @property
     def ppl(self) -> float:
         return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
 
+    def add(self, nll: torch.Tensor) -> None:
+        """Count one stride's per-token NLLs (in order)."""
+        values = [float(x) for x in nll]
+        grow = len(values) - len(self.offset_nll)
+        if grow > 0:
+            self.offset_nll += [0.0] * grow
+            self.offset_tokens += [0] * grow
+        for j, x in enumerate(values):
+            self.offset_nll[j] += x
+            self.offset_tokens[j] += 1
+        self.nll += sum(values)
+        self.tokens += len(values)
+
+    def offset_ppl(self) -> list[float]:
+        """Perplexity at each offset in the stride."""
+        return [math.exp(n / c) if c else float("nan") for n, c in zip(self.offset_nll, self.offset_tokens)]
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ppl": self.ppl}
+        return {**asdict(self), "ppl": self.ppl, "offset_ppl": self.offset_ppl()}
 
 
 @torch.inference_mode()
@@ -246,9 +266,7 @@ def score_append(lm: Any, blocks: Sequence[Sequence[int]], stride: int, evidence
                 res.tokens_computed += len(cont)
                 pred = torch.cat([last[None], out[:-1]]) if len(cont) > 1 else last[None]
                 last = out[-1]
-            nll = token_nll(pred, cont)
-            res.nll += float(nll.sum())
-            res.tokens += len(cont)
+            res.add(token_nll(pred, cont))
             if bar is not None:
                 bar.update(1)
         del cache
@@ -270,8 +288,7 @@ def score_prepend(lm: Any, blocks: Sequence[Sequence[int]], stride: int, evidenc
             inp = torch.tensor([ids], dtype=torch.long, device=lm.device)
             logits = lm.model(input_ids=inp, use_cache=False, logits_to_keep=len(cont)).logits[0]
             res.tokens_computed += len(ids)
-            res.nll += float(token_nll(logits, cont).sum())
-            res.tokens += len(cont)
+            res.add(token_nll(logits, cont))
             if bar is not None:
                 bar.update(1)
     res.seconds += time.perf_counter() - t0
