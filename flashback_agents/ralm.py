@@ -4,8 +4,9 @@ Every ``stride`` generated tokens the loop queries the retriever with the last `
 tokens of the input + generated text and places the ``top_k`` chunks in the context:
 
 - ``pattern="append"`` (FlashBack): the one RALM layout of :mod:`.ralm_layout`, as the adapter was
-  trained: the text so far, then the current chunks as ``<MARK_L> chunk <MARK_R>``, then the
-  continuation. At the next retrieval the old evidence is cropped off and only the last stride of
+  trained: the text so far, then the current chunks as ``<MARK_L> chunk <MARK_R>``, then the last
+  ``restate`` tokens of the text again (:data:`.ralm_layout.RESTATE_TOKENS`; 0: the paper's layout
+  exactly), then the continuation. At the next retrieval the old evidence is cropped off and only the last stride of
   text plus the new evidence are computed. ``keep_evidence=True`` keeps every block instead
   (``text E1 text E2 ...``; nothing is recomputed, the context grows by ``top_k`` chunks a stride).
 - ``pattern="prepend"`` (In-Context RALM): the evidence replaces the previous evidence *before* the
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 
 from .context import CachedContext
 from .generation import GenerationConfig, LogitsProcessor, _Run
-from .ralm_layout import evidence_ids, query_text
+from .ralm_layout import RESTATE_TOKENS, check_restate, evidence_ids, query_text, restated_ids
 from .retrieval.base import Document, RetrievalError, Retriever
 
 PATTERNS = ("append", "prepend")
@@ -46,6 +47,7 @@ class RetrievalRecord:
     added_ids: list[str] = field(default_factory=list)
     removed_ids: list[str] = field(default_factory=list)
     evidence_tokens: int = 0
+    restated_tokens: int = 0  # the text's last tokens placed again after the evidence (ralm_layout)
     tokens_computed: int = 0
     tokens_reused: int = 0
     retrieval_seconds: float = 0.0
@@ -94,6 +96,17 @@ class _Seg:
 
     ids: list[int]
     doc: Document | None = None
+    restated: bool = False  # the text's last tokens again, after the evidence (not part of the text)
+
+    @property
+    def is_text(self) -> bool:
+        return self.doc is None and not self.restated
+
+
+def _without_doc(segs: list[_Seg], doc_id: str) -> list[_Seg]:
+    """``segs`` without one evidence block; with no evidence left, no restated tail either."""
+    segs = [s for s in segs if s.doc is None or s.doc.id != doc_id]
+    return segs if any(s.doc is not None for s in segs) else [s for s in segs if not s.restated]
 
 
 class RetrievalLoop:
@@ -101,12 +114,16 @@ class RetrievalLoop:
 
     def __init__(self, context: CachedContext, retriever: Retriever | None, stride: int = 16,
                  query_tokens: int = 32, top_k: int = 2, pattern: str = "append", keep_evidence: bool = False,
-                 retrieve_at_start: bool = True, label_sources: bool = False):
+                 retrieve_at_start: bool = True, label_sources: bool = False, restate: int = RESTATE_TOKENS):
         if pattern not in PATTERNS:
             raise RetrievalError(f"pattern must be one of {PATTERNS}, got {pattern!r}.")
         for name, value, low in (("stride", stride, 1), ("query_tokens", query_tokens, 1), ("top_k", top_k, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise RetrievalError(f"{name} must be an integer >= {low}, got {value!r}.")
+        try:
+            check_restate(restate)
+        except ValueError as exc:
+            raise RetrievalError(str(exc)) from exc
         if retriever is None and top_k > 0:
             raise RetrievalError("A retriever is needed when top_k > 0.")
         if retriever is not None and not callable(getattr(retriever, "retrieve", None)):
@@ -115,6 +132,7 @@ class RetrievalLoop:
         self.stride, self.query_tokens, self.top_k = stride, query_tokens, top_k
         self.pattern, self.keep_evidence = pattern, keep_evidence
         self.retrieve_at_start, self.label_sources = retrieve_at_start, label_sources
+        self.restate = restate if pattern == "append" and not keep_evidence else 0
 
     # ------------------------------------------------------------------------------ helpers
     def _evidence_ids(self, doc: Document) -> list[int]:
@@ -132,7 +150,7 @@ class RetrievalLoop:
         return self._prefix + [t for s in self._segs for t in s.ids]
 
     def _query(self) -> str:
-        stream = [t for s in self._segs if s.doc is None for t in s.ids]  # the text so far, no evidence
+        stream = [t for s in self._segs if s.is_text for t in s.ids]  # the text so far, no evidence
         return query_text(self.ctx.lm, stream, len(stream), self.query_tokens, skip=self.ctx.lm.marker_ids)
 
     def _present(self) -> dict[str, _Seg]:
@@ -148,8 +166,12 @@ class RetrievalLoop:
         if self.pattern == "append" and not self.keep_evidence:
             # The paper's layout: text so far, then only the current evidence (in rank order), then the
             # continuation. Old evidence goes; the pending text and the new evidence are computed.
-            text = [s for s in self._segs if s.doc is None]
-            return text + [_Seg(self._evidence_ids(d), d) for d in wanted], [d.id for d in wanted], list(present)
+            text = [s for s in self._segs if s.is_text]
+            segs = text + [_Seg(self._evidence_ids(d), d) for d in wanted]
+            if wanted and self.restate:  # the one layout's restated tail (ralm_layout.placed_ids)
+                stream = self._prefix + [t for s in text for t in s.ids]
+                segs.append(_Seg(restated_ids(stream, len(stream), self.restate), restated=True))
+            return segs, [d.id for d in wanted], list(present)
         replace = self.pattern == "prepend"
         keep_ids = {d.id for d in wanted}
         segs = [s for s in self._segs if s.doc is None or not replace or s.doc.id in keep_ids]
@@ -179,8 +201,7 @@ class RetrievalLoop:
             self._segs = segs
             if len(self._layout_ids()) <= ctx.max_context_tokens:
                 break
-            last = added.pop()
-            segs = [s for s in segs if s.doc is None or s.doc.id != last]
+            segs = _without_doc(segs, added.pop())
         self._segs = segs
         ids = self._layout_ids()
         if len(ids) > ctx.max_context_tokens:  # even without new chunks (nothing to add): keep the old layout
@@ -188,6 +209,7 @@ class RetrievalLoop:
             ids = self._layout_ids()
         rec.added_ids, rec.removed_ids = added, removed
         rec.evidence_tokens = sum(len(s.ids) for s in self._segs if s.doc is not None and s.doc.id in added)
+        rec.restated_tokens = sum(len(s.ids) for s in self._segs if s.restated)
         for s in self._segs:
             if s.doc is not None and s.doc.id in added:
                 self._evidence.append(s.doc)
@@ -267,7 +289,7 @@ class RetrievalLoop:
             def on_token(tok: int) -> None:
                 state["n"] += 1
                 last = self._segs[-1]
-                if last.doc is None:
+                if last.is_text:
                     last.ids.append(tok)
                 else:
                     self._segs.append(_Seg([tok]))
@@ -287,7 +309,7 @@ class RetrievalLoop:
             if not ids and retrieving and self.retrieve_at_start:
                 records.append(self._retrieve(step=0))
             if not ids and answer_prefix:
-                self._segs.append(_Seg([])) if self._segs[-1].doc is not None else None
+                self._segs.append(_Seg([])) if not self._segs[-1].is_text else None
                 self._segs[-1].ids += answer_prefix
                 ctx.append(answer_prefix)
             run = _Run(ctx, config, processors, on_token=on_token)
@@ -313,10 +335,10 @@ class RetrievalLoop:
             self._segs = segs
             if len(self._layout_ids()) <= self.ctx.max_context_tokens - 1:
                 break
-            last = added.pop()
-            segs = [s for s in segs if s.doc is None or s.doc.id != last]
+            segs = _without_doc(segs, added.pop())
         self._segs = segs
         rec.added_ids = added
         rec.evidence_tokens = sum(len(s.ids) for s in segs if s.doc is not None)
+        rec.restated_tokens = sum(len(s.ids) for s in segs if s.restated)
         self._evidence += [s.doc for s in segs if s.doc is not None]
         return rec

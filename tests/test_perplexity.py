@@ -131,7 +131,8 @@ def test_table_same_tokens_finite(tiny_lm, setup):
     assert {r["tokens"] for r in out["results"]} == {CFG.tokens}
     names = [r["setting"] for r in out["rows"]]
     assert names == ["no retrieval", "no retrieval + adapter", "prepend (In-Context RALM)", "prepend + adapter",
-                     "append, no markers", "append, no adapter", "append + adapter (FlashBack)"]
+                     "append, no markers", "append, no adapter", "append + adapter, no restated tokens",
+                     "append + adapter (FlashBack)"]
     for row in out["rows"]:
         for k in CFG.top_ks:
             assert math.isfinite(row[f"ppl_top{k}"]) and row[f"ppl_top{k}"] > 1
@@ -231,3 +232,15 @@ def test_train_quick_adapter_and_reuse(tiny_model_dir, corpus_dir, tmp_path, set
     res = P.evaluate_perplexity(base, data, cfg, adapter_lm=tuned, retriever=retriever, progress=False)
     assert res["adapter"] == str(out)
     assert {r["tokens"] for r in res["results"]} == {32}
+
+
+def test_append_fn_restates_the_text_tail(tiny_lm, setup):
+    """The eval's appended block is the one layout's (ralm_layout.placed_ids): evidence, then the
+    last ``restate`` text tokens before the point."""
+    _, _, blocks, _, ret = setup
+    b, i = next((b, i) for (b, i), docs in ret.docs.items() if docs and i >= 3)
+    plain, restated = ret.append_fn(tiny_lm, 1)(b, i), ret.append_fn(tiny_lm, 1, blocks, 3)(b, i)
+    assert plain[-1] == tiny_lm.marker_ids[1]
+    assert restated == plain + list(blocks[b][i - 3:i])
+    with pytest.raises(P.PerplexityError, match="needs the blocks"):
+        ret.append_fn(tiny_lm, 1, (), 3)

@@ -8,6 +8,7 @@ import torch
 from flashback_agents import CachedContext, GenerationConfig, generate
 from flashback_agents.evaluation.ralm_bench import RalmBenchConfig, run_ralm_bench
 from flashback_agents.ralm import RetrievalLoop
+from flashback_agents.ralm_layout import RESTATE_TOKENS
 from flashback_agents.retrieval import Document, RetrievalError
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
@@ -129,8 +130,16 @@ def test_default_layout_moves_a_re_retrieved_chunk_after_the_new_text(tiny_lm):
     assert ctx.text().count("ZEBRAEVIDENCE") == 1
     for prev, rec in zip(res.retrievals, res.retrievals[1:]):
         assert rec.removed_ids == ["doc0"] == rec.added_ids
-        assert rec.tokens_computed == (rec.step - prev.step) + rec.evidence_tokens
+        assert rec.tokens_computed == (rec.step - prev.step) + rec.evidence_tokens + rec.restated_tokens
+        assert rec.restated_tokens == RESTATE_TOKENS  # the text's last tokens, again after the evidence
     assert_cache_matches_recompute(ctx)
+    # restate=0 is the paper's layout exactly: the stride + the evidence, nothing else
+    ctx0 = CachedContext(tiny_lm)
+    res0 = RetrievalLoop(ctx0, ScriptedRetriever(same=True), stride=8, query_tokens=64, top_k=1,
+                         restate=0).generate(PROMPT, CFG)
+    for prev, rec in zip(res0.retrievals, res0.retrievals[1:]):
+        assert rec.restated_tokens == 0 and rec.tokens_computed == (rec.step - prev.step) + rec.evidence_tokens
+    assert_cache_matches_recompute(ctx0)
 
 
 def test_keep_evidence_false_removes_old_evidence_and_pays_the_recompute(tiny_lm):
@@ -144,8 +153,9 @@ def test_keep_evidence_false_removes_old_evidence_and_pays_the_recompute(tiny_lm
         # the old evidence sat after the prompt and the tokens generated before it was retrieved:
         # everything from there on (the generated tokens that followed it) is recomputed
         assert rec.tokens_reused == prompt_len + prev.step
-        assert rec.tokens_computed == (prompt_len + rec.step + rec.evidence_tokens) - rec.tokens_reused
-        assert rec.tokens_computed == (rec.step - prev.step) + rec.evidence_tokens
+        placed = rec.evidence_tokens + rec.restated_tokens
+        assert rec.tokens_computed == (prompt_len + rec.step + placed) - rec.tokens_reused
+        assert rec.tokens_computed == (rec.step - prev.step) + placed
     assert ctx.text().count("ZEBRAEVIDENCE") == 1 and ctx.token_ids == loop._layout_ids()
     assert_cache_matches_recompute(ctx)
 
@@ -238,9 +248,11 @@ def test_answer_prefix_goes_after_the_question_evidence(tiny_lm):
         loop = RetrievalLoop(ctx, ScriptedRetriever(), stride=8, query_tokens=64, top_k=1, pattern=pattern)
         res = loop.generate(prompt, GenerationConfig(max_new_tokens=4, stop_at_eos=False), answer_prefix=prefix)
         ids = ctx.token_ids
-        ev = res.retrievals[0].evidence_tokens
-        if pattern == "append":  # [prompt][evidence][answer prefix][generated]
+        ev = res.retrievals[0].evidence_tokens + res.retrievals[0].restated_tokens
+        if pattern == "append":  # [prompt][evidence][the prompt's last tokens again][answer prefix][generated]
             assert ids[:len(prompt)] == prompt and ids[len(prompt)] == tiny_lm.marker_ids[0]
+            assert res.retrievals[0].restated_tokens == RESTATE_TOKENS
+            assert ids[len(prompt) + ev - RESTATE_TOKENS:len(prompt) + ev] == prompt[-RESTATE_TOKENS:]
             assert ids[len(prompt) + ev:len(prompt) + ev + len(prefix)] == prefix
         else:  # [evidence][prompt][answer prefix][generated]
             assert ids[ev:ev + len(prompt) + len(prefix)] == prompt + prefix

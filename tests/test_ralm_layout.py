@@ -13,7 +13,7 @@ import torch
 from flashback_agents import CachedContext, GenerationConfig, Layout
 from flashback_agents.evaluation import perplexity
 from flashback_agents.ralm import RetrievalLoop
-from flashback_agents.ralm_layout import accumulated_ids, evidence_ids, step_ids
+from flashback_agents.ralm_layout import RESTATE_TOKENS, accumulated_ids, evidence_ids, placed_ids, step_ids
 from flashback_agents.retrieval import Document
 from flashback_agents.training.ralm_corpus import chunk_retriever, split_articles
 from flashback_agents.training.samples import (IGNORE, RalmSampleConfig, collate, packed_ralm_sample,
@@ -31,6 +31,8 @@ class RecordingRetriever:
     def retrieve(self, query: str, k: int = 2) -> list[Document]:
         if self.ctx is not None:
             self.snapshots.append(self.ctx.token_ids)
+        if query in self.by_query:  # a repeated query (repetitive text) gets the same documents: replayable
+            return list(self.by_query[query])[:k]
         n = len(self.by_query)
         docs = [Document(text=f"{WORDS[(n + j) % len(WORDS)]} evidence {n}.{j}", id=f"d{n}.{j}") for j in range(k)]
         self.by_query[query] = docs
@@ -59,7 +61,10 @@ def test_training_evaluation_and_inference_lay_out_identical_ids(tiny_lm, monkey
     text = prompt + res.token_ids
     points = [len(prompt) + r.step for r in res.retrievals]
     assert points == [16, 24, 32, 40]
-    evidence = {p: evidence_ids(layout, [d.text for d in rec.by_query[r.query]]) for p, r in zip(points, res.retrievals)}
+    # what is placed at a point: the evidence, then the text's last RESTATE_TOKENS tokens again
+    evidence = {p: placed_ids(evidence_ids(layout, [d.text for d in rec.by_query[r.query]]), text, p)
+                for p, r in zip(points, res.retrievals)}
+    assert all(evidence[p][-RESTATE_TOKENS:] == text[p - RESTATE_TOKENS:p] for p in points)
 
     # training: one plain sample per point, same retrievals
     cfg = RalmSampleConfig(stride=stride, query_tokens=q, top_k=k, window=len(text), branches=0, vary_top_k=False)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..models import DEFAULT_MODEL
+from ..ralm_layout import RESTATE_TOKENS
 from .common import emit, fail
 
 
@@ -40,6 +41,8 @@ def ppl(
     window: Optional[int] = typer.Option(None, "--window", help="Max tokens of text so far per block [512; quick 256]."),
     stride: int = typer.Option(16, "--stride", help="Retrieve every N tokens."),
     query_tokens: int = typer.Option(32, "--query-tokens", help="Query with the last N tokens."),
+    restate: int = typer.Option(RESTATE_TOKENS, "--restate", help="Text tokens restated after appended evidence "
+                                "(0: the paper's layout; ralm_layout.py)."),
     top_k: str = typer.Option("1,2", "--top-k", help="Comma-separated top-k values (table columns)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Trained FlashBack adapter directory "
                                            "[default: the adapter shipped for the model]."),
@@ -72,7 +75,7 @@ def ppl(
     ks = _top_ks(top_k)
     cfg = PplConfig(tokens=tokens if tokens is not None else preset["tokens"],
                     window=window if window is not None else preset["window"],
-                    stride=stride, query_tokens=query_tokens, top_ks=ks)
+                    stride=stride, query_tokens=query_tokens, top_ks=ks, restate=restate)
     steps = train_adapter_steps if train_adapter_steps is not None else preset["train_steps"]
     if threads is not None:
         if threads < 1:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from ..training.ralm_corpus import CorpusError, read_corpus  # noqa: F401  (read_corpus: re-exported for callers)
+from ..ralm_layout import RESTATE_TOKENS
 from .common import emit, fail
 
 
@@ -51,6 +52,8 @@ def train_cmd(
     ralm_branches: int = typer.Option(6, "--ralm-branches", help="RALM: retrieval points packed per sample "
                                       "(0: one plain sample per point)."),
     chunk_tokens: int = typer.Option(128, "--chunk-tokens", help="RALM: chunk size of the default retriever."),
+    restate: int = typer.Option(RESTATE_TOKENS, "--restate", help="RALM: text tokens restated after the evidence "
+                                "(0: the paper's layout; ralm_layout.py)."),
     eval_max_samples: int = typer.Option(64, "--eval-max-samples", help="Held-out samples for the eval loss."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (1 on a busy machine)."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps of this run, with a "
@@ -113,7 +116,7 @@ def train_cmd(
             retriever = (open_retriever(retriever_store) if retriever_store
                          else chunk_retriever(lm.tokenizer, articles, chunk_tokens, chunk_tokens // 8))
             rcfg = RalmSampleConfig(stride=stride, query_tokens=query_tokens, top_k=top_k, window=ralm_window,
-                                    branches=ralm_branches, seed=seed)
+                                    branches=ralm_branches, seed=seed, restate=restate)
             rcfg.check()
         except (OSError, ValueError, RuntimeError) as exc:
             fail(str(exc))

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import kvcache
-from ..ralm_layout import evidence_ids, query_text, retrieval_points, step_ids
+from ..ralm_layout import RESTATE_TOKENS, check_restate, evidence_ids, placed_ids, query_text, retrieval_points, step_ids
 from .common import shared_data_dir
 
 
@@ -54,6 +54,7 @@ class PplConfig:
     top_ks: tuple[int, ...] = (1, 2)
     chunk_tokens: int = 128     # retrieval chunk size (model tokens)
     chunk_overlap: int = 16
+    restate: int = RESTATE_TOKENS  # text tokens restated after appended evidence (ralm_layout; 0: the paper's)
 
     def check(self) -> None:
         for name in ("tokens", "stride", "query_tokens", "chunk_tokens"):
@@ -64,6 +65,10 @@ class PplConfig:
             raise PerplexityError(f"window ({self.window}) must be at least 2 x stride ({2 * self.stride}).")
         if not self.top_ks or any((not isinstance(k, int)) or k < 1 for k in self.top_ks):
             raise PerplexityError(f"top-k values must be integers >= 1, got {self.top_ks!r}.")
+        try:
+            check_restate(self.restate)
+        except ValueError as exc:
+            raise PerplexityError(str(exc)) from exc
 
 
 @dataclass
@@ -339,12 +344,21 @@ class Retrievals:
             return ids
         return fn
 
-    def append_fn(self, lm: Any, k: int) -> EvidenceFn:
-        """FlashBack: the one RALM layout's evidence block (:func:`..ralm_layout.evidence_ids`)."""
+    def append_fn(self, lm: Any, k: int, blocks: Sequence[Sequence[int]] = (), restate: int = 0) -> EvidenceFn:
+        """FlashBack: what the one RALM layout places at a point (:func:`..ralm_layout.placed_ids`):
+        the evidence block, then the last ``restate`` tokens of ``blocks[b]`` before the point."""
         from ..layout import Layout
 
         layout = Layout(lm)
-        return lambda b, i: evidence_ids(layout, self.docs.get((b, i), [])[:k])
+        if restate and not blocks:
+            raise PerplexityError("append_fn: restating text tokens needs the blocks.")
+        return lambda b, i: placed_ids(evidence_ids(layout, self.docs.get((b, i), [])[:k]),
+                                       blocks[b] if restate else (), i, restate)
+
+    def plain_append_fn(self, lm: Any, k: int, blocks: Sequence[Sequence[int]] = (), restate: int = 0) -> EvidenceFn:
+        """The documents as plain text (no markers) in the append position, restated tail included."""
+        plain = self.prepend_fn(lm, k)
+        return lambda b, i: placed_ids(plain(b, i), blocks[b] if restate else (), i, restate)
 
 
 # ------------------------------------------------------------------------------ the adapter
@@ -370,7 +384,8 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
     if not valid.is_file():
         raise PerplexityError(f"Training an adapter needs WikiText-2 valid.txt under {d}; pass --adapter DIR instead.")
     key = hashlib.sha256(json.dumps({"model": model_spec, "t": asdict(tcfg), "stride": cfg.stride,
-                                     "q": cfg.query_tokens, "chunk": cfg.chunk_tokens, "v": 2},
+                                     "q": cfg.query_tokens, "chunk": cfg.chunk_tokens, "restate": cfg.restate,
+                                     "v": 2},
                                     sort_keys=True).encode()).hexdigest()[:16]
     out = Path(out_dir) if out_dir is not None else adapter_cache_dir() / key
     info: dict[str, Any] = {"adapter": str(out), "steps": tcfg.steps, "train_config": asdict(tcfg),
@@ -386,7 +401,7 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
     retriever = chunk_retriever(lm.tokenizer, articles, cfg.chunk_tokens, cfg.chunk_overlap)
     need = tcfg.steps * tcfg.batch_size
     rcfg = RalmSampleConfig(stride=cfg.stride, query_tokens=cfg.query_tokens, top_k=tcfg.top_k,
-                            window=min(tcfg.max_length, 384), branches=8, seed=tcfg.seed)
+                            window=min(tcfg.max_length, 384), branches=8, seed=tcfg.seed, restate=cfg.restate)
     samples: list = []
     for art in articles:  # only as many texts as the steps need; never retrieving a text's own article
         got, _ = ralm_samples(lm, [art], retriever, rcfg)
@@ -424,7 +439,7 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
         raise PerplexityError(f"The evaluated text gave only {len(ids)} tokens.")
     blocks = make_blocks(ids, cfg.window, cfg.stride)
     n_chunks = sum(len(chunk_starts(b, cfg.stride)) for b in blocks)
-    longest = cfg.window + max(cfg.top_ks) * (cfg.chunk_tokens + 8)
+    longest = cfg.window + max(cfg.top_ks) * (cfg.chunk_tokens + 8) + cfg.restate
     if longest > lm.max_positions:
         raise PerplexityError(f"window + evidence can reach {longest} tokens but {lm.name} has {lm.max_positions} "
                               "positions: lower --window or --top-k.")
@@ -447,15 +462,19 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
         if adapter_lm is not None:
             jobs.append(("prepend + adapter", k, lambda r, bar, k=k: score_prepend(
                 adapter_lm, blocks, cfg.stride, ret.prepend_fn(adapter_lm, k), r, bar)))
+        rs = cfg.restate
         if plain_append:
-            jobs.append(("append, no markers", k,
-                         lambda r, bar, k=k: score_append(lm, blocks, cfg.stride, ret.prepend_fn(lm, k), r, bar)))
+            jobs.append(("append, no markers", k, lambda r, bar, k=k: score_append(
+                lm, blocks, cfg.stride, ret.plain_append_fn(lm, k, blocks, rs), r, bar)))
         jobs.append(("append, no adapter", k,
-                     lambda r, bar, k=k: score_append(lm, blocks, cfg.stride, ret.append_fn(lm, k), r, bar)))
+                     lambda r, bar, k=k: score_append(lm, blocks, cfg.stride, ret.append_fn(lm, k, blocks, rs), r, bar)))
         if adapter_lm is not None:
+            if rs:  # the paper's exact layout beside ours: what restating the text tail buys
+                jobs.append(("append + adapter, no restated tokens", k, lambda r, bar, k=k: score_append(
+                    adapter_lm, blocks, cfg.stride, ret.append_fn(adapter_lm, k), r, bar)))
             jobs.append(("append + adapter (FlashBack)", k,
                          lambda r, bar, k=k: score_append(adapter_lm, blocks, cfg.stride,
-                                                          ret.append_fn(adapter_lm, k), r, bar)))
+                                                          ret.append_fn(adapter_lm, k, blocks, rs), r, bar)))
     results: list[SettingResult] = []
     with tqdm(total=n_chunks * len(jobs), desc="ppl", unit="stride", disable=not progress) as bar:
         for name, k, job in jobs:

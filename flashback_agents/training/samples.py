@@ -22,7 +22,8 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from ..layout import Layout, Message
 from ..models import LoadedModel
-from ..ralm_layout import RalmLayoutConfig, evidence_ids, query_text, retrieval_points, step_ids
+from ..ralm_layout import (RESTATE_TOKENS, RalmLayoutConfig, evidence_ids, placed_ids, query_text, retrieval_points,
+                           step_ids)
 from .transcripts import Conversation
 
 IGNORE = -100
@@ -167,9 +168,10 @@ class RalmSampleConfig:
     branches: int = 6
     vary_top_k: bool = True
     seed: int = 0
+    restate: int = RESTATE_TOKENS  # text tokens restated after the evidence (:func:`..ralm_layout.placed_ids`)
 
     def check(self) -> None:
-        RalmLayoutConfig(self.stride, self.query_tokens, self.top_k).check()
+        RalmLayoutConfig(self.stride, self.query_tokens, self.top_k, self.restate).check()
         if self.window <= self.stride:
             raise ValueError(f"window ({self.window}) must be larger than stride ({self.stride}).")
         if self.branches < 0:
@@ -252,7 +254,7 @@ def ralm_text_samples(layout: Layout, tokens: Sequence[int], retriever: Retrieve
             if not docs:
                 stats.dropped += 1
                 continue
-            chosen.append((i, evidence_ids(layout, docs)))
+            chosen.append((i, placed_ids(evidence_ids(layout, docs), text, i, cfg.restate)))
         if not chosen:
             continue
         if cfg.branches:
