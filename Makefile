@@ -27,4 +27,4 @@ adapter:
 	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark
 	flashback-agents train --data build/loghub.jsonl --ralm-corpus $(DATA)/wikitext-2/valid.txt --out build/adapter \
 	  --steps 200 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 5e-4 \
-	  --warmup-steps 20 --eval-every 25 --save-every 25 --eval-max-samples 8 --threads 1 --seed 0
+	  --warmup-steps 20 --eval-every 25 --save-every 25 --eval-max-samples 8 --threads 1 --seed 0 --restate 0

@@ -183,7 +183,7 @@ def _cli(args):
 def test_cli_help():
     res = _cli(["eval", "ppl", "--help"])
     assert res.exit_code == 0
-    for opt in ("--data", "--tokens", "--stride", "--query-tokens", "--top-k", "--adapter",
+    for opt in ("--data", "--tokens", "--stride", "--query-tokens", "--restate", "--top-k", "--adapter",
                 "--train-adapter-steps", "--quick", "--json", "--plot", "--model"):
         assert opt in res.output
 
@@ -195,6 +195,8 @@ def test_cli_bad_data_errors_clearly():
     assert "Traceback" not in res.output
     res = _cli(["eval", "ppl", "--top-k", "1,x"])
     assert res.exit_code == 1 and "--top-k" in res.output
+    res = _cli(["eval", "ppl", "--restate", "-1"])
+    assert res.exit_code == 1 and "restate must be an integer >= 0" in res.output and "Traceback" not in res.output
 
 
 def test_cli_runs_on_tiny_model(tiny_model_dir, corpus_dir, monkeypatch, tmp_path):
