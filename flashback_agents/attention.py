@@ -56,7 +56,7 @@ def flashback_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: t
         mask = mask.reshape(mask.shape[0], 1, groups * q_len, kv_len)
         out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
         out = out.reshape(b, heads, q_len, value.shape[-1])
-    elif _is_cache_then_causal(mask, q_len, kv_len) and query.device.type == "cpu":
+    elif query.device.type == "cpu" and _is_cache_then_causal(mask, q_len, kv_len):
         out = _split_attention(query, key, value, groups, kv_len - q_len, scaling)
     else:
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from .context import CachedContext
 from .generation import GenerationConfig, LogitsProcessor, _Run
-from .ralm_layout import RESTATE_TOKENS, check_restate, evidence_ids, query_text, restated_ids
+from .ralm_layout import RESTATE_TOKENS, evidence_ids, query_text, restated_ids
 from .retrieval.base import Document, RetrievalError, Retriever
 
 PATTERNS = ("append", "prepend")
@@ -117,13 +117,10 @@ class RetrievalLoop:
                  retrieve_at_start: bool = True, label_sources: bool = False, restate: int = RESTATE_TOKENS):
         if pattern not in PATTERNS:
             raise RetrievalError(f"pattern must be one of {PATTERNS}, got {pattern!r}.")
-        for name, value, low in (("stride", stride, 1), ("query_tokens", query_tokens, 1), ("top_k", top_k, 0)):
+        for name, value, low in (("stride", stride, 1), ("query_tokens", query_tokens, 1), ("top_k", top_k, 0),
+                                 ("restate", restate, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise RetrievalError(f"{name} must be an integer >= {low}, got {value!r}.")
-        try:
-            check_restate(restate)
-        except ValueError as exc:
-            raise RetrievalError(str(exc)) from exc
         if retriever is None and top_k > 0:
             raise RetrievalError("A retriever is needed when top_k > 0.")
         if retriever is not None and not callable(getattr(retriever, "retrieve", None)):
@@ -132,7 +129,7 @@ class RetrievalLoop:
         self.stride, self.query_tokens, self.top_k = stride, query_tokens, top_k
         self.pattern, self.keep_evidence = pattern, keep_evidence
         self.retrieve_at_start, self.label_sources = retrieve_at_start, label_sources
-        self.restate = restate if pattern == "append" and not keep_evidence else 0
+        self.restate = restate  # used by the replace-the-evidence append layout only
 
     # ------------------------------------------------------------------------------ helpers
     def _evidence_ids(self, doc: Document) -> list[int]:
@@ -209,7 +206,7 @@ class RetrievalLoop:
             ids = self._layout_ids()
         rec.added_ids, rec.removed_ids = added, removed
         rec.evidence_tokens = sum(len(s.ids) for s in self._segs if s.doc is not None and s.doc.id in added)
-        rec.restated_tokens = sum(len(s.ids) for s in self._segs if s.restated)
+        rec.restated_tokens = sum(len(s.ids) for s in self._segs if s.restated) if added else 0
         for s in self._segs:
             if s.doc is not None and s.doc.id in added:
                 self._evidence.append(s.doc)

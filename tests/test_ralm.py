@@ -177,6 +177,8 @@ def test_bad_arguments_and_overlong_prompt(tiny_lm):
         RetrievalLoop(ctx, ScriptedRetriever(), pattern="middle")
     with pytest.raises(RetrievalError, match="stride"):
         RetrievalLoop(ctx, ScriptedRetriever(), stride=0)
+    with pytest.raises(RetrievalError, match="restate must be an integer >= 0"):
+        RetrievalLoop(ctx, ScriptedRetriever(), restate=-1)
     with pytest.raises(RetrievalError, match="retriever is needed"):
         RetrievalLoop(ctx, None, top_k=2)
     long_prompt = list(tiny_lm.encode("ERROR disk full " * 200))[:600]

@@ -344,21 +344,21 @@ class Retrievals:
             return ids
         return fn
 
-    def append_fn(self, lm: Any, k: int, blocks: Sequence[Sequence[int]] = (), restate: int = 0) -> EvidenceFn:
+    def append_fn(self, lm: Any, k: int, blocks: Sequence[Sequence[int]] = (), restate: int = 0,
+                  markers: bool = True) -> EvidenceFn:
         """FlashBack: what the one RALM layout places at a point (:func:`..ralm_layout.placed_ids`):
-        the evidence block, then the last ``restate`` tokens of ``blocks[b]`` before the point."""
+        the evidence block, then the last ``restate`` tokens of ``blocks[b]`` before the point.
+        ``markers=False``: the documents as plain text (:meth:`prepend_fn`'s) in that position."""
         from ..layout import Layout
 
-        layout = Layout(lm)
         if restate and not blocks:
             raise PerplexityError("append_fn: restating text tokens needs the blocks.")
-        return lambda b, i: placed_ids(evidence_ids(layout, self.docs.get((b, i), [])[:k]),
-                                       blocks[b] if restate else (), i, restate)
-
-    def plain_append_fn(self, lm: Any, k: int, blocks: Sequence[Sequence[int]] = (), restate: int = 0) -> EvidenceFn:
-        """The documents as plain text (no markers) in the append position, restated tail included."""
-        plain = self.prepend_fn(lm, k)
-        return lambda b, i: placed_ids(plain(b, i), blocks[b] if restate else (), i, restate)
+        if markers:
+            layout = Layout(lm)
+            evidence: EvidenceFn = lambda b, i: evidence_ids(layout, self.docs.get((b, i), [])[:k])  # noqa: E731
+        else:
+            evidence = self.prepend_fn(lm, k)
+        return lambda b, i: placed_ids(evidence(b, i), blocks[b] if restate else (), i, restate)
 
 
 # ------------------------------------------------------------------------------ the adapter
@@ -452,6 +452,7 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
     index_seconds = time.perf_counter() - t0
     ret = Retrievals.run(lm, retriever, blocks, cfg, progress)
 
+    rs = cfg.restate
     jobs: list[tuple[str, int, Callable[[SettingResult, Any], SettingResult]]] = [
         ("no retrieval", 0, lambda r, bar: score_append(lm, blocks, cfg.stride, None, r, bar))]
     if adapter_lm is not None:
@@ -462,10 +463,9 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
         if adapter_lm is not None:
             jobs.append(("prepend + adapter", k, lambda r, bar, k=k: score_prepend(
                 adapter_lm, blocks, cfg.stride, ret.prepend_fn(adapter_lm, k), r, bar)))
-        rs = cfg.restate
         if plain_append:
             jobs.append(("append, no markers", k, lambda r, bar, k=k: score_append(
-                lm, blocks, cfg.stride, ret.plain_append_fn(lm, k, blocks, rs), r, bar)))
+                lm, blocks, cfg.stride, ret.append_fn(lm, k, blocks, rs, markers=False), r, bar)))
         jobs.append(("append, no adapter", k,
                      lambda r, bar, k=k: score_append(lm, blocks, cfg.stride, ret.append_fn(lm, k, blocks, rs), r, bar)))
         if adapter_lm is not None:
