@@ -266,7 +266,9 @@ def repair_args(name: str, args: dict, question: str) -> tuple[dict, str]:
 def _question_values(question: str, counts: dict) -> list[str]:
     """The counted values (levels, components) that the question names, as whole words."""
     q = question.lower()
-    return [k for k in counts if k != "(none)" and re.search(rf"(?<![\w.]){re.escape(str(k).lower())}(?![\w.])", q)]
+    named = [k for k in counts if k != "(none)" and re.search(rf"(?<![\w.]){re.escape(str(k).lower())}(?![\w.])", q)]
+    # "chrome.exe *64" names chrome.exe *64, not also chrome.exe: drop names inside a longer named one
+    return [k for k in named if not any(k != o and str(k).lower() in str(o).lower() for o in named)]
 
 
 def direct_answer(question: str, out: ToolOutput) -> str:

@@ -323,6 +323,13 @@ def test_argument_repair_and_targeted_answers():
     assert agent.clean_answer("}}</tool_call> 808 of 2000 lines") == "808 of 2000 lines"
     # only a result of the kind asked for can back a model-written answer (a count is no template)
     assert agent.relevant(outs, tq) == [] and agent.relevant(outs, q) == [by_comp]
+    # a name inside a longer named one is not also asked for ("chrome.exe *64" is not "chrome.exe")
+    nested = logtools.ToolOutput("Top component: chrome.exe with 811 of 2000 lines.", "Top component: chrome.exe with 811 of 2000 lines.",
+                        [], {"counts": {"chrome.exe": 811, "chrome.exe *64": 718}, "total": 2000, "by": "component"})
+    assert agent.direct_answer("How many lines does component chrome.exe *64 log?", nested) == (
+        "718 of 2000 lines have component chrome.exe *64.")
+    assert agent.direct_answer("How many lines does component chrome.exe log?", nested) == (
+        "811 of 2000 lines have component chrome.exe.")
 
 
 def test_eval_questions_and_truth_checks():
@@ -474,6 +481,33 @@ def test_agent_transcripts_render_what_the_agent_sends(tiny_lm, tmp_path):
         counts = logtools.count_lines(read_log(logtools.SAMPLE_LOG, ReadLimits()), "level").data["counts"]
         assert final["args"]["answer"].startswith(f"{counts['ERROR']} of ")
         assert (steps == 2) == any(m.type == "human" and "Call final_answer" in m.content for m in msgs)
+
+
+def test_agent_transcripts_vary_what_the_answer_rests_on(tmp_path):
+    """The scripted first call filters on the value the question names (so the result leads with the
+    asked count), or starts with arguments the agent repairs (the result then carries the repair note,
+    as at inference); a log head changes the counts. Every answer quotes the asked value's count."""
+    import agent_transcripts
+
+    log = read_log(logtools.SAMPLE_LOG, ReadLimits())
+    counts = count_values(log, "level")
+    low = min((k for k in counts if k != "(none)"), key=counts.get)  # not the top level
+    q = f"How many lines have level {low}?"
+    for style, by, note in (("ideal", "level", None), ("repaired", "component", "(by 'component' -> 'level'")):
+        msgs = agent_transcripts.episode(str(logtools.SAMPLE_LOG), q, "level_count", 5, tmp_path / "store",
+                                         style=style, value=low)
+        first = msgs[-3].tool_calls[0]["args"]
+        tool = next(m.content for m in msgs if m.type == "tool")
+        assert first == {"by": by, "pattern": low}
+        assert tool.startswith(note) if note else tool.startswith(f"Top level: {low} with {counts[low]} of ")
+        assert msgs[-1].tool_calls[0]["args"]["answer"].startswith(f"{counts[low]} of ")
+    head = agent_transcripts.episode(str(logtools.SAMPLE_LOG), q, "level_count", 5, tmp_path / "store",
+                                     value=low, max_lines=60)
+    n_head = count_values(read_log(logtools.SAMPLE_LOG, ReadLimits(max_lines=60)), "level")[low]
+    assert n_head != counts[low] and head[-1].tool_calls[0]["args"]["answer"].startswith(f"{n_head} of ")
+    # a question naming no value (the busiest component) is not filtered
+    assert agent_transcripts.first_call("Which component logs the most lines?", "busiest_component", "ideal",
+                                        None) == ("count_lines", {"by": "component", "pattern": ""})
 
 
 def test_agent_transcripts_leave_out_the_validation_systems(shared_data, tmp_path):
