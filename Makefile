@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 EXTRAS ?= langchain,llamaindex,train,server,bench,dev
 
-.PHONY: install demo test test-fast adapter agent-adapter
+.PHONY: install demo test test-fast transcripts adapter agent-adapter adapter-v1
 
 install:
 	$(PIP) install torch==2.13.0
@@ -19,24 +19,33 @@ test: install
 test-fast:
 	$(PY) -m pytest -q -ra -m "not model"
 
-# The shipped FlashBack adapter, from ../shared/data, one command (about 75 min on 2 CPU cores; see
-# flashback_agents/adapters/smollm2-135m-instruct/README.md).
+# The shipped FlashBack adapter, from ../shared/data, one command (about 60 min on one thread of the
+# 2-core CPU; see flashback_agents/adapters/smollm2-135m-instruct/README.md): the log agent's own
+# transcripts (x4), generic Loghub transcripts, self-distilled plain chat and document QA (what the
+# adapter must not change) and WikiText-2 valid RALM samples, trained with the restated tail.
 DATA ?= ../shared/data
-adapter:
-	mkdir -p build
-	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark
-	flashback-agents train --data build/loghub.jsonl --ralm-corpus $(DATA)/wikitext-2/valid.txt --out build/adapter \
-	  --steps 200 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 5e-4 \
-	  --warmup-steps 20 --eval-every 25 --save-every 25 --eval-max-samples 8 --threads 1 --seed 0 --restate 0
-
-# The agent-trained adapter of docs/benchmarks.md section 5 (run D: the log agent's own transcripts x4,
-# LR 1e-3; about 50 min on one core). Not shipped: it lifts the log agent's own answers but breaks
-# plain chat and the LlamaIndex query engine's answers (see there).
 AGENT4 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
-agent-adapter:
+RECIPE = --ralm-corpus $(DATA)/wikitext-2/valid.txt --steps 180 --batch-size 1 --grad-accum 2 --ralm-window 384 \
+  --ralm-branches 8 --lr 1e-3 --warmup-steps 18 --eval-every 30 --save-every 30 --eval-max-samples 8 --threads 1 \
+  --seed 0 --max-length 1536
+transcripts:
 	mkdir -p build
 	$(PY) examples/agent_transcripts.py --data $(DATA)/loghub --out build/agent.jsonl --exclude Hadoop,Linux,Spark --per-question 16
 	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark --per-system 20
-	flashback-agents train $(AGENT4) --data build/loghub.jsonl --ralm-corpus $(DATA)/wikitext-2/valid.txt --out build/agent-adapter \
-	  --steps 180 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 1e-3 \
-	  --warmup-steps 18 --eval-every 30 --save-every 30 --eval-max-samples 8 --threads 1 --seed 0 --max-length 1536
+
+adapter: transcripts
+	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 200 --qa 200 --threads 1
+	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep.jsonl $(RECIPE) --out build/adapter
+
+# Run D of docs/benchmarks.md section 5: the same without the self-distilled transcripts. It lifts the
+# log agent's own answers but breaks plain chat and the LlamaIndex query engine's answers.
+agent-adapter: transcripts
+	flashback-agents train $(AGENT4) --data build/loghub.jsonl $(RECIPE) --out build/agent-adapter
+
+# The adapter shipped before (docs/benchmarks.md section 5: "adapter v1"; paper's layout, no agent transcripts).
+adapter-v1:
+	mkdir -p build
+	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub300.jsonl --exclude Hadoop,Linux,Spark
+	flashback-agents train --data build/loghub300.jsonl --ralm-corpus $(DATA)/wikitext-2/valid.txt --out build/adapter-v1 \
+	  --steps 200 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 5e-4 \
+	  --warmup-steps 20 --eval-every 25 --save-every 25 --eval-max-samples 8 --threads 1 --seed 0 --restate 0

@@ -53,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from logformat import SEVERITIES  # noqa: E402
 from logtools import (
     SAMPLE_LOG,
     LogError,
@@ -242,8 +243,10 @@ def repair_args(name: str, args: dict, question: str) -> tuple[dict, str]:
     """Arguments a small model got wrong, set from the question; returns (args, what was changed).
 
     ``count_lines``: ``by`` follows the field the question names; a filter pattern the question does
-    not contain (an invented word such as 'log_level_name') is dropped. ``top_templates``: the same
-    for its filter. Every change is reported in the step's record and printout.
+    not contain (an invented word such as 'log_level_name') or that names a field ('component') is
+    replaced with the severity the question names in capitals ('ERROR'), else dropped.
+    ``top_templates``: the same for its filter. Every change is reported in the step's record and
+    printout.
     """
     fixed, notes = dict(args), []
     q = question.lower()
@@ -254,13 +257,23 @@ def repair_args(name: str, args: dict, question: str) -> tuple[dict, str]:
             fixed["by"] = want
     if name in ("count_lines", "top_templates"):
         pat = str(fixed.get("pattern") or "")
+        why = None
         if pat and not re.search(rf"(?<!\w){re.escape(pat.lower())}(?!\w)", q):
-            notes.append(f"pattern {pat!r} dropped (not in the question)")
-            fixed["pattern"] = ""
+            why = "not in the question"
         elif pat and pat.lower() in _NOT_FILTERS:
-            notes.append(f"pattern {pat!r} dropped (it names a field, not a value to filter on)")
-            fixed["pattern"] = ""
+            why = "it names a field, not a value to filter on"
+        if why:
+            level = question_level(question)
+            fixed["pattern"] = level or ""
+            notes.append(f"pattern {pat!r} -> {level!r} ({why}; the question names level {level})" if level
+                         else f"pattern {pat!r} dropped ({why})")
     return fixed, "; ".join(notes)
+
+
+def question_level(question: str) -> str | None:
+    """A severity the question names in capitals ("How many ERROR lines ..."), as written: the filter
+    a wrong pattern is replaced with (lower-case words such as "note" or "fail" are plain English)."""
+    return next((w for w in re.findall(r"(?<![\w.])[A-Z]{2,}(?![\w.])", question) if w in SEVERITIES), None)
 
 
 def _question_values(question: str, counts: dict) -> list[str]:

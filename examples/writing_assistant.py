@@ -109,6 +109,8 @@ def cite(draft_body: str, sources: Sequence[Source]) -> tuple[str, list[str]]:
     facts no retrieved note contains is left out (returned in the second list, shown as unsupported)."""
     kept, dropped = [], []
     for sent in sentences(draft_body):
+        if re.match(r"#{1,6}\s", sent):
+            continue  # a heading copied from the notes' markdown, not a sentence of the draft
         if not fact_terms(sent):
             kept.append(sent)
             continue
@@ -119,7 +121,9 @@ def cite(draft_body: str, sources: Sequence[Source]) -> tuple[str, list[str]]:
             body = sent.rstrip()
             end = len(body) - len(body.rstrip(".!?"))
             kept.append(f"{body[:len(body) - end]} [{note.label}]{body[len(body) - end:]}")
-    return " ".join(kept), dropped
+    # a piece without a final . ! ? ended at a line break: keep the break, or the checker (and the
+    # reader) would read it and the next piece as one sentence with other facts
+    return "".join(k + (" " if k.endswith((".", "!", "?")) else "\n") for k in kept).strip(), dropped
 
 
 def check_citations(draft: str, notes: dict[str, str]) -> list[str]:

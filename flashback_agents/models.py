@@ -46,10 +46,11 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARK_L = "<MARK_L>"
 MARK_R = "<MARK_R>"
 AUTO_ADAPTER = "auto"  # the adapter shipped for the base model, if any (``adapter=None``: none)
-# What ``load_model`` and the integrations attach when no adapter is named. The shipped adapter
-# lowers retrieval perplexity but made the log agent's own answers worse (docs/benchmarks.md,
-# section 5), so it is opt-in (``adapter="auto"``) until one helps agents too. The one switch.
-DEFAULT_ADAPTER: str | None = None
+# What ``load_model`` and the integrations attach when no adapter is named: the adapter shipped for
+# the base model, if any (other models get none). The shipped one lowers retrieval perplexity and
+# lifts the log agent's own answers while keeping plain chat and document QA (docs/benchmarks.md,
+# section 5). The one switch.
+DEFAULT_ADAPTER: str | None = AUTO_ADAPTER
 ADAPTER_META = "flashback_adapter.json"
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -379,8 +380,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     """Load a causal LM by spec, add the marker tokens, and attach a trained adapter.
 
     ``adapter="auto"`` attaches the FlashBack adapter shipped for this base model (the default model
-    has one); ``adapter=None`` (the default, :data:`DEFAULT_ADAPTER`) attaches none; ``adapter="DIR"``
-    attaches your own.
+    has one; the default, :data:`DEFAULT_ADAPTER`; a model with none shipped loads bare);
+    ``adapter=None`` attaches none; ``adapter="DIR"`` attaches your own (refused on another base model).
 
     Every failure a user can cause (unknown spec, missing file, no network, not a causal LM)
     raises :class:`ModelLoadError` with what to do about it.

@@ -1,4 +1,4 @@
-"""The shipped adapter: attached by ``adapter="auto"`` (the default is :data:`DEFAULT_ADAPTER`), off
+"""The shipped adapter: attached by default (``adapter="auto"``, :data:`DEFAULT_ADAPTER`), off
 with ``adapter=None``, and an adapter trained on another base model refused with a clear error."""
 
 from __future__ import annotations
@@ -75,9 +75,18 @@ def test_default_model_ships_an_adapter_that_auto_attaches_and_none_turns_off():
     with_adapter = load_model(adapter=AUTO_ADAPTER)
     without = load_model(adapter=None)
     assert with_adapter.adapter == str(shipped) and without.adapter is None
-    assert load_model().adapter == (str(shipped) if DEFAULT_ADAPTER == AUTO_ADAPTER else DEFAULT_ADAPTER)
+    assert DEFAULT_ADAPTER == AUTO_ADAPTER and load_model().adapter == str(shipped)  # on by default
     a, b = CachedContext(with_adapter), CachedContext(without)
     for ctx in (a, b):
         ctx.append("The observatory was founded in")
         ctx.append_evidence("The observatory was founded in 1875 by the astronomer Jules Janssen.")
     assert not torch.allclose(a.next_token_logits(), b.next_token_logits())
+
+
+def test_integrations_default_to_the_shipped_adapter():
+    """LangChain and LlamaIndex classes attach what load_model attaches when no adapter is named."""
+    from langchain_flashback import ChatFlashBack, FlashBackLLM
+    from llama_index.llms.flashback import FlashBack
+
+    for cls in (ChatFlashBack, FlashBackLLM, FlashBack):
+        assert cls.model_fields["adapter"].default == DEFAULT_ADAPTER == AUTO_ADAPTER, cls

@@ -301,7 +301,12 @@ def test_argument_repair_and_targeted_answers():
     args, note = agent.repair_args("count_lines", {"by": "level", "pattern": "WARN"}, "How many lines have level WARN?")
     assert args == {"by": "level", "pattern": "WARN"} and note == ""
     args, note = agent.repair_args("count_lines", {"by": "level", "pattern": "level"}, "How many lines have level WARN?")
-    assert args == {"by": "level", "pattern": ""} and "names a field" in note
+    assert args == {"by": "level", "pattern": "WARN"} and "names a field" in note and "-> 'WARN'" in note
+    # a wrong filter is replaced with the severity the question names in capitals, else dropped
+    args, note = agent.repair_args("count_lines", {"by": "component", "pattern": "component"}, agent.DEFAULT_QUESTION)
+    assert args == {"by": "component", "pattern": "ERROR"} and "the question names level ERROR" in note
+    args, _ = agent.repair_args("count_lines", {"by": "level", "pattern": "x"}, "Do any lines note an error?")
+    assert args == {"by": "level", "pattern": ""}  # lower-case "note" / "error" are English, not a level
     log = read_log(logtools.SAMPLE_LOG)
     by_level = logtools.count_lines(log, "level")
     by_comp = logtools.count_lines(log, "component")
@@ -510,6 +515,45 @@ def test_agent_transcripts_vary_what_the_answer_rests_on(tmp_path):
                                         None) == ("count_lines", {"by": "component", "pattern": ""})
 
 
+def test_keep_transcripts_render_what_the_query_engine_sends(tiny_lm):
+    """A document-QA row of keep_transcripts trains on exactly the ids the LlamaIndex query engine's
+    prompt renders with FlashBack (question, then marked documents, best last); the teacher reads the
+    same documents as a non-FlashBack LLM gets them (inline). Every fact is invented: the answer is in
+    exactly one document, with the value the question asks for."""
+    import json
+    import random
+
+    import keep_transcripts
+    from llama_index.llms.flashback import FlashBack
+    from llama_index.llms.flashback.base import to_flashback_messages
+    from llama_index.llms.flashback.templates import FLASHBACK_TEXT_QA_PROMPT
+
+    from flashback_agents.layout import Layout, Message
+    from flashback_agents.training.samples import conversation_sample
+    from flashback_agents.training.transcripts import parse_conversation
+
+    layout, rng, llm = Layout(tiny_lm), random.Random(3), FlashBack(tiny_lm, max_tokens=4)
+    sizes = set()
+    for _ in range(12):
+        question, docs, fact = keep_transcripts.qa_case(rng)
+        sizes.add(len(docs))
+        assert [d for d in docs if fact.value in d and fact.entity in d] == [fact.sentence]
+        assert fact.entity in question and fact.value not in question
+        row = keep_transcripts._row(keep_transcripts.QA_USER.format(query_str=question), fact.sentence, documents=docs)
+        sample, truncated = conversation_sample(layout, parse_conversation(json.loads(json.dumps(row))), 100_000)
+        context_str = "\n\n".join(reversed(docs))  # the synthesizer joins nodes best first
+        sent = to_flashback_messages(FLASHBACK_TEXT_QA_PROMPT.format_messages(llm=llm, query_str=question,
+                                                                              context_str=context_str))
+        assert not truncated and sample.input_ids == layout.render(sent + [Message("assistant", fact.sentence)],
+                                                                   add_generation_prompt=False)
+        inline = FLASHBACK_TEXT_QA_PROMPT.format_messages(query_str=question, context_str=context_str)
+        teacher = row["messages"][0]["content"] + keep_transcripts.INLINE_HEADER + "\n\n".join(docs)
+        assert [m.content for m in inline] == [teacher]
+    assert sizes == {1, 2, 3, 4}
+    prompts = keep_transcripts.chat_prompts(random.Random(0), ["Homarus gammarus"], 60)
+    assert len(set(prompts)) == 60
+
+
 def test_agent_transcripts_leave_out_the_validation_systems(shared_data, tmp_path):
     import json
 
@@ -574,6 +618,23 @@ def test_citations_hold_on_unseen_notes(topic, tmp_path):
     assert wa.check_citations(f"## T\n\n{first}", notes)[0].startswith("no citation")
     wrong = wa.check_citations(f"## T\n\n{first.rstrip('.')} [{other}:1-9].", notes)
     assert wrong and wrong[0].startswith("cited note does not contain it")
+
+
+def test_citations_keep_line_breaks_and_drop_copied_headings(tmp_path):
+    """A generated line without final punctuation stays its own sentence (joined to the next, its
+    facts would change and the checker would fail a correct citation), and markdown headings the
+    model copies from the notes are not draft sentences."""
+    import writing_assistant as wa
+
+    d, notes = _write_notes(tmp_path, "volcanoes")
+    sources = [wa.Source(f"{n}:1-{len(t.splitlines())}", str(d / n), 1, len(t.splitlines()), 0, t)
+               for n, t in notes.items()]
+    body, dropped = wa.cite("Mount Etna in Sicily is about 3,357 metres high.\n## Notes\n### Etna\n"
+                            "Recorded since 1500 BC\nCatania runs surveillance.", sources)
+    assert "#" not in body and not dropped
+    assert body.splitlines() == ["Mount Etna in Sicily is about 3,357 metres high [etna.md:1-4]. "
+                                 "Recorded since 1500 BC [etna.md:1-4]", "Catania runs surveillance."]
+    assert wa.check_citations("## T\n\n" + body, notes) == []
 
 
 @pytest.mark.model

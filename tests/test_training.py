@@ -380,7 +380,7 @@ def test_default_model_few_steps_and_reload(tmp_path):
     """A few steps on the real default model; the saved adapter loads back with the same logits."""
     from flashback_agents import DEFAULT_MODEL
 
-    lm = load_model(DEFAULT_MODEL, device="cpu")
+    lm = load_model(DEFAULT_MODEL, adapter=None, device="cpu")  # the trainer adapts the bare model
     samples = samples_for(lm, n=4, max_length=128)
     cfg = TrainConfig(model=DEFAULT_MODEL, output_dir=str(tmp_path / "a"), steps=3, batch_size=2,
                       save_every=0, eval_every=0, lora_dropout=0.0, progress=False)

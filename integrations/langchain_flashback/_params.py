@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flashback_agents.chat import ChatEngine
 from flashback_agents.generation import GenerationConfig, normalize_stop
-from flashback_agents.models import DEFAULT_MODEL
+from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL
 
 PROVIDER = "flashback"
 
@@ -20,8 +20,8 @@ class FlashBackParams(BaseModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="Model spec (see flashback_agents.load_model), "
                        "or an http(s) URL of an OpenAI-compatible server.")
-    adapter: str | None = Field(default=None, description="FlashBack adapter: 'auto' (the one shipped for the "
-                                "model, if any), None (no adapter) or the directory of a trained one.")
+    adapter: str | None = Field(default=DEFAULT_ADAPTER, description="FlashBack adapter: 'auto' (the default: the "
+                                "one shipped for the model, if any), None (no adapter) or the directory of a trained one.")
     temperature: float = 0.0
     max_tokens: int | None = 256
     stop: str | list[str] | None = None  # a str is ONE stop string

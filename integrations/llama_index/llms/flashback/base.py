@@ -39,7 +39,7 @@ from llama_index.core.llms.llm import ToolSelection
 from flashback_agents.chat import ChatEngine, ChatReply
 from flashback_agents.generation import GenerationConfig, normalize_stop
 from flashback_agents.layout import LayoutError, Message, ToolCall
-from flashback_agents.models import DEFAULT_MODEL, LoadedModel
+from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
 
 DOCUMENTS_KEY = "documents"
 """``ChatMessage.additional_kwargs`` key: retrieved texts appended (marked) after a user message."""
@@ -216,8 +216,8 @@ class FlashBack(FunctionCallingLLM):
 
     model: str = Field(default=DEFAULT_MODEL, description="Model spec: the default model, a HF id, a "
                        "local directory or a .gguf file (or pass an already loaded LoadedModel).")
-    adapter: Optional[str] = Field(default=None, description="FlashBack adapter: 'auto' (the one shipped for "
-                                   "the model, if any), None (no adapter) or the directory of a trained one.")
+    adapter: Optional[str] = Field(default=DEFAULT_ADAPTER, description="FlashBack adapter: 'auto' (the default: "
+                                   "the one shipped for the model, if any), None (no adapter) or the directory of a trained one.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     max_tokens: int = Field(default=256, ge=0, description="max_new_tokens per reply.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
