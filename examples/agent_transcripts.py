@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import log_analysis_agent as agent  # noqa: E402
-from logtools import ReadLimits, read_log  # noqa: E402
+from logtools import ReadLimits, component_column, read_log, read_structured  # noqa: E402
 
 #: paraphrases per question kind ({level} is filled in); the first is the agent's --eval wording
 PHRASINGS = {
@@ -149,12 +149,9 @@ def component_questions(q: Any, ranks: range = range(1, 4)) -> list[tuple[str, s
     """(kind, value) for components other than the busiest one of ``q``'s log (ranks 2-4 by count) whose
     names can be a filter (plain words: ``dfs.DataNode$PacketResponder`` is a regex, not a word)."""
     import collections
-    import csv
 
-    csv_path = Path(q.log + "_structured.csv")
-    with open(csv_path, encoding="utf-8", errors="replace", newline="") as f:
-        rows = list(csv.DictReader(f))
-    col = next((c for c in agent.COMPONENT_COLUMNS if rows and c in rows[0]), None)
+    rows = read_structured(q.log + "_structured.csv")
+    col = component_column(rows)
     if not col:
         return []
     ranked = [v for v, _ in collections.Counter(r[col] for r in rows).most_common() if v]

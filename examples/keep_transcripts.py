@@ -125,12 +125,12 @@ def chat_prompts(rng: random.Random, titles: Sequence[str], n: int) -> list[str]
     out: list[str] = list(GENERAL)
     topics = list(titles) + WORDS
     while len(out) < n:
-        r = rng.random()
-        if r < 0.15:
-            out.append(rng.choice(ARITHMETIC).format(a=rng.randint(2, 60), b=rng.randint(2, 30)))
+        if rng.random() < 0.15:
+            prompt = rng.choice(ARITHMETIC).format(a=rng.randint(2, 60), b=rng.randint(2, 30))
         else:
-            out.append(rng.choice(CHAT_TEMPLATES).format(topic=rng.choice(topics)))
-        out = list(dict.fromkeys(out))
+            prompt = rng.choice(CHAT_TEMPLATES).format(topic=rng.choice(topics))
+        if prompt not in out:
+            out.append(prompt)
     rng.shuffle(out)
     return out[:n]
 

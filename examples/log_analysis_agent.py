@@ -61,9 +61,11 @@ from logtools import (
     ReadLimits,
     SemanticIndex,
     ToolOutput,
+    component_column,
     count_lines,
     count_values,
     read_log,
+    read_structured,
     search_logs,
     top_templates,
 )
@@ -609,10 +611,6 @@ class EvalQuestion:
     accept: list[str] = field(default_factory=list)  # other spellings that also hold it
 
 
-LEVEL_COLUMNS = ("Level",)
-COMPONENT_COLUMNS = ("Component", "Program")
-
-
 def _is_level_column(values: Sequence[str]) -> bool:
     """A CSV 'Level' column that holds severities (Loghub's Linux 'Level' holds the host name)."""
     from logformat import LETTER_LEVELS, is_severity
@@ -631,20 +629,18 @@ def eval_questions(root: str | os.PathLike, per_system: int | None = None) -> li
     taking one of each kind first.
     """
     import collections
-    import csv
 
     out: list[EvalQuestion] = []
     for path in sorted(Path(root).rglob("*_structured.csv")):
         log = path.with_name(path.name.replace("_structured.csv", ""))
         if not log.is_file():
             continue
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_structured(path)
         if not rows:
             continue
         system = path.name.split("_")[0]
         qs: list[EvalQuestion] = []
-        col = next((c for c in COMPONENT_COLUMNS if c in rows[0]), None)
+        col = component_column(rows)
         if col:
             c = collections.Counter(r[col] for r in rows)
             (top, n), *rest = c.most_common()

@@ -20,7 +20,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -494,6 +494,19 @@ class SemanticIndex:
 COMPONENT_COLUMNS = ("Component", "Program")  # what Loghub's structured CSVs call the component
 
 
+def read_structured(structured_csv: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a Loghub ``*_structured.csv`` (its exact parse: what the tools are measured against)."""
+    import csv
+
+    with open(structured_csv, encoding="utf-8", errors="replace", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def component_column(rows: Sequence[dict[str, str]]) -> str | None:
+    """The column of a structured CSV's rows that holds the component (:data:`COMPONENT_COLUMNS`), or None."""
+    return next((c for c in COMPONENT_COLUMNS if rows and c in rows[0]), None)
+
+
 def _same_component(ours: str | None, theirs: str) -> bool:
     """Equal, or equal to the last ``:`` piece: Loghub splits a ``[thread:Class@line]`` bracket at the
     first ``:``, which leaves the tail of the thread name in front of the class in its Component."""
@@ -506,12 +519,9 @@ def reader_agreement(structured_csv: str | os.PathLike) -> dict[str, Any]:
     The log is the CSV's name without ``_structured.csv``. A column whose values are the host name
     (Loghub calls the syslog host "Level" in Linux and "Component" in OpenSSH) is reported as such.
     """
-    import csv
-
     path = Path(structured_csv)
     log = read_log(path.with_name(path.name.replace("_structured.csv", "")))
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_structured(path)
     recs = log.records
     pairs = [(recs[int(r["LineId"]) - 1], r) for r in rows if 0 < int(r["LineId"]) <= len(recs)]
     out: dict[str, Any] = {"system": path.name.split("_")[0], "lines": len(pairs), "format": log.format_note(),
@@ -528,7 +538,7 @@ def reader_agreement(structured_csv: str | os.PathLike) -> dict[str, Any]:
         out["level"] = lv
         if lv < 0.5 and host_share("Level") >= 0.95:
             out["level"], out["level_note"] = None, f"CSV Level holds the host name (host agrees {host_share('Level'):.1%})"
-    col = next((c for c in COMPONENT_COLUMNS if rows and c in rows[0]), None)
+    col = component_column(rows)
     if col:
         cp = share(lambda rec, r: _same_component(rec.component, r[col]))
         out["component"], out["component_column"] = cp, col
