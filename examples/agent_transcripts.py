@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import log_analysis_agent as agent  # noqa: E402
-from logtools import ReadLimits, component_column, read_log, read_structured  # noqa: E402
+from logtools import ReadLimits, component_column, name_set, read_log, read_structured  # noqa: E402
 
 #: paraphrases per question kind ({level} is filled in); the first is the agent's --eval wording
 PHRASINGS = {
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(root.rglob("*_structured.csv")):
         print(f"error: no Loghub *_structured.csv files under {root}", file=sys.stderr)
         return 2
-    skip = {s.strip().lower() for s in args.exclude.split(",") if s.strip()}
+    skip = name_set(args.exclude)
     store = Path(args.store) if args.store else agent.default_store()
     rows = episodes(root, skip, random.Random(args.seed), args.per_question, store, slices=not args.no_slices)
     with open(args.out, "w", encoding="utf-8") as fh:

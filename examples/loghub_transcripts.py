@@ -11,19 +11,15 @@ the result. Training on these teaches the adapter to read tool results appended 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import random
 import sys
 from collections import Counter
 from pathlib import Path
 
+from logtools import name_set, read_structured
+
 SYSTEM = "You are a log analysis agent. Call a tool, then answer from its result."
-
-
-def _rows(csv_path: Path) -> list[dict]:
-    with csv_path.open(newline="", encoding="utf-8", errors="replace") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _call(i: int, name: str, args: dict) -> dict:
@@ -65,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "log agent: its answers are measured on logs not trained on).")
     args = ap.parse_args(argv)
     root = Path(args.data)
-    skip = {s.strip().lower() for s in args.exclude.split(",") if s.strip()}
+    skip = name_set(args.exclude)
     csvs = sorted(p for p in root.glob("*/*_structured.csv") if p.parent.name.lower() not in skip)
     if not csvs:
         print(f"error: no Loghub *_structured.csv files under {root}", file=sys.stderr)
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     n = 0
     with open(args.out, "w", encoding="utf-8") as fh:
         for path in csvs:
-            rows = _rows(path)
+            rows = read_structured(path)
             for ep in episodes(path.parent.name, rows, rng, args.per_system):
                 fh.write(json.dumps(ep) + "\n")
                 n += 1

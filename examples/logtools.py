@@ -494,6 +494,11 @@ class SemanticIndex:
 COMPONENT_COLUMNS = ("Component", "Program")  # what Loghub's structured CSVs call the component
 
 
+def name_set(spec: str) -> set[str]:
+    """Comma-separated names, lower-cased (what the transcript builders' ``--exclude`` takes)."""
+    return {s.strip().lower() for s in (spec or "").split(",") if s.strip()}
+
+
 def read_structured(structured_csv: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of a Loghub ``*_structured.csv`` (its exact parse: what the tools are measured against)."""
     import csv

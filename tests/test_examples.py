@@ -356,6 +356,7 @@ def test_eval_questions_and_truth_checks():
     assert not agent.holds_truth(q, "The top component is QuorumCnxManager with 469 lines.")
     q = next(q for q in qs if q.system == "Proxifier" and q.kind == "top_template")
     assert agent.holds_truth(q, "The most frequent template is: <HOSTPORT> open through proxy <HOSTPORT> HTTPS")
+    assert not agent.holds_truth(q, "946 of 2000 lines, first L1")  # the template's count does not name it
     assert len(agent.eval_questions(LOGHUB, per_system=1)) == len(SYSTEMS)
 
 
@@ -452,6 +453,31 @@ def test_loghub_transcripts_are_exact_and_readable(shared_data, tmp_path):
             rows = list(csv.DictReader(fh))
         key = {"level": "Level", "component": "Component", "program": "Program", "eventid": "EventId"}[field]
         assert answer.startswith(f"{Counter(r[key] for r in rows)[value]} lines")
+
+
+def test_log_ralm_corpus_stores_the_first_half_and_trains_on_excerpts_of_the_second(tmp_path, capsys):
+    """As `eval ppl --data loghub:SYSTEM` scores a log: excerpts of the second half (whole lines, no
+    overlap) train, the first half is the retrieval-only store; excluded logs are left out."""
+    import json
+
+    import log_ralm_corpus
+
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.log").write_text("".join(f"{name} line {i} value={i * 7}\n" for i in range(200)))
+    out = tmp_path / "c.jsonl"
+    assert log_ralm_corpus.main(["--data", str(tmp_path), "--out", str(out), "--excerpts", "5",
+                                 "--excerpt-chars", "100", "--exclude", "beta"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0] == {"source": "alpha/alpha[:100]", "store": True,
+                       "text": "".join(f"alpha line {i} value={i * 7}\n" for i in range(100))}
+    spans = [tuple(map(int, r["source"].split("[")[1].rstrip("]").split(":"))) for r in rows[1:]]
+    assert len(spans) == 5 and all(100 <= a < b <= 200 for a, b in spans)
+    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))  # in order, no overlap
+    for r, (a, b) in zip(rows[1:], spans):
+        assert r["text"] == "".join(f"alpha line {i} value={i * 7}\n" for i in range(a, b)) and len(r["text"]) >= 100
+    assert log_ralm_corpus.main(["--data", str(tmp_path), "--out", str(out), "--exclude", "alpha,beta"]) == 2
+    assert "no *.log files" in capsys.readouterr().err
 
 
 def test_agent_transcripts_render_what_the_agent_sends(tiny_lm, tmp_path):

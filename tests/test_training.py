@@ -375,6 +375,40 @@ def test_cli_train_on_ralm_corpus_with_a_store(tiny_model_dir, tmp_path):
     assert summary["ralm_samples"] > 0 and (out2 / "adapter_config.json").is_file()
 
 
+def test_ralm_corpus_store_articles_are_retrieved_not_trained(tiny_model_dir, tmp_path):
+    """A JSONL corpus line marked ``store`` joins the retrieval index but yields no training sample;
+    several ``--ralm-corpus`` paths combine; a corpus of stores only is a clear error."""
+    from typer.testing import CliRunner
+
+    from flashback_agents.cli import app
+    from flashback_agents.training.ralm_corpus import CorpusError, read_ralm_corpus
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    store = " ".join(words * 12)
+    (tmp_path / "logs.jsonl").write_text(
+        json.dumps({"source": "sys[:10]", "store": True, "text": store}) + "\n"
+        + json.dumps({"source": "sys[10:12]", "text": " ".join(reversed(words * 6))}) + "\n" + json.dumps("plain text line") + "\n")
+    (tmp_path / "wiki.txt").write_text(" = Title A = \n" + " ".join(words[:6] * 10) + "\n")
+    corpus = read_ralm_corpus([tmp_path / "wiki.txt", tmp_path / "logs.jsonl"])
+    assert [s for s, _ in corpus.texts] == [f"{tmp_path / 'wiki.txt'}#Title A", "sys[10:12]", f"{tmp_path / 'logs.jsonl'}:3"]
+    assert corpus.store == [("sys[:10]", store)] and len(corpus.articles) == 4
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "x", "source": 3}) + "\n")
+    with pytest.raises(CorpusError, match="bad.jsonl:1: 'source' must be a string"):
+        read_ralm_corpus(tmp_path / "bad.jsonl")
+    common = ["--model", str(tiny_model_dir), "--steps", "1", "--batch-size", "1", "--stride", "8", "--query-tokens", "8",
+              "--top-k", "1", "--ralm-window", "48", "--chunk-tokens", "16", "--save-every", "0", "--eval-every", "0",
+              "--json"]
+    res = CliRunner().invoke(app, ["train", "--ralm-corpus", str(tmp_path / "wiki.txt"), "--ralm-corpus",
+                                   str(tmp_path / "logs.jsonl"), "--out", str(tmp_path / "a")] + common)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["ralm_texts"] == 3 and summary["ralm_store_articles"] == 1 and summary["ralm_samples"] > 0
+    (tmp_path / "only.jsonl").write_text(json.dumps({"source": "s", "store": True, "text": store}) + "\n")
+    res = CliRunner().invoke(app, ["train", "--ralm-corpus", str(tmp_path / "only.jsonl"), "--out", str(tmp_path / "b")]
+                             + common)
+    assert res.exit_code == 1 and "no RALM training text" in res.output
+
+
 @pytest.mark.model
 def test_default_model_few_steps_and_reload(tmp_path):
     """A few steps on the real default model; the saved adapter loads back with the same logits."""

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..training.ralm_corpus import CorpusError, read_corpus  # noqa: F401  (read_corpus: re-exported for callers)
+from ..training.ralm_corpus import CorpusError, read_corpus, read_ralm_corpus  # noqa: F401  (re-exported for callers)
 from ..ralm_layout import RESTATE_TOKENS
 from .common import emit, fail
 
@@ -22,7 +22,9 @@ def open_retriever(store: str) -> Any:
 def train_cmd(
     data: Optional[list[Path]] = typer.Option(None, "--data", help="Transcript file(s) (.jsonl / .json) or directories."),
     format: str = typer.Option("auto", "--format", help="openai | langchain | llamaindex | auto"),
-    ralm_corpus: Optional[Path] = typer.Option(None, "--ralm-corpus", help="Texts for RALM samples (file or directory)."),
+    ralm_corpus: Optional[list[Path]] = typer.Option(None, "--ralm-corpus", help="Texts for RALM samples (file or "
+                                                     "directory; repeatable; .jsonl lines may be retrieval-only "
+                                                     "'store' articles)."),
     retriever_store: Optional[str] = typer.Option(None, "--retriever-store", help="Store to retrieve RALM evidence "
                                                   "from (default: BM25 over the corpus's own chunks, never a "
                                                   "text's own article)."),
@@ -112,17 +114,21 @@ def train_cmd(
         from ..training.ralm_corpus import chunk_retriever
 
         try:
-            articles = read_corpus(ralm_corpus)
+            corpus = read_ralm_corpus(ralm_corpus)
+            if not corpus.texts:
+                raise CorpusError(f"no RALM training text in {', '.join(map(str, ralm_corpus))} "
+                                  "(only retrieval-only 'store' articles).")
             retriever = (open_retriever(retriever_store) if retriever_store
-                         else chunk_retriever(lm.tokenizer, articles, chunk_tokens, chunk_tokens // 8))
+                         else chunk_retriever(lm.tokenizer, corpus.articles, chunk_tokens, chunk_tokens // 8))
             rcfg = RalmSampleConfig(stride=stride, query_tokens=query_tokens, top_k=top_k, window=ralm_window,
                                     branches=ralm_branches, seed=seed, restate=restate)
             rcfg.check()
         except (OSError, ValueError, RuntimeError) as exc:
             fail(str(exc))
-        ralm, rstats = ralm_samples(lm, articles, retriever, rcfg, progress=True)
+        ralm, rstats = ralm_samples(lm, corpus.texts, retriever, rcfg, progress=True)
         samples += ralm
-        summary.update({"ralm_texts": len(articles), "ralm_samples": len(ralm), "retrievals": rstats.retrievals,
+        summary.update({"ralm_texts": len(corpus.texts), "ralm_store_articles": len(corpus.store),
+                        "ralm_samples": len(ralm), "retrievals": rstats.retrievals,
                         "ralm_trained_tokens": rstats.trained_tokens})
     try:
         result = train(config, samples, lm=lm)

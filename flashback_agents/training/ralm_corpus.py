@@ -4,13 +4,16 @@ A training text must never retrieve its own article (the paper's forbidden title
 adapter learns to copy its own future instead of reading evidence. Every text therefore carries a
 source name, and the chunks it may retrieve carry theirs (``metadata["source"]``). WikiText-style
 files are split into articles at their `` = Title = `` lines; any other file is one article named
-by its path.
+by its path. A ``.jsonl`` line may name its ``source`` and mark itself ``"store": true``: retrieved
+from, never trained on (a log's first half as the datastore for excerpts of its second half, as
+``eval ppl --data loghub:SYSTEM`` scores it).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,33 +40,64 @@ def split_articles(text: str, source: str) -> list[tuple[str, str]]:
     return [(name, body) for name, body in arts if body.strip()]
 
 
-def read_corpus(path: str | Path) -> list[tuple[str, str]]:
-    """Articles of a text file, a ``.jsonl`` file (``{"text": ...}`` or a string per line, one article
-    each) or a directory of such files (recursively, sorted)."""
-    p = Path(path)
+@dataclass
+class RalmCorpus:
+    """Articles to train on (``texts``) and articles only retrieved from (``store``), as
+    ``(source, text)`` pairs; the retriever covers both."""
+
+    texts: list[tuple[str, str]] = field(default_factory=list)
+    store: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def articles(self) -> list[tuple[str, str]]:
+        return self.texts + self.store
+
+
+def _files(p: Path) -> list[Path]:
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"}))
-    elif p.is_file():
-        files = [p]
-    else:
-        raise CorpusError(f"RALM corpus not found: {p}")
-    articles: list[tuple[str, str]] = []
-    for f in files:
-        if f.suffix.lower() == ".jsonl":
-            for lineno, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CorpusError(f"{f}:{lineno}: invalid JSON ({exc.msg})") from None
-                text = value.get("text") if isinstance(value, dict) else value
-                if not isinstance(text, str):
-                    raise CorpusError(f"{f}:{lineno}: expected a string or an object with a 'text' string")
-                articles.append((f"{f}:{lineno}", text))
-        else:
-            articles += split_articles(f.read_text(encoding="utf-8", errors="replace"), str(f))
-    return [(s, t) for s, t in articles if t.strip()]
+        return sorted(f for f in p.rglob("*") if f.is_file() and (f.suffix.lower() in TEXT_SUFFIXES | {".jsonl"}))
+    if p.is_file():
+        return [p]
+    raise CorpusError(f"RALM corpus not found: {p}")
+
+
+def _read_jsonl(f: Path, corpus: RalmCorpus) -> None:
+    for lineno, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CorpusError(f"{f}:{lineno}: invalid JSON ({exc.msg})") from None
+        text = value.get("text") if isinstance(value, dict) else value
+        if not isinstance(text, str):
+            raise CorpusError(f"{f}:{lineno}: expected a string or an object with a 'text' string")
+        meta = value if isinstance(value, dict) else {}
+        source = meta.get("source") or f"{f}:{lineno}"
+        if not isinstance(source, str):
+            raise CorpusError(f"{f}:{lineno}: 'source' must be a string")
+        if text.strip():
+            (corpus.store if meta.get("store") is True else corpus.texts).append((source, text))
+
+
+def read_ralm_corpus(paths: str | Path | Sequence[str | Path]) -> RalmCorpus:
+    """The training texts and retrieval-only store of one or more corpus paths: text files (WikiText
+    articles split at their titles), ``.jsonl`` files (``{"text": ..., "source": ..., "store": bool}``
+    or a string per line, one article each) or directories of such files (recursively, sorted)."""
+    corpus = RalmCorpus()
+    for path in ([paths] if isinstance(paths, (str, Path)) else list(paths)):
+        for f in _files(Path(path)):
+            if f.suffix.lower() == ".jsonl":
+                _read_jsonl(f, corpus)
+            else:
+                corpus.texts += [(s, t) for s, t in split_articles(f.read_text(encoding="utf-8", errors="replace"),
+                                                                    str(f)) if t.strip()]
+    return corpus
+
+
+def read_corpus(path: str | Path) -> list[tuple[str, str]]:
+    """Every article (training texts and store) of a corpus path; see :func:`read_ralm_corpus`."""
+    return read_ralm_corpus(path).articles
 
 
 def chunk_retriever(tokenizer: Any, articles: Sequence[tuple[str, str]], chunk_tokens: int = 128,
@@ -82,4 +116,4 @@ def chunk_retriever(tokenizer: Any, articles: Sequence[tuple[str, str]], chunk_t
                                     [c.full_metadata() for c in chunks])
 
 
-__all__ = ["CorpusError", "chunk_retriever", "read_corpus", "split_articles"]
+__all__ = ["CorpusError", "RalmCorpus", "chunk_retriever", "read_corpus", "read_ralm_corpus", "split_articles"]
