@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 EXTRAS ?= langchain,llamaindex,train,server,bench,dev
 
-.PHONY: install demo test test-fast transcripts adapter agent-adapter log-adapter adapter-v1
+.PHONY: install demo test test-fast transcripts keep adapter agent-adapter log-adapter adapter-v1
 
 install:
 	$(PIP) install torch==2.13.0
@@ -33,8 +33,10 @@ transcripts:
 	$(PY) examples/agent_transcripts.py --data $(DATA)/loghub --out build/agent.jsonl --exclude Hadoop,Linux,Spark --per-question 16
 	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark --per-system 20
 
-adapter: transcripts
+keep: transcripts
 	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 200 --qa 200 --threads 1
+
+adapter: keep
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep.jsonl $(RECIPE) --out build/adapter
 
 # Run D of docs/benchmarks.md section 5: the same without the self-distilled transcripts. It lifts the
@@ -45,8 +47,7 @@ agent-adapter: transcripts
 # Run F2 of docs/benchmarks.md section 5 (not shipped): the shipped recipe plus 96 excerpts of each training
 # log's second half, BM25 evidence from its first half. Append + adapter 1.05x prepend on the Hadoop log,
 # but the log agent's own answers drop (8/11).
-log-adapter: transcripts
-	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 200 --qa 200 --threads 1
+log-adapter: keep
 	$(PY) examples/log_ralm_corpus.py --data $(DATA)/loghub --out build/logs_ralm.jsonl --exclude Hadoop,Linux,Spark --excerpts 96 --excerpt-chars 800
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep.jsonl $(RECIPE) --ralm-corpus build/logs_ralm.jsonl --out build/log-adapter
 

@@ -653,7 +653,7 @@ def eval_questions(root: str | os.PathLike, per_system: int | None = None) -> li
                 qs.append(EvalQuestion(system, str(log), "level_count", f"How many lines have level {level}?", str(n)))
         if "EventTemplate" in rows[0]:
             key = "EventId" if "EventId" in rows[0] else "EventTemplate"
-            top_id, n = collections.Counter(r[key] for r in rows).most_common(1)[0]
+            top_id = collections.Counter(r[key] for r in rows).most_common(1)[0][0]
             template = next(r["EventTemplate"] for r in rows if r[key] == top_id)
             qs.append(EvalQuestion(system, str(log), "top_template", "What is the most frequent message template?",
                                    template))

@@ -90,8 +90,7 @@ def read_ralm_corpus(paths: str | Path | Sequence[str | Path]) -> RalmCorpus:
             if f.suffix.lower() == ".jsonl":
                 _read_jsonl(f, corpus)
             else:
-                corpus.texts += [(s, t) for s, t in split_articles(f.read_text(encoding="utf-8", errors="replace"),
-                                                                    str(f)) if t.strip()]
+                corpus.texts += split_articles(f.read_text(encoding="utf-8", errors="replace"), str(f))
     return corpus
 
 
