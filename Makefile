@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 EXTRAS ?= langchain,llamaindex,train,server,bench,dev
 
-.PHONY: install demo test test-fast transcripts keep adapter agent-adapter log-adapter adapter-v1
+.PHONY: install demo test test-fast transcripts keep tool-episodes adapter adapter-e1 agent-adapter log-adapter adapter-v1
 
 install:
 	$(PIP) install torch==2.13.0
@@ -19,12 +19,17 @@ test: install
 test-fast:
 	$(PY) -m pytest -q -ra -m "not model"
 
-# The shipped FlashBack adapter, from ../shared/data, one command (about 60 min on one thread of the
-# 2-core CPU; see flashback_agents/adapters/smollm2-135m-instruct/README.md): the log agent's own
-# transcripts (x4), generic Loghub transcripts, self-distilled plain chat and document QA (what the
-# adapter must not change) and WikiText-2 valid RALM samples, trained with the restated tail.
+# The shipped FlashBack adapter, from ../shared/data plus the tool-episode generator, one command (see
+# flashback_agents/adapters/smollm2-135m-instruct/README.md for the time it takes): general tool-use episodes
+# recorded from create_agent and FunctionAgent (tools/tool_episodes.py, seed 0), the log agent's own
+# transcripts (x3), generic Loghub transcripts, self-distilled plain chat and document QA (what the adapter
+# must not change) and WikiText-2 valid RALM samples, trained with the restated tail, LoRA on the
+# targets chosen by validation (docs/benchmarks.md section 6).
 DATA ?= ../shared/data
 AGENT4 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
+AGENT3 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
+ADAPTER_TARGETS ?= q_proj,k_proj,v_proj,o_proj
+ADAPTER_STEPS ?= 240
 RECIPE = --ralm-corpus $(DATA)/wikitext-2/valid.txt --steps 180 --batch-size 1 --grad-accum 2 --ralm-window 384 \
   --ralm-branches 8 --lr 1e-3 --warmup-steps 18 --eval-every 30 --save-every 30 --eval-max-samples 8 --threads 1 \
   --seed 0 --max-length 1536
@@ -34,10 +39,21 @@ transcripts:
 	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark --per-system 20
 
 keep: transcripts
-	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 200 --qa 200 --threads 1
+	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 100 --qa 100 --threads 1
 
-adapter: keep
-	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep.jsonl $(RECIPE) --out build/adapter
+tool-episodes:
+	mkdir -p build
+	$(PY) -m tools.tool_episodes --out build/tools.jsonl --n 2400 --seed 0
+
+adapter: keep tool-episodes
+	flashback-agents train --data build/tools.jsonl $(AGENT3) --data build/loghub.jsonl --data build/keep.jsonl \
+	  $(RECIPE) --steps $(ADAPTER_STEPS) --warmup-steps 20 --eval-every 40 --save-every 40 --eval-max-samples 16 \
+	  --target-modules $(ADAPTER_TARGETS) --out build/adapter
+
+# The adapter shipped before the tool episodes (run E1 of docs/benchmarks.md section 5; keep with 200 + 200).
+adapter-e1: transcripts
+	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep200.jsonl --chat 200 --qa 200 --threads 1
+	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep200.jsonl $(RECIPE) --out build/adapter-e1
 
 # Run D of docs/benchmarks.md section 5: the same without the self-distilled transcripts. It lifts the
 # log agent's own answers but breaks plain chat and the LlamaIndex query engine's answers.
@@ -47,9 +63,9 @@ agent-adapter: transcripts
 # Run F2 of docs/benchmarks.md section 5 (not shipped): the shipped recipe plus 96 excerpts of each training
 # log's second half, BM25 evidence from its first half. Append + adapter 1.05x prepend on the Hadoop log,
 # but the log agent's own answers drop (8/11).
-log-adapter: keep
+log-adapter: adapter-e1
 	$(PY) examples/log_ralm_corpus.py --data $(DATA)/loghub --out build/logs_ralm.jsonl --exclude Hadoop,Linux,Spark --excerpts 96 --excerpt-chars 800
-	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep.jsonl $(RECIPE) --ralm-corpus build/logs_ralm.jsonl --out build/log-adapter
+	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep200.jsonl $(RECIPE) --ralm-corpus build/logs_ralm.jsonl --out build/log-adapter
 
 # The adapter shipped before (docs/benchmarks.md section 5: "adapter v1"; paper's layout, no agent transcripts).
 adapter-v1:

@@ -8,6 +8,11 @@ runs them on a process-wide :class:`~flashback_agents.pool.ContextPool` (so a st
 is new since the previous one), decodes, parses tool calls and, when a call is required, constrains
 decoding with xgrammar so the call always parses.
 
+``tool_choice="none"`` keeps the tools in the prompt but masks the opening of a call while decoding
+(:mod:`flashback_agents.callmask`). ``repeat_calls="forbid"`` (the loop guard, off by default: see
+:data:`DEFAULT_REPEAT_CALLS`) replaces a reply that only repeats calls already answered in the
+conversation by one decoded again with calls masked, and counts it in ``usage.repeat_calls_forbidden``.
+
 After each reply the generated token ids are remembered (``Layout.remember_reply``): when the
 framework sends the same assistant message back, it renders to exactly the ids that were generated
 and the next step is a pure append (``cache_read`` = whole previous prompt + reply).
@@ -33,8 +38,14 @@ from .models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
 from .pool import ContextPool, MemoryBudget
 
 __all__ = ["ChatEngine", "ChatReply", "ChatUsage", "ChatRun", "AsyncChatRun", "parse_tool_calls",
-           "normalize_tool_choice", "release_engines"]
+           "normalize_tool_choice", "release_engines", "answered_calls", "DEFAULT_REPEAT_CALLS", "REPEAT_CALLS"]
 
+#: what the repeat-call guard may do: ``"allow"`` (a repeated call is returned as the model wrote it) or
+#: ``"forbid"`` (a call with exactly the name and arguments of a call already answered in the
+#: conversation is forbidden: the engine decodes again with calls masked, so the model answers in text)
+REPEAT_CALLS = ("allow", "forbid")
+#: the default of ``repeat_calls`` everywhere (ChatEngine calls, ChatFlashBack, LlamaIndex FlashBack)
+DEFAULT_REPEAT_CALLS = "allow"
 
 
 @dataclass
@@ -142,6 +153,40 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[dict] | None) -> str
     return choice
 
 
+def check_repeat_calls(value: Any) -> str:
+    """``repeat_calls`` as one of :data:`REPEAT_CALLS` (None: :data:`DEFAULT_REPEAT_CALLS`), or a ConstraintError."""
+    from .constrained import ConstraintError
+
+    if value is None:
+        return DEFAULT_REPEAT_CALLS
+    if not isinstance(value, str) or value not in REPEAT_CALLS:
+        raise ConstraintError(f"repeat_calls must be one of {list(REPEAT_CALLS)}, got {value!r}: 'forbid' makes the "
+                              "model answer in text instead of repeating a call already answered in the "
+                              "conversation, 'allow' returns such a call as written.")
+    return value
+
+
+def call_key(call: ToolCall) -> tuple[str, str]:
+    """(name, canonical JSON of the arguments): what makes two calls the same call."""
+    return call.name, json.dumps(call.arguments, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                                 default=str)
+
+
+def answered_calls(messages: Sequence[Message]) -> frozenset[tuple[str, str]]:
+    """The calls already answered in ``messages``: :func:`call_key` of every assistant tool call that a
+    later ``tool`` message answers (matched by ``tool_call_id`` where it names a pending call, else the
+    oldest unanswered call, in order)."""
+    pending: list[tuple[str, tuple[str, str]]] = []  # (call id or "", key), oldest first
+    answered: set[tuple[str, str]] = set()
+    for m in messages:
+        if m.role == "assistant":
+            pending += [(c.id or "", call_key(c)) for c in m.tool_calls]
+        elif m.role == "tool" and pending:
+            at = next((i for i, (cid, _) in enumerate(pending) if m.tool_call_id and cid == m.tool_call_id), 0)
+            answered.add(pending.pop(at)[1])
+    return frozenset(answered)
+
+
 def _json_text(value: Any, what: str, error: type[Exception]) -> str:
     """``value`` as JSON text, or ``error`` saying what in it is not JSON (a set, NaN, a lone surrogate)."""
     try:
@@ -243,10 +288,15 @@ class _Plan:
     """
 
     def __init__(self, ids: list[int], config: GenerationConfig, prepared: Any, allowed: set[str] | None,
-                 parse_tools: bool, remember: bool, timeout: float | None = None):
+                 parse_tools: bool, remember: bool, timeout: float | None = None, no_calls: bool = False,
+                 answered: frozenset = frozenset()):
         self.ids, self.config, self.prepared = ids, config, prepared
         self.allowed, self.parse_tools, self.remember = allowed, parse_tools, remember
         self.timeout = timeout  # seconds to wait for a free context (None: the engine's acquire_timeout)
+        #: the reply may not call tools (tool_choice="none"): decoding masks call openings, stray tags are stripped
+        self.no_calls = no_calls
+        #: repeat_calls="forbid": call keys already answered in the conversation (empty: the guard is off)
+        self.answered = answered
 
 
 class ChatRun:
@@ -265,6 +315,8 @@ class ChatRun:
         self._started = False
         self._run: BackendRun | None = None
         self._gen: weakref.ref | None = None  # weak: the iterator must stay collectable when dropped
+        #: nobody reads the deltas (chat/achat): a reply may be replaced even after text was yielded
+        self._buffered = False
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -295,29 +347,59 @@ class ChatRun:
         self._gen = weakref.ref(gen)
         return gen
 
-    def _iterate(self) -> Iterator[str]:
-        engine, plan = self.engine, self.plan
-        run = self._run = engine.backend.start(plan.ids, plan.config, plan.prepared)
+    def _decode(self, plan: _Plan, prepared: Any) -> Iterator[str]:
+        """Run ``plan`` on the backend, yielding safe content deltas; returns (result, usage, shown text)."""
+        engine = self.engine
+        run = self._run = engine.backend.start(plan.ids, plan.config, prepared)
         run.timeout = plan.timeout if plan.timeout is not None else engine.acquire_timeout
         if self._cancelled.is_set():
             run.cancel()
-        raw, emitted = "", 0
+        raw, shown = "", ""
         for delta in run:
             raw += delta
-            if plan.parse_tools:
-                visible, safe = engine.layout.tool_format.stream_split(raw)
-            else:
-                visible, safe = raw, len(raw)
-            if safe > emitted:
-                yield visible[emitted:safe]
-                emitted = safe
+            visible, safe = engine._visible(plan, raw)
+            if safe > len(shown) and visible.startswith(shown):
+                piece = visible[len(shown):safe]
+                shown += piece
+                yield piece
             if self._cancelled.is_set():
                 run.cancel()  # the backend stops at its next token; iteration then ends
         result = run.result or GenerationResult(text=raw, token_ids=[], finish_reason="stop")
         usage = run.usage if run.usage is not None else ChatUsage()
-        self.reply = engine._finish(plan, result, usage)
-        if self.reply.text.startswith(raw[:emitted]) and len(self.reply.text) > emitted:
-            yield self.reply.text[emitted:]
+        return result, usage, shown
+
+    def _iterate(self) -> Iterator[str]:
+        engine, plan = self.engine, self.plan
+        result, usage, shown = yield from self._decode(plan, plan.prepared)
+        reply = engine._reply(plan, result, usage)
+        remember = plan
+        repeated = engine._repeated_calls(plan, reply)
+        if repeated:
+            fresh = [c for c in reply.tool_calls if all(c is not r for r in repeated)]
+            if fresh or self._cancelled.is_set() or (shown and not self._buffered):
+                # New calls stay (only the repeats go), or text was already streamed: no second decode.
+                reply.tool_calls = fresh
+                if not fresh and reply.finish_reason == "tool_calls":
+                    reply.finish_reason = "stop"
+                usage.repeat_calls_forbidden += len(repeated)
+                remember = None  # the reply is no longer what was generated: never replayed as its ids
+            else:
+                # Every call repeats an answered one and nothing was shown: decode again from the same
+                # prompt with calls masked. The pooled context is re-synced to the prompt on acquire
+                # (the discarded tokens are cropped, or the prompt is forked off), so nothing leaks.
+                remember = engine._no_call_plan(plan)
+                result2, usage2, shown = yield from self._decode(remember, remember.prepared)
+                usage2.repeat_calls_forbidden = usage.repeat_calls_forbidden + len(repeated)
+                usage2.tokens_discarded = usage.tokens_discarded + len(result.token_ids)
+                usage2.prefill_seconds += usage.prefill_seconds
+                usage2.decode_seconds += usage.decode_seconds
+                result = result2
+                reply = engine._reply(remember, result, usage2)
+        if remember is not None:
+            engine._remember(remember, result, reply)
+        self.reply = reply
+        if self.reply.text.startswith(shown) and len(self.reply.text) > len(shown):
+            yield self.reply.text[len(shown):]
 
 
 class AsyncChatRun:
@@ -506,13 +588,14 @@ class ChatEngine:
 
     def _plan(self, messages: Sequence[Message], tools: Sequence[dict] | None, tool_choice: Any,
               response_schema: dict | None, config: GenerationConfig | None,
-              timeout: float | None = None) -> _Plan:
+              timeout: float | None = None, repeat_calls: str | None = None) -> _Plan:
         from .constrained import ConstraintError, tool_call_schema, tool_name
 
         config = _config_copy(config)
         check_messages(messages)
         tools = check_tools(tools)
         timeout = _check_timeout(timeout)
+        repeat_calls = check_repeat_calls(repeat_calls)
         choice = normalize_tool_choice(tool_choice, tools)
         if response_schema is not None:
             if not isinstance(response_schema, dict):
@@ -527,9 +610,12 @@ class ChatEngine:
         self._check_room(ids)
         allowed = {tool_name(t) for t in tools} if tools else None
         parse_tools = bool(tools) and choice != "none" and response_schema is None
+        no_calls = choice == "none" and response_schema is None
         constraint: Constraint | None = None
         if response_schema is not None:
             constraint = Constraint("json", response_schema)
+        elif no_calls:  # the tools stay in the prompt (as OpenAI keeps them); the model cannot open a call
+            constraint = Constraint("no_tool_call", {}, fmt=self.layout.tool_format)
         elif choice not in (None, "none"):
             constraint = Constraint("tool_call", tool_call_schema(tools, choice), tools=tools, choice=choice,
                                     fmt=self.layout.tool_format)
@@ -541,14 +627,42 @@ class ChatEngine:
         except ConstraintError as exc:
             raise ConstraintError(f"{str(exc).strip()} (fix the JSON schema of the tools / response_schema: check "
                                   "its types, properties and required lists)") from exc
-        if constraint is not None and constraint.kind != "tool_call_auto" \
+        if constraint is not None and constraint.kind not in ("tool_call_auto", "no_tool_call") \
                 and config.max_new_tokens < self.min_constrained_tokens:
             # A constrained reply is only useful complete: a small max_tokens must not cut a required call.
             # (Under tool_choice="auto" nothing is required: the caller's max_tokens stands.)
             config.max_new_tokens = self.min_constrained_tokens
-        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, timeout=timeout)
+        # The guard acts only where a call is optional: a required call cannot be answered in text.
+        guard = repeat_calls == "forbid" and parse_tools and choice is None
+        return _Plan(ids, config, prepared, allowed, parse_tools, remember=True, timeout=timeout, no_calls=no_calls,
+                     answered=answered_calls(messages) if guard else frozenset())
 
-    def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
+    def _no_call_plan(self, plan: _Plan) -> _Plan:
+        """``plan`` again (same prompt, same settings) with calls masked: the repeat-call guard's second decode."""
+        constraint = Constraint("no_tool_call", {}, fmt=self.layout.tool_format)
+        prepared = self.backend.prepare(plan.ids, plan.config, constraint)
+        return _Plan(plan.ids, plan.config, prepared, plan.allowed, parse_tools=False, remember=plan.remember,
+                     timeout=plan.timeout, no_calls=True)
+
+    def _visible(self, plan: _Plan, raw: str) -> tuple[str, int]:
+        """While streaming: (the content of ``raw`` so far, how many of its chars are safe to emit)."""
+        if plan.parse_tools:
+            return self.layout.tool_format.stream_split(raw)
+        if plan.no_calls:
+            from .callmask import stream_visible
+
+            return stream_visible(raw, self.layout.tool_format)
+        return raw, len(raw)
+
+    @staticmethod
+    def _repeated_calls(plan: _Plan, reply: ChatReply) -> list[ToolCall]:
+        """The reply's calls that repeat a call already answered in the conversation (guard on)."""
+        if not plan.answered or not reply.tool_calls:
+            return []
+        return [c for c in reply.tool_calls if call_key(c) in plan.answered]
+
+    def _reply(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
+        """The reply to ``result``: content, parsed calls (where the plan parses them), finish reason."""
         raw = result.text
         fmt = self.layout.tool_format
         if plan.parse_tools:
@@ -557,34 +671,55 @@ class ChatEngine:
             text, calls = parse_tool_calls(raw, plan.allowed, fmt)
             if not calls and fmt.open != TOOL_CALL_OPEN:  # a backend that constrains in Hermes (a server)
                 text, calls = parse_tool_calls(raw, plan.allowed)
+        elif plan.no_calls:  # the mask keeps calls out; where none applies (a server), a stray tag goes here
+            from .callmask import strip_call_markup
+
+            text, calls = strip_call_markup(raw, fmt), []
         else:
             text, calls = raw, []
         finish = result.finish_reason
         if calls and finish == "stop":
             finish = "tool_calls"
-        reply = ChatReply(text=text, tool_calls=calls, finish_reason=finish, usage=usage,
-                          model_name=self.model_name, raw_text=raw, token_ids=list(result.token_ids))
+        return ChatReply(text=text, tool_calls=calls, finish_reason=finish, usage=usage,
+                         model_name=self.model_name, raw_text=raw, token_ids=list(result.token_ids))
+
+    def _remember(self, plan: _Plan, result: GenerationResult, reply: ChatReply) -> None:
+        """Remember the reply's generated ids, so the framework sending it back is a pure append."""
         if plan.remember and result.stop_string is None and reply.token_ids:
             self.layout.remember_reply(Message("assistant", reply.text, tool_calls=reply.tool_calls),
                                        reply.token_ids, prompt_ids=plan.ids)
+
+    def _finish(self, plan: _Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
+        reply = self._reply(plan, result, usage)
+        self._remember(plan, result, reply)
         return reply
 
     # ------------------------------------------------------------------ chat
     def stream_chat(self, messages: Sequence[Message], *, tools: Sequence[dict] | None = None,
                     tool_choice: Any = None, response_schema: dict | None = None,
-                    config: GenerationConfig | None = None, timeout: float | None = None) -> ChatRun:
+                    config: GenerationConfig | None = None, timeout: float | None = None,
+                    repeat_calls: str | None = None) -> ChatRun:
         """Prepare a reply (errors raise here, before any compute); iterate the run for deltas.
 
         ``timeout``: seconds to wait for a free context (default: the engine's ``acquire_timeout``).
+        ``tool_choice="none"``: the tools stay in the prompt, but decoding cannot open a call.
+        ``repeat_calls`` (:data:`REPEAT_CALLS`; None: :data:`DEFAULT_REPEAT_CALLS`): with ``"forbid"`` and
+        ``tool_choice`` auto, a call with exactly the name and arguments of a call already answered in
+        the conversation is forbidden: the reply is decoded again with calls masked (when no content
+        was streamed yet; else, and when the reply also makes new calls, the repeats are dropped);
+        ``usage.repeat_calls_forbidden`` counts them.
         """
-        return ChatRun(self, self._plan(messages, tools, tool_choice, response_schema, config, timeout))
+        return ChatRun(self, self._plan(messages, tools, tool_choice, response_schema, config, timeout,
+                                        repeat_calls))
 
     def chat(self, messages: Sequence[Message], *, tools: Sequence[dict] | None = None,
              tool_choice: Any = None, response_schema: dict | None = None,
-             config: GenerationConfig | None = None, timeout: float | None = None) -> ChatReply:
-        """Reply to a conversation; only tokens not already cached are computed."""
-        run = self.stream_chat(messages, tools=tools, tool_choice=tool_choice,
-                               response_schema=response_schema, config=config, timeout=timeout)
+             config: GenerationConfig | None = None, timeout: float | None = None,
+             repeat_calls: str | None = None) -> ChatReply:
+        """Reply to a conversation; only tokens not already cached are computed (see :meth:`stream_chat`)."""
+        run = self.stream_chat(messages, tools=tools, tool_choice=tool_choice, response_schema=response_schema,
+                               config=config, timeout=timeout, repeat_calls=repeat_calls)
+        run._buffered = True
         for _ in run:
             pass
         assert run.reply is not None
@@ -597,6 +732,7 @@ class ChatEngine:
         tokens decoded so far stay cached, consistent with a recompute).
         """
         run = await asyncio.to_thread(self.stream_chat, messages, **kwargs)  # planning may compile a grammar
+        run._buffered = True
         return await _drain(AsyncChatRun(run))
 
     def astream_chat(self, messages: Sequence[Message], **kwargs: Any) -> AsyncChatRun:
@@ -698,11 +834,13 @@ async def _drain(run: AsyncChatRun) -> ChatReply:
 
 def _forget_model(lm: LoadedModel) -> None:
     """Drop ``lm`` from the process-wide caches that hold models (shared weights, grammar compilers)."""
+    from .callmask import CALL_MASKS
     from .constrained import GRAMMARS
     from .models import forget_shared_model
 
     forget_shared_model(lm)
     GRAMMARS.forget(lm)
+    CALL_MASKS.forget(lm)
 
 
 def release_engines() -> int:

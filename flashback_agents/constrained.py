@@ -90,10 +90,11 @@ class GrammarCache:
     def __init__(self, max_entries: int = 64):
         self.max_entries = max_entries
         self._grammars: OrderedDict[tuple, Any] = OrderedDict()
-        self._compilers: dict[int, tuple[LoadedModel, Any]] = {}
+        self._compilers: dict[int, tuple[LoadedModel, Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def compiler(self, lm: LoadedModel):
+    def _entry(self, lm: LoadedModel) -> tuple[LoadedModel, Any, Any]:
+        """(lm, xgrammar compiler, xgrammar TokenizerInfo) of ``lm``, built once per model."""
         import xgrammar as xgr
 
         with self._lock:
@@ -105,9 +106,17 @@ class GrammarCache:
                     vocab = max(vocab, out.weight.shape[0])
                 info = xgr.TokenizerInfo.from_huggingface(lm.tokenizer, vocab_size=vocab,
                                                           stop_token_ids=sorted(lm.eos_token_ids))
-                entry = (lm, xgr.GrammarCompiler(info))
+                entry = (lm, xgr.GrammarCompiler(info), info)
                 self._compilers[id(lm)] = entry
-            return entry[1]
+            return entry
+
+    def compiler(self, lm: LoadedModel):
+        return self._entry(lm)[1]
+
+    def tokenizer_info(self, lm: LoadedModel):
+        """xgrammar's view of ``lm``'s vocabulary (``decoded_vocab``: each token's bytes), shared with
+        the compiler (:mod:`flashback_agents.callmask` reads it to forbid call openings)."""
+        return self._entry(lm)[2]
 
     def get(self, lm: LoadedModel, kind: str, schema: dict, affixes: tuple[str, str] | None = None):
         """Compiled grammar for ``kind`` ("tool_call" wraps the schema in the call markup, "json" not,

@@ -272,7 +272,14 @@ def test_chroma_query_engine_answers_from_retrieved_text(tmp_path, default_lm):
 async def test_function_agent_each_step_computes_only_new_tokens(default_lm):
     from llama_index.core.agent.workflow import AgentInput, AgentOutput, FunctionAgent, ToolCallResult
 
-    llm = FlashBack(default_lm, max_tokens=48, tool_choice="required")
+    class EveryStepCalls(FlashBack):
+        """A call at every agent step (FunctionAgent passes tool_required=False: the field tool_choice
+        no longer forces agent steps), so that each step's cache reuse is measured."""
+
+        def _prepare_chat_with_tools(self, tools, *args, tool_required=False, **kwargs):
+            return super()._prepare_chat_with_tools(tools, *args, tool_required=True, **kwargs)
+
+    llm = EveryStepCalls(default_lm, max_tokens=48)
     llm.engine.pool.clear()
     agent = FunctionAgent(tools=TOOLS, llm=llm,
                           system_prompt="You are a calculator. Use the tools for every arithmetic step.")

@@ -19,8 +19,10 @@ from ..generation import GenerationConfig, GenerationResult
 
 @dataclass
 class Constraint:
-    """What the output must be: ``kind="tool_call"`` (``<tool_call>{schema}</tool_call>``), ``"json"``, or
-    ``"tool_call_auto"`` (free text, but a call the model opens must follow ``schema``).
+    """What the output must be: ``kind="tool_call"`` (``<tool_call>{schema}</tool_call>``), ``"json"``,
+    ``"tool_call_auto"`` (free text, but a call the model opens must follow ``schema``), or
+    ``"no_tool_call"`` (free text that cannot open a call: ``tool_choice="none"``, the repeat-call guard;
+    ``schema`` is empty, ``fmt`` says what opens a call).
 
     ``schema`` is the JSON schema of the call body / the JSON output; ``tools`` and ``choice`` are
     kept for backends that build their own grammar from them (the local xgrammar path).
@@ -55,6 +57,11 @@ class ChatUsage:
     drafted: int = 0
     accepted: int = 0
     forced: int = 0
+    #: the repeat-call guard (``repeat_calls="forbid"``): calls of this reply that repeated a call already
+    #: answered in the conversation and were forbidden, and the tokens of a reply decoded then replaced
+    #: because of them (its decode time is in ``decode_seconds``)
+    repeat_calls_forbidden: int = 0
+    tokens_discarded: int = 0
 
     @property
     def forwards_per_token(self) -> float | None:

@@ -62,13 +62,18 @@ class LocalBackend(Backend):
         self.lm = pool.lm
 
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> list:
-        """xgrammar logits processors for the constraint (compiled now, so schema errors raise early)."""
+        """Logits processors for the constraint, built now (so schema errors raise early): xgrammar
+        grammars, or for ``"no_tool_call"`` the mask of :mod:`flashback_agents.callmask`."""
         from ..constrained import json_schema_processor, lazy_calls_supported, tool_call_processor
 
         if constraint is None:
             return []
         if constraint.kind == "json":
             return [json_schema_processor(self.lm, constraint.schema)]
+        if constraint.kind == "no_tool_call":
+            from ..callmask import no_call_processor
+
+            return [no_call_processor(self.lm, constraint.fmt)]
         if constraint.kind == "tool_call_auto":
             if not lazy_calls_supported(self.lm, constraint.fmt):
                 return []

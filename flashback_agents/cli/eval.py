@@ -1,9 +1,10 @@
-"""``flashback-agents eval ppl``: the FlashBack paper's perplexity table."""
+"""``flashback-agents eval ppl``: the FlashBack paper's perplexity table; ``eval agents``: the held-out
+agent questions through LangChain and LlamaIndex agent loops, scored by category."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -17,9 +18,10 @@ FULL = {"tokens": 8192, "window": 512, "train_steps": 100, "train_max_length": 5
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - no bench commands here
-    eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter).",
-                           no_args_is_help=True)
+    eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter; "
+                           "held-out agent questions).", no_args_is_help=True)
     eval_app.command("ppl")(ppl)
+    eval_app.command("agents")(agents)
     app.add_typer(eval_app, name="eval")
 
 
@@ -130,3 +132,77 @@ def ppl(
     if note:
         typer.echo(f"note: {note}")
     typer.echo(f"total {result['seconds']:.1f}s")
+
+
+def _csv(text: Optional[str]) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def agents(
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="auto (the shipped default), none, or a "
+                                                "trained adapter directory; repeat to compare adapters in one run "
+                                                "(default: auto)."),
+    framework: str = typer.Option("both", "--framework", help="both, langchain (create_agent + ChatFlashBack) or "
+                                  "llamaindex (FunctionAgent + FlashBack)."),
+    repeat_calls: Optional[str] = typer.Option(None, "--repeat-calls", help="allow or forbid: passed to both LLM "
+                                               "classes as repeat_calls= (not given: their default)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N questions (after --ids/--category)."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated question ids (agent_questions.py)."),
+    category: Optional[str] = typer.Option(None, "--category", help="Comma-separated categories: single, choice, "
+                                           "no_tool_needed, no_fit, chain, two_entities."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="max_tokens of each model reply."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Agent system prompt (default: none)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is faster on a busy CPU)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole result (every run) as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the whole result as JSON to this file."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Held-out agent questions (tool families the training data never had) through real LangChain
+    create_agent and LlamaIndex FunctionAgent loops (at most 6 model calls), scored per category:
+    right tool, arguments right, no call when none fits, final answer right, ended within 6 steps."""
+    import json
+
+    from ..evaluation.agent_eval import (FRAMEWORKS, MAX_STEPS, AgentEvalError, evaluate_agents, format_table,
+                                         select_questions)
+    from ..models import ModelLoadError
+
+    fw = framework.strip().lower()
+    if fw not in ("both", *FRAMEWORKS):
+        fail(f"--framework must be both, langchain or llamaindex, got {framework!r}", 2)
+    extra: dict[str, Any] = {}
+    if repeat_calls is not None:
+        if repeat_calls not in ("allow", "forbid"):
+            fail(f"--repeat-calls must be allow or forbid, got {repeat_calls!r}", 2)
+        extra["repeat_calls"] = repeat_calls
+    if threads is not None and threads < 1:
+        fail(f"--threads must be >= 1, got {threads}", 2)
+    if max_tokens < 1:
+        fail(f"--max-tokens must be >= 1, got {max_tokens}", 2)
+    try:
+        questions = select_questions(ids=_csv(ids) or None, limit=limit, categories=_csv(category) or None)
+        # adapters, frameworks and extra fields are checked before any model is loaded
+        result = evaluate_agents(questions, adapters=adapter or ["auto"],
+                                 frameworks=list(FRAMEWORKS) if fw == "both" else [fw], model=model,
+                                 max_tokens=max_tokens, max_steps=MAX_STEPS, extra=extra,
+                                 system_prompt=system_prompt, threads=threads, progress=progress)
+    except (AgentEvalError, ModelLoadError) as exc:
+        fail(str(exc), 2)
+        return
+    data = result.as_dict()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    if json_out:
+        emit(data, True)
+        return
+    adapters = ", ".join(f"{a['label']}" + (f" ({a['path']})" if a["path"] and a["path"] != a["label"] else "")
+                         for a in result.adapters)
+    typer.echo(f"{result.model}: {len(result.questions)} questions x {', '.join(result.frameworks)}; "
+               f"adapters: {adapters}; max_tokens {result.max_tokens}"
+               + (f"; {', '.join(f'{k}={v}' for k, v in extra.items())}" if extra else ""))
+    typer.echo("")
+    typer.echo(format_table(result))
+    if out is not None:
+        typer.echo(f"wrote {out}")
+    typer.echo(f"total {result.seconds:.1f}s")

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flashback_agents.chat import ChatEngine
+from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine
 from flashback_agents.generation import GenerationConfig, normalize_stop
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL
 
@@ -45,6 +45,10 @@ class FlashBackParams(BaseModel):
     speculate: bool | None = None
     draft_tokens: int = 8
     jump_forward: bool = True
+    repeat_calls: str = Field(default=DEFAULT_REPEAT_CALLS, description="The loop guard of ChatFlashBack: 'forbid' "
+                              "makes the model answer in text instead of repeating a tool call (same name and "
+                              "arguments) already answered in the conversation; 'allow' returns it as written. "
+                              "When it acts, response_metadata['repeat_calls_forbidden'] counts the calls.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
 

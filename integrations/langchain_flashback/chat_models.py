@@ -139,7 +139,8 @@ def _response_metadata(reply: ChatReply) -> dict:
             "computed_tokens": u.computed, "compacted": u.compacted, "tokens_evicted": u.tokens_evicted,
             "tokens_recomputed": u.tokens_recomputed, "cache_restored_tokens": u.cache_restored,
             "decode_forwards": u.forwards, "draft_tokens": u.drafted,
-            "draft_tokens_accepted": u.accepted, "forced_tokens": u.forced}
+            "draft_tokens_accepted": u.accepted, "forced_tokens": u.forced,
+            "repeat_calls_forbidden": u.repeat_calls_forbidden, "tokens_discarded": u.tokens_discarded}
 
 
 def _lc_tool_calls(reply: ChatReply) -> list[dict]:
@@ -207,7 +208,8 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
             if schema is None:
                 schema = {"type": "object"}
         args = {"tools": tools, "tool_choice": kwargs.get("tool_choice"), "response_schema": schema,
-                "config": self._config(stop, kwargs), "timeout": self._timeout(kwargs)}
+                "config": self._config(stop, kwargs), "timeout": self._timeout(kwargs),
+                "repeat_calls": kwargs.get("repeat_calls", self.repeat_calls)}
         return engine, to_flashback_messages(messages), args
 
     # ------------------------------------------------------------------ sync
@@ -271,7 +273,8 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
     def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable | BaseTool], *,
                    tool_choice: dict | str | bool | None = None, strict: bool | None = None,
                    **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools; ``tool_choice="any"``/"required"/a name makes decoding produce a valid call."""
+        """Bind tools; ``tool_choice="any"``/"required"/a name makes decoding produce a valid call, ``"none"``
+        keeps the tools in the prompt but makes a call impossible (decoding masks the call's opening)."""
         if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
             raise LayoutError(f"bind_tools expects a list of tools (functions, BaseTool, pydantic classes or "
                               f"OpenAI tool dicts), got {type(tools).__name__}.")

@@ -212,6 +212,14 @@ class ServerBackend(Backend):
 
         if constraint is None or constraint.kind == "tool_call_auto":  # calls the model opens stay free here
             return Prepared()
+        if constraint.kind == "no_tool_call":
+            # The closest cheap equivalent of the local mask: a tag that is one token (Qwen's <tool_call>,
+            # Mistral's [TOOL_CALLS], Llama's <|python_tag|>) is banned by logit bias; a tag spelled in
+            # several tokens stays possible here, but with no calls parsed and a stray tag stripped from
+            # the text (ChatEngine), such a reply still carries no call.
+            from ...callmask import single_token_tag_ids
+
+            return Prepared(banned_ids=single_token_tag_ids(self.lm.tokenizer, constraint.fmt))
         if not isinstance(constraint.schema, dict):
             raise ConstraintError(f"response_schema must be a JSON schema dict, got {type(constraint.schema).__name__}.")
         schema = cap_strings(constraint.schema)

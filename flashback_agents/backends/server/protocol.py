@@ -73,6 +73,7 @@ class Prepared:
     suffix_text: str = ""                                  # appended to the reply (e.g. "</tool_call>")
     suffix_ids: list[int] = field(default_factory=list)
     schema: dict | None = None                             # JSON schema the generated part must follow
+    banned_ids: list[int] = field(default_factory=list)    # tokens the reply may not contain (logit bias)
 
 
 def build_payload(info: ServerInfo, prompt: Any, config: GenerationConfig, prepared: Prepared,
@@ -96,6 +97,8 @@ def _llama_body(prompt: Any, config: GenerationConfig, prepared: Prepared, ignor
         "ignore_eos": ignore_eos, "n_keep": 0}
     if config.seed is not None:
         body["seed"] = int(config.seed)
+    if prepared.banned_ids:
+        body["logit_bias"] = [[int(t), False] for t in prepared.banned_ids]  # false: never sampled
     if prepared.schema is not None:
         # llguidance (llama.cpp's JSON-schema engine): compact JSON, no indentation tokens
         body["json_schema"] = {**prepared.schema, "x-guidance": {
@@ -120,6 +123,8 @@ def _openai_body(info: ServerInfo, prompt: Any, config: GenerationConfig, prepar
         body["min_tokens"] = config.min_new_tokens
     if info.flavor == "vllm":
         body["return_token_ids"] = True
+    if prepared.banned_ids:
+        body["logit_bias"] = {str(int(t)): -100 for t in prepared.banned_ids}
     if prepared.schema is not None:
         body["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "output", "schema": prepared.schema}}

@@ -36,7 +36,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from flashback_agents.chat import ChatEngine, ChatReply
+from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine, ChatReply
 from flashback_agents.generation import GenerationConfig, normalize_stop
 from flashback_agents.layout import LayoutError, Message, ToolCall
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
@@ -167,6 +167,8 @@ def usage_dict(reply: ChatReply) -> dict:
         "draft_tokens": u.drafted,
         "draft_tokens_accepted": u.accepted,
         "forced_tokens": u.forced,
+        "repeat_calls_forbidden": u.repeat_calls_forbidden,
+        "tokens_discarded": u.tokens_discarded,
     }
 
 
@@ -244,8 +246,15 @@ class FlashBack(FunctionCallingLLM):
     draft_tokens: int = Field(default=8, ge=1, le=64, description="Most draft tokens verified per forward.")
     jump_forward: bool = Field(default=True, description="Grammar jump-forward on constrained replies (required "
                                "tool calls, response_schema): forced text runs in one forward (exact).")
-    tool_choice: Optional[str] = Field(default=None, description="Default tool choice when tools are given: "
-                                       "None/'auto', 'none', 'required' or a tool name.")
+    tool_choice: Optional[str] = Field(default=None, description="Default tool choice of chat(..., tools=...) calls "
+                                       "that say nothing else: None/'auto', 'none', 'required' or a tool name. "
+                                       "chat_with_tools (and so agents) follows FunctionCallingLLM's protocol: "
+                                       "tool_required decides per call, so only 'none' (or 'auto') applies there "
+                                       "and a FunctionAgent can always end with a text reply.")
+    repeat_calls: str = Field(default=DEFAULT_REPEAT_CALLS, description="Loop guard: 'forbid' makes the model answer "
+                              "in text instead of repeating a tool call (same name and arguments) already answered "
+                              "in the conversation; 'allow' returns it as written. When it acts, "
+                              "raw['usage']['repeat_calls_forbidden'] counts the calls.")
 
     _engine: ChatEngine = PrivateAttr()
 
@@ -298,20 +307,32 @@ class FlashBack(FunctionCallingLLM):
         config = self._config(kwargs)
         tools = [_tool_spec(t) for t in (kwargs.pop("tools", None) or [])]
         tool_choice = kwargs.pop("tool_choice", None)
+        tool_required = kwargs.pop("tool_required", None)
         if tool_choice is None and tools:
-            tool_choice = self.tool_choice
+            tool_choice = self._default_tool_choice(tool_required)
         if not tools and tool_choice in ("auto", "none"):
             tool_choice = None
         schema = kwargs.pop("response_schema", None)
         timeout = kwargs.pop("timeout", self.timeout)
+        repeat_calls = kwargs.pop("repeat_calls", self.repeat_calls)
         # Framework kwargs we accept and ignore (they have no meaning for a local model).
-        for key in ("allow_parallel_tool_calls", "tool_required", "verbose", "strict", "formatted"):
+        for key in ("allow_parallel_tool_calls", "verbose", "strict", "formatted"):
             kwargs.pop(key, None)
         if kwargs:
             raise TypeError(f"FlashBackLLM got unexpected arguments: {sorted(kwargs)}")
         fb = to_flashback_messages(messages)
         return fb, {"tools": tools or None, "tool_choice": tool_choice, "response_schema": schema,
-                    "config": config, "timeout": timeout}
+                    "config": config, "timeout": timeout, "repeat_calls": repeat_calls}
+
+    def _default_tool_choice(self, tool_required: Optional[bool]) -> Optional[str]:
+        """The tool choice of a call with tools that names none: ``tool_required`` decides when given
+        (FunctionCallingLLM's protocol: True -> "required", False -> a call is optional, unless the
+        field says "none"); without it, the field ``tool_choice``."""
+        if tool_required is None:
+            return self.tool_choice
+        if tool_required:
+            return "required"
+        return "none" if self.tool_choice == "none" else "auto"
 
     def render_ids(self, messages: Sequence[ChatMessage], **kwargs: Any) -> list[int]:
         """Token ids a chat call with these messages would run on (for inspection and tests)."""
@@ -441,14 +462,17 @@ class FlashBack(FunctionCallingLLM):
         tool_choice: Optional[Union[str, dict]] = None,
         **kwargs: Any,
     ) -> Dict[str, Any]:
-        """Messages + OpenAI-style tool specs; ``tool_required`` constrains the reply to a valid call."""
+        """Messages + OpenAI-style tool specs, following FunctionCallingLLM's protocol: an explicit
+        ``tool_choice`` wins, else ``tool_required`` decides per call (True: the reply is constrained to a
+        valid call; False: a call is optional, so an agent can end with text, even where the field
+        ``tool_choice`` is "required" or a name; a field "none" still applies)."""
         messages = list(chat_history or [])
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg)
                             if isinstance(user_msg, str) else user_msg)
         specs = [_tool_spec(t) for t in tools]
         if tool_choice is None:
-            tool_choice = "required" if tool_required and specs else self.tool_choice
+            tool_choice = self._default_tool_choice(bool(tool_required)) if specs else None
         return {"messages": messages, "tools": specs or None, "tool_choice": tool_choice, **kwargs}
 
     def _validate_chat_with_tools_response(self, response: ChatResponse, tools: Sequence[Any],
