@@ -29,7 +29,7 @@ DATA ?= ../shared/data
 AGENT4 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
 AGENT3 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
 ADAPTER_TARGETS ?= q_proj,k_proj,v_proj,o_proj
-ADAPTER_STEPS ?= 240
+ADAPTER_STEPS ?= 180
 RECIPE = --ralm-corpus $(DATA)/wikitext-2/valid.txt --steps 180 --batch-size 1 --grad-accum 2 --ralm-window 384 \
   --ralm-branches 8 --lr 1e-3 --warmup-steps 18 --eval-every 30 --save-every 30 --eval-max-samples 8 --threads 1 \
   --seed 0 --max-length 1536
@@ -47,7 +47,7 @@ tool-episodes:
 
 adapter: keep tool-episodes
 	flashback-agents train --data build/tools.jsonl $(AGENT3) --data build/loghub.jsonl --data build/keep.jsonl \
-	  $(RECIPE) --steps $(ADAPTER_STEPS) --warmup-steps 20 --eval-every 40 --save-every 40 --eval-max-samples 16 \
+	  $(RECIPE) --steps $(ADAPTER_STEPS) --warmup-steps 20 --eval-every 30 --save-every 30 --eval-max-samples 16 \
 	  --target-modules $(ADAPTER_TARGETS) --out build/adapter
 
 # The adapter shipped before the tool episodes (run E1 of docs/benchmarks.md section 5; keep with 200 + 200).

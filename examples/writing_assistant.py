@@ -44,6 +44,7 @@ class WritingConfig:
     model: str = "smollm2-135m-instruct"
     adapter: str | None = None
     max_new_tokens: int = 96
+    min_new_tokens: int = 48  # a paragraph: the end of turn is masked before this many tokens
     store: str | None = None
     stride: int = 16
     query_tokens: int = 32
@@ -108,9 +109,16 @@ def cite(draft_body: str, sources: Sequence[Source]) -> tuple[str, list[str]]:
     """Each sentence that states a fact gets ``[file:lines]`` of a note containing it; a sentence whose
     facts no retrieved note contains is left out (returned in the second list, shown as unsupported)."""
     kept, dropped = [], []
+    seen: set[str] = set()
     for sent in sentences(draft_body):
         if re.match(r"#{1,6}\s", sent):
             continue  # a heading copied from the notes' markdown, not a sentence of the draft
+        if not re.search(r"[^\W\d_]", sent):
+            continue  # list numbering ("1.", "2.") or punctuation: nothing a reader would miss
+        norm = " ".join(sent.lower().split())
+        if norm in seen:
+            continue  # a small model repeats itself; a draft says a thing once
+        seen.add(norm)
         if not fact_terms(sent):
             kept.append(sent)
             continue
@@ -171,6 +179,29 @@ class WritingResult:
     unsupported: list[str] = field(default_factory=list)  # sentences left out: no retrieved note contains them
 
 
+_GENERIC = frozenset("""why how what when where who which does do did make makes made keep keeps kept use uses used
+matter matters work works about into over notes note section short write""".split())
+
+
+def topic_terms(topic: str) -> set[str]:
+    """The words of a topic that a note about it would contain (no stop words, no question words)."""
+    words = {w.lower() for w in re.findall(r"[^\W\d_][\w'-]*", topic)}
+    return {w for w in words if len(w) > 2 and w not in _STOP and w not in _GENERIC}
+
+
+def covers(topic: str, chunks: Sequence[str]) -> bool:
+    """Whether retrieved notes speak of the topic: one of its words (or a word sharing its first five
+    letters: "watched" / "watching") appears in them. A store always returns *something*; drafting from
+    chunks about another subject only produces unsupported sentences."""
+    terms = topic_terms(topic)
+    if not terms:
+        return True
+    text = " ".join(chunks).lower()
+    words = set(re.findall(r"[^\W\d_][\w'-]*", text))
+    stems = {w[:5] for w in words if len(w) >= 5}
+    return any(t in words or (len(t) >= 5 and t[:5] in stems) for t in terms)
+
+
 def default_store(notes: Path) -> Path:
     from flashback_agents import cache_dir
 
@@ -210,10 +241,21 @@ def run(cfg: WritingConfig, out=print) -> WritingResult:
                      add_generation_prompt=False)
     loop = RetrievalLoop(ctx, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens, top_k=cfg.top_k)
     say(f"topic: {cfg.topic}")
+    first = [d.text for d in retriever.retrieve(cfg.topic, max(cfg.top_k, 4))]
+    if not covers(cfg.topic, first):
+        seconds = time.perf_counter() - t0
+        plain = (f"The notes do not cover \"{cfg.topic.strip()}\": none of them mentions "
+                 f"{', '.join(sorted(topic_terms(cfg.topic)))}. Nothing was drafted.")
+        say("")
+        say(plain)
+        return WritingResult(plain, [], [], len(ids), 0, index_seconds, seconds, "not_covered")
     # The draft starts with its title (part of the answer prefix): a small model then writes the
     # section instead of ending its turn at once.
     title = f"## {cfg.topic.strip()}\n\n"
-    res = loop.generate(ids, GenerationConfig(max_new_tokens=cfg.max_new_tokens),
+    # A paragraph, not one sentence: the end of turn is masked for the first tokens (what the notes do not
+    # support is left out below, so a longer draft cannot add an unsupported claim to the result).
+    res = loop.generate(ids, GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                              min_new_tokens=min(cfg.min_new_tokens, cfg.max_new_tokens)),
                         answer_prefix=lay.generation_prompt() + lm.encode(title))
     by_id = {d.id: d for d in res.evidence}
     sources: list[Source] = []

@@ -1,5 +1,6 @@
 """flashback-agents: fast local LLM agents with a persistent KV cache and the FlashBack append layout."""
 
+from .errors import FlashBackError
 from .context import (CachedContext, ContextConfig, ContextError, ContextLoadError, ContextOverflowError, ContextStats,
                       SyncResult)
 from .generation import GenerationConfig, GenerationConfigError, GenerationResult, generate, stream
@@ -14,6 +15,7 @@ from .engines import release_engines, shared_engine  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlashBackError",
     "CachedContext", "ContextConfig", "ContextError", "ContextLoadError", "ContextOverflowError", "ContextStats", "SyncResult",
     "GenerationConfig", "GenerationConfigError", "GenerationResult", "generate", "stream",
     "ChatFormat", "Layout", "LayoutError", "Message", "ToolCall",

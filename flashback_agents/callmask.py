@@ -47,10 +47,13 @@ def call_tags(fmt: ToolCallFormat | None) -> tuple[tuple[str, ...], bool]:
 
 
 def _masked_text(tag: str) -> str:
-    """What the mask forbids for ``tag``: the tag without its closing bracket (``<tool_call``), so that a
-    model set on calling cannot write a near-tag either (``<tool_call >``, ``<tool_call name=...>``)."""
+    """What the mask forbids for ``tag``: the tag's stem, without its closing bracket and from its first
+    ``_`` on (``<tool`` for ``<tool_call>``, ``[TOOL`` for ``[TOOL_CALLS]``), so that a model set on calling
+    cannot write a near-tag either (``<tool_call >``, ``<tool_apply_call>``, ``<tool_name>``: seen from
+    SmolLM2-135M under ``tool_choice="none"``)."""
     short = tag[:-1] if len(tag) > 2 and tag[-1] in ">]" else tag
-    return short
+    stem = short.split("_", 1)[0]
+    return stem if "_" in short and len(stem) >= 4 else short
 
 
 class CallMask:

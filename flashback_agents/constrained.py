@@ -17,11 +17,12 @@ import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
+from .errors import FlashBackError
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from .models import LoadedModel
 
 
-class ConstraintError(ValueError):
+class ConstraintError(ValueError, FlashBackError):
     """A schema or tool choice that cannot be turned into a grammar."""
 
 

@@ -20,13 +20,14 @@ from typing import Any, Sequence
 import torch
 
 from . import kvcache
+from .errors import FlashBackError
 from .models import LoadedModel
 
 _FORMAT = "flashback-context-v2"
 _FORMATS = ("flashback-context-v1", _FORMAT)  # v1: no on_overflow / low_water / prefill_chunk / evictions
 
 
-class ContextOverflowError(RuntimeError):
+class ContextOverflowError(RuntimeError, FlashBackError):
     """The context would exceed its token budget; nothing was changed."""
 
     def __init__(self, needed: int, limit: int, what: str = "append", compacting: bool = False):
@@ -42,7 +43,7 @@ class ContextOverflowError(RuntimeError):
         )
 
 
-class ContextError(ValueError):
+class ContextError(ValueError, FlashBackError):
     """A call a context cannot honour (bad token ids, bad counts, bad settings); nothing was changed."""
 
 

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .models import MARK_L, MARK_R, ModelLoadError
+from .errors import FlashBackError
+from .models import MARK_L, MARK_R, ModelLoadError, refuse_custom_code
 
 _LLAMA_TYPES = {"llama"}
 _LAYER_MAP = {
@@ -38,7 +39,7 @@ _SKIP_KEYS = {"general.architecture", "general.file_type", "general.quantization
               "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"}
 
 
-class GGUFExportError(RuntimeError):
+class GGUFExportError(RuntimeError, FlashBackError):
     """The model cannot be written as a GGUF (architecture, missing base GGUF, ...)."""
 
 
@@ -65,7 +66,11 @@ def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf
         raise GGUFExportError(f"dtype must be 'f16' or 'f32', got {dtype!r}")
     if not base_gguf.is_file():
         raise GGUFExportError(f"Base GGUF not found: {base_gguf} (its metadata and tokenizer are copied).")
-    config = AutoConfig.from_pretrained(str(merged_dir))
+    try:
+        refuse_custom_code(merged_dir)
+    except ModelLoadError as exc:
+        raise GGUFExportError(str(exc)) from None
+    config = AutoConfig.from_pretrained(str(merged_dir), trust_remote_code=False)
     if config.model_type not in _LLAMA_TYPES:
         raise GGUFExportError(f"GGUF export supports Llama-family models; {merged_dir} is {config.model_type!r}. "
                               "Convert the merged directory with llama.cpp's convert_hf_to_gguf.py instead.")
@@ -73,7 +78,7 @@ def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf
     arch = _field_value(reader.fields["general.architecture"])
     if arch != "llama":
         raise GGUFExportError(f"The base GGUF's architecture is {arch!r}, not 'llama'.")
-    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    tok = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=False)
     ids = {t: tok.convert_tokens_to_ids(t) for t in (MARK_L, MARK_R)}
     tokens = list(_field_value(reader.fields["tokenizer.ggml.tokens"]))
     types = list(_field_value(reader.fields["tokenizer.ggml.token_type"]))
@@ -86,7 +91,7 @@ def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf
         tokens.append(name)
         types.append(int(TokenType.USER_DEFINED))
 
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, trust_remote_code=False)
     state = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads

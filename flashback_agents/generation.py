@@ -16,11 +16,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .context import CachedContext
+from .errors import FlashBackError
 
 LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
 
 
-class GenerationConfigError(ValueError):
+class GenerationConfigError(ValueError, FlashBackError):
     """Decoding settings that cannot work (negative or NaN temperature, top_p outside (0, 1], ...)."""
 
 

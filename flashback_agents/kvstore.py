@@ -21,6 +21,14 @@ files), so a lookup lists the directory and reads only headers it has not seen. 
 is used, the stored ids are checked against the request and the loaded blocks against their CRCs;
 a corrupt or foreign file is skipped with a :class:`KVStoreWarning` and the tokens are recomputed.
 
+**Ownership**: the store counts and deletes only what it writes: in sub-directories named by a model
+key (24 hex digits) that are real directories (a symbolic link is never followed), the files named
+``<32 hex digits>.safetensors`` (and its own ``.<name>.<pid>.<id>.tmp`` files). Anything else under the
+directory (a model's ``model.safetensors``, other folders) is never deleted and not counted in the byte
+budget; a file :meth:`CachedContext.save` wrote into a model-key directory is still read (validated),
+never deleted. A new store directory gets a ``.flashback-kvstore`` marker file saying so. A file that
+is not a regular file (a FIFO, a device, a link) is skipped without being opened.
+
 **Limits**: contexts of hybrid models (recurrent/conv state layers) are not stored by the pool (their
 state cannot be cut at an arbitrary prefix); :meth:`CachedContext.save` stores their ids only.
 """
@@ -32,6 +40,8 @@ import json
 import logging
 import math
 import os
+import re
+import stat
 import struct
 import threading
 import time
@@ -57,6 +67,10 @@ FORMAT = "flashback-context-v3"
 BLOCK_TOKENS = 256  # CRC and index granularity (llama.cpp / vLLM prefix caching use blocks too)
 SUFFIX = ".safetensors"
 _MAX_HEADER = 256 << 20
+MARKER = ".flashback-kvstore"  # written into a directory the store creates (or finds empty)
+_KEY_DIR = re.compile(r"[0-9a-f]{24}\Z")  # DIR/<model key>/
+_OWN_FILE = re.compile(r"[0-9a-f]{32}" + re.escape(SUFFIX) + r"\Z")  # DIR/<model key>/<content hash>.safetensors
+_OWN_TMP = re.compile(r"\.[0-9a-f]{32}" + re.escape(SUFFIX) + r"\.\d+\.[0-9a-f]{8}\.tmp\Z")  # write_context's temp
 
 
 class KVStoreWarning(UserWarning):
@@ -204,10 +218,53 @@ def write_context(ctx: CachedContext, path: str | os.PathLike, n: int | None = N
     return path.stat().st_size
 
 
+def _open_regular(path: str | os.PathLike):
+    """Open a file for reading only if it is a regular file: a FIFO, a device or a socket is refused
+    without blocking on it (opened non-blocking, checked with ``fstat`` before any read)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file (a FIFO, device or socket is never read)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def is_v3_file(path: str | os.PathLike) -> bool:
     """A file that is not a torch zip archive (``PK``): read as format v3 (the loader checks the rest)."""
-    with open(path, "rb") as f:
+    try:
+        f = _open_regular(path)
+    except ValueError:
+        return True  # not a regular file: the v3 reader refuses it with a ContextLoadError
+    with f:
         return f.read(4) != b"PK\x03\x04"
+
+
+def _is_offset(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_header(header: Any) -> int:
+    """Validate a safetensors header's tensor entries; returns the end of the data they describe."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name[:40]!r} is not described by a JSON object")
+        offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_offset(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name[:40]!r} has malformed data_offsets ({repr(offsets)[:60]})")
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_is_offset(d) for d in shape):
+            raise ValueError(f"tensor {name[:40]!r} has a malformed dtype or shape")
+        end = max(end, offsets[1])
+    return end
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -215,7 +272,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     format and integrity (raises :class:`ContextLoadError`)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             head = f.read(8)
             if len(head) != 8:
                 raise ValueError("shorter than a safetensors header")
@@ -227,19 +284,18 @@ def read_meta(path: str | os.PathLike) -> dict:
                 raise ValueError("truncated header")
             total = os.fstat(f.fileno()).st_size
         header = json.loads(raw)
-        ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__"
-                and isinstance(v, dict)] if isinstance(header, dict) else []
-        if 8 + size + max(ends, default=0) != total:
-            raise ValueError(f"truncated or padded: {total} bytes, the header describes "
-                             f"{8 + size + max(ends, default=0)}")
-        md = header.get("__metadata__") if isinstance(header, dict) else None
+        end = _check_header(header)
+        if 8 + size + end != total:
+            raise ValueError(f"truncated or padded: {total} bytes, the header describes {8 + size + end}")
+        md = header.get("__metadata__")
         if not isinstance(md, dict) or md.get("format") != FORMAT or not isinstance(md.get("meta"), str):
             raise ValueError(f"no {FORMAT} metadata")
         meta = json.loads(md["meta"])
-    except (OSError, ValueError, UnicodeDecodeError, struct.error) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, struct.error, RecursionError, MemoryError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        raise ContextLoadError(f"{path} is not a saved flashback-agents context ({exc}); pass a file written by "
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:300]
+        raise ContextLoadError(f"{path} is not a saved flashback-agents context ({why}); pass a file written by "
                                "CachedContext.save, or rebuild the context.") from None
     _check_meta(meta, path)
     return meta
@@ -255,6 +311,16 @@ def _is_ids(x: Any, limit: int = 2**31) -> bool:
 
 
 def _check_meta(meta: Any, path: Path) -> None:
+    """Check the stored metadata's shape and checksum (raises :class:`ContextLoadError`, never anything else)."""
+    try:
+        _check_meta_fields(meta, path)
+    except ContextLoadError:
+        raise
+    except (RecursionError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise _bad(path, f"its metadata is malformed ({type(exc).__name__})") from None
+
+
+def _check_meta_fields(meta: Any, path: Path) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ContextLoadError(f"{path} is not a saved flashback-agents context (format {FORMAT}); pass a file "
                                "written by CachedContext.save.")
@@ -299,6 +365,7 @@ def read_context(lm: "LoadedModel", path: str | os.PathLike, n: int | None = Non
 
     path = Path(path)
     try:
+        _open_regular(path).close()  # a FIFO or device would block safe_open: refused first
         f_cm = safe_open(str(path), framework="pt", device="cpu")
     except FileNotFoundError:
         raise
@@ -315,8 +382,9 @@ def read_context(lm: "LoadedModel", path: str | os.PathLike, n: int | None = Non
                                    "file written by CachedContext.save.")
         try:
             meta = json.loads(md["meta"])
-        except ValueError as exc:
-            raise _bad(path, f"its metadata is not JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise _bad(path, "its metadata is nested too deeply" if isinstance(exc, RecursionError)
+                       else f"its metadata is not JSON ({str(exc)[:200]})") from None
         _check_meta(meta, path)
         if meta["fingerprint"] != lm.fingerprint:
             raise ContextLoadError(
@@ -451,6 +519,13 @@ class DiskKVStore:
         self.directory = Path(os.path.expanduser(str(self.config.directory)))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            with os.scandir(self.directory) as it:
+                empty = next(it, None) is None
+            if empty:  # new (or empty): say whose it is
+                (self.directory / MARKER).write_text(
+                    "A flashback-agents KV store (flashback_agents.kvstore.DiskKVStore). Its byte budget and "
+                    "clear() delete only <24 hex digits>/<32 hex digits>.safetensors files in it (and their "
+                    ".tmp files); nothing else here is touched.\n", encoding="utf-8")
         except OSError as exc:
             raise KVStoreError(f"cannot create the KV store directory {self.directory} ({exc}); pass a writable "
                                "kv_store_dir") from exc
@@ -479,15 +554,57 @@ class DiskKVStore:
     def _dir(self, key: str) -> Path:
         return self.directory / key
 
+    def _key_dirs(self) -> list[os.DirEntry]:
+        """The store's own sub-directories: named by a model key, real directories (links not followed)."""
+        try:
+            with os.scandir(self.directory) as it:
+                return [e for e in it if _KEY_DIR.match(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+
+    @staticmethod
+    def _own_files(sub: str | os.PathLike, tmp: bool = False) -> list[tuple[os.DirEntry, os.stat_result]]:
+        """Regular files (never links) in one of the store's sub-directories named as the store names
+        them: its stored contexts, or (``tmp``) its temporary files."""
+        pattern = _OWN_TMP if tmp else _OWN_FILE
+        out = []
+        try:
+            with os.scandir(sub) as it:
+                for e in it:
+                    if not pattern.match(e.name):
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        out.append((e, st))
+        except OSError:
+            pass
+        return out
+
+    def _owned(self, path: Path) -> bool:
+        """Whether the store wrote ``path`` (its naming, in one of its real sub-directories, a regular
+        file): only such a file is ever deleted."""
+        parent = path.parent
+        if parent.parent != self.directory or not _KEY_DIR.match(parent.name) or not _OWN_FILE.match(path.name):
+            return False
+        try:
+            return stat.S_ISDIR(os.lstat(parent).st_mode) and stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            return False
+
     def _skip(self, path: Path, why: str, delete: bool = False) -> None:
-        """Warn once about a file that is not used; a corrupt one is deleted (it can only come back
-        rewritten, under the same content name), a foreign one is left and ignored from now on."""
+        """Warn once about a file that is not used; a corrupt one the store wrote is deleted (it can only
+        come back rewritten, under the same content name); any other is left and ignored from now on."""
         self.stats.skipped += 1
-        if delete:
+        if delete and self._owned(path):
             try:
                 path.unlink()
             except OSError:
                 pass
+        else:
+            delete = False
         if str(path) not in self._warned:
             if not delete:
                 self._warned.add(str(path))
@@ -498,10 +615,16 @@ class DiskKVStore:
     def _refresh(self, key: str) -> dict[str, StoredEntry]:
         """Bring this process's index of ``key``'s directory up to date (reads new headers only)."""
         d = self._dir(key)
-        try:
-            names = {e.name: e for e in os.scandir(d) if e.name.endswith(SUFFIX) and not e.name.startswith(".")}
-        except FileNotFoundError:
-            names = {}
+        names: dict[str, os.DirEntry] = {}
+        if d.is_symlink():
+            if str(d) not in self._warned:
+                self._skip(d, "it is a symbolic link, which the store never follows")
+        else:
+            try:
+                with os.scandir(d) as it:
+                    names = {e.name: e for e in it if e.name.endswith(SUFFIX) and not e.name.startswith(".")}
+            except (FileNotFoundError, NotADirectoryError):
+                names = {}
         index = self._index.setdefault(key, {})
         by_block = self._by_block.setdefault(key, {})
         for gone in [n for n in index if n not in names]:
@@ -511,12 +634,18 @@ class DiskKVStore:
                 continue
             path = Path(de.path)
             try:
-                st = de.stat()
+                st = de.stat(follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):  # a FIFO would block, a link may lead anywhere: never opened
+                    self._skip(path, "it is not a regular file (a link, FIFO or device is never opened)")
+                    continue
                 meta = read_meta(path)
             except FileNotFoundError:
                 continue
             except ContextLoadError as exc:
                 self._skip(path, str(exc), delete=True)
+                continue
+            except Exception as exc:  # noqa: BLE001 - whatever a file holds, it is skipped, never raised
+                self._skip(path, f"{type(exc).__name__}: {str(exc)[:200]}")
                 continue
             if meta["model_key"] != key:
                 self._skip(path, f"it was written for another model (key {meta['model_key']}, this one {key})")
@@ -602,8 +731,8 @@ class DiskKVStore:
         """The first ``n`` tokens of ``entry`` as a new context (``config``: its settings), or None when
         the file is gone, corrupt or foreign (skipped with a :class:`KVStoreWarning`: recompute)."""
         t0 = time.perf_counter()
-        expect = entry.ids if ids is None else (self._apply_stubs(lm, entry, list(ids)) if entry.stubs else ids)
         try:
+            expect = entry.ids if ids is None else (self._apply_stubs(lm, entry, list(ids)) if entry.stubs else ids)
             ctx = read_context(lm, entry.path, n, expect_ids=expect, config=config)
         except FileNotFoundError:
             with self._lock:
@@ -652,6 +781,10 @@ class DiskKVStore:
             h.update(struct.pack(f"<{n}q", *ids))
             h.update(json.dumps(stubs, sort_keys=True).encode())
             path = self._dir(key) / (h.hexdigest() + SUFFIX)
+            if self._dir(key).is_symlink():  # never written through a link out of the store
+                if str(self._dir(key)) not in self._warned:
+                    self._skip(self._dir(key), "it is a symbolic link, which the store never follows")
+                return None
             if path.exists():
                 try:
                     os.utime(path)
@@ -682,6 +815,8 @@ class DiskKVStore:
         return path
 
     def _remove(self, key: str, name: str, e: StoredEntry) -> None:
+        if not self._owned(e.path):  # a file the store did not write (say one CachedContext.save wrote): kept
+            return
         try:
             e.path.unlink()
             self.stats.evicted_files += 1
@@ -692,28 +827,17 @@ class DiskKVStore:
         self._forget(key, name)
 
     def _enforce_budget(self, keep: Path | None = None) -> None:
-        """Delete least recently used files (of every model in the directory) while over the budget;
-        temporary files older than an hour (a writer that died) go too."""
+        """Delete least recently used stored contexts (of every model in the directory) while over the
+        budget; the store's temporary files older than an hour (a writer that died) go too. Only files
+        the store wrote are counted or deleted (see the module's *Ownership*)."""
         files = []
         now = time.time()
-        for sub in self.directory.iterdir() if self.directory.is_dir() else []:
-            if not sub.is_dir():
-                continue
-            try:
-                it = list(os.scandir(sub))
-            except OSError:
-                continue
-            for de in it:
-                try:
-                    st = de.stat()
-                except OSError:
-                    continue
-                if de.name.endswith(".tmp"):
-                    if now - st.st_mtime > 3600:
-                        Path(de.path).unlink(missing_ok=True)
-                    continue
-                if de.name.endswith(SUFFIX):
-                    files.append((st.st_mtime, st.st_size, Path(de.path), sub.name))
+        for sub in self._key_dirs():
+            for de, st in self._own_files(sub.path, tmp=True):
+                if now - st.st_mtime > 3600:
+                    Path(de.path).unlink(missing_ok=True)
+            for de, st in self._own_files(sub.path):
+                files.append((st.st_mtime, st.st_size, Path(de.path), sub.name))
         total = sum(f[1] for f in files)
         for mtime, size, path, key in sorted(files):
             if total <= self.max_bytes:
@@ -730,14 +854,16 @@ class DiskKVStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of stored contexts in the directory (every model)."""
-        return sum(p.stat().st_size for p in self.directory.glob(f"*/*{SUFFIX}") if p.exists())
+        """Bytes of stored contexts in the directory (every model; only files the store wrote)."""
+        return sum(st.st_size for sub in self._key_dirs() for _, st in self._own_files(sub.path))
 
     def clear(self) -> None:
-        """Delete every stored context (every model) from the directory."""
+        """Delete every stored context (every model) from the directory: the files the store wrote,
+        nothing else."""
         with self._lock:
-            for p in self.directory.glob(f"*/*{SUFFIX}"):
-                p.unlink(missing_ok=True)
+            for sub in self._key_dirs():
+                for de, _ in self._own_files(sub.path):
+                    Path(de.path).unlink(missing_ok=True)
             self._index.clear()
             self._by_block.clear()
 

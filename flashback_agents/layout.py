@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from .errors import FlashBackError
 from .tokens import Tokens
 
 ROLES = ("system", "user", "assistant", "tool", "evidence")
@@ -29,7 +30,7 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
 
-class LayoutError(ValueError):
+class LayoutError(ValueError, FlashBackError):
     """A conversation that cannot be rendered (unknown role, orphan tool result, ...)."""
 
 

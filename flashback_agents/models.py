@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .errors import FlashBackError
+
 logger = logging.getLogger("flashback_agents")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -56,8 +58,54 @@ SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RuntimeError, FlashBackError):
     """A model spec could not be turned into a model: the message says why and what to do."""
+
+
+#: the files in which transformers finds an ``auto_map`` (Python shipped with the weights, run on load)
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "adapter_config.json", "processor_config.json",
+                 "preprocessor_config.json")
+_NO_CODE = ("flashback-agents never runs Python code shipped in a model, adapter or tokenizer directory "
+            "(it loads with trust_remote_code=False and never asks)")
+
+
+def refuse_custom_code(directory: str | os.PathLike, what: str = "model") -> None:
+    """Raise :class:`ModelLoadError` when a local directory asks transformers to import its own Python
+    (an ``auto_map`` in its config or tokenizer config): nothing we load may run code or prompt for it.
+
+    Checked before transformers reads the directory; a file that is not readable JSON is left for the
+    loader to report."""
+    d = Path(os.path.expanduser(str(directory)))
+    if not d.is_dir():
+        return
+    for name in _CODE_CONFIGS:
+        path = d / name
+        try:
+            if not path.is_file():
+                continue
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map in (None, {}, [], ""):
+            continue
+        refs = sorted({str(v) for v in (auto_map.values() if isinstance(auto_map, dict) else
+                                        auto_map if isinstance(auto_map, list) else [auto_map])})[:3]
+        raise ModelLoadError(
+            f"The {what} directory {d} asks to run its own Python code: {path} has an `auto_map` "
+            f"({', '.join(refs)}). {_NO_CODE}. Use a {what} of an architecture transformers supports natively "
+            "(Llama, Qwen, Mistral, SmolLM, ...), or, if its model_type / tokenizer_class is a standard one, "
+            f"remove the `auto_map` entry from {name}.")
+
+
+def _custom_code_error(spec: str, exc: BaseException, what: str = "model") -> ModelLoadError | None:
+    """The :class:`ModelLoadError` for transformers refusing custom code (a Hub repo's ``auto_map``), else None."""
+    text = str(exc)
+    if "custom code" not in text and "trust_remote_code" not in text:
+        return None
+    return ModelLoadError(f"The {what} {spec!r} needs Python code shipped with it (an `auto_map`). {_NO_CODE}. "
+                          "Use a model of an architecture transformers supports natively (Llama, Qwen, Mistral, "
+                          "SmolLM, ...).")
 
 
 def cache_dir() -> Path:
@@ -302,9 +350,9 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
     steps = tqdm(total=3, desc=f"Converting {gguf.name} (one time)", unit="step")
     try:
         steps.set_postfix_str("dequantizing GGUF")
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32)
+                                                          dtype=torch.float32, trust_remote_code=False)
         steps.update(1)
         steps.set_postfix_str("rebuilding")
         model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
@@ -351,9 +399,14 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
     local = os.path.isdir(source)
     if local and not os.path.isfile(os.path.join(source, "config.json")):
         raise ModelLoadError(f"{source} is not a Hugging Face model directory (no config.json).")
+    if local:
+        refuse_custom_code(source)  # before transformers reads it: no prompt, no import
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
+        custom = _custom_code_error(spec, exc)
+        if custom is not None:
+            raise custom from None
         if local:
             raise ModelLoadError(f"{source} is not a Hugging Face model directory (unusable config.json: {exc}).") from exc
         raise ModelLoadError(
@@ -362,16 +415,31 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
             f"copy DIR here and pass that directory as the model; or use the embedded default "
             f"{DEFAULT_MODEL!r}."
         ) from exc
+    if getattr(config, "auto_map", None):  # a Hub repo whose model_type is known here: refused all the same
+        raise ModelLoadError(f"The model {spec!r} has an `auto_map` in its config.json (Python code shipped with "
+                             f"it). {_NO_CODE}. Use a model of an architecture transformers supports natively "
+                             "(Llama, Qwen, Mistral, SmolLM, ...).")
     if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
             f"{spec!r} is not a causal language model (its config is {type(config).__name__}); "
             "flashback-agents needs a decoder-only LM such as Llama, Qwen, Mistral or SmolLM."
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        custom = _custom_code_error(spec, exc)
+        if custom is not None:
+            raise custom from None
+        if isinstance(exc, ValueError):
+            raise
         raise ModelLoadError(f"Could not load the weights of {spec!r}: {str(exc).splitlines()[0]}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except ValueError as exc:
+        custom = _custom_code_error(spec, exc, "tokenizer of")
+        if custom is not None:
+            raise custom from None
+        raise
     return model.to(device), tokenizer
 
 
@@ -392,6 +460,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     torch_dtype = _resolve_dtype(dtype, device)
     source, name = resolved.source(), resolved.name
     adapter_dir = resolve_adapter(name, adapter)
+    if adapter_dir is not None:
+        refuse_custom_code(adapter_dir, "adapter")  # refused before the weights are loaded
     model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
     from .attention import use_flashback_attention
 
@@ -468,6 +538,7 @@ def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any
     if not (adapter / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter} is not an adapter directory (no adapter_config.json); "
                              "train one with `flashback-agents train`.")
+    refuse_custom_code(adapter, "adapter")  # before transformers or peft read it: no prompt, no import
     try:
         from peft import PeftModel
     except ImportError as exc:  # pragma: no cover - depends on extras
@@ -489,7 +560,12 @@ def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any
         raise ModelLoadError(f"{adapter}/adapter_config.json must hold a JSON object; retrain the adapter.")
     check_adapter_base(adapter, model, meta)
     if (adapter / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"Cannot load the tokenizer of the adapter {adapter} ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); retrain or re-export "
+                                 "the adapter.") from None
     ids = add_marker_tokens(model, tokenizer)  # resize before loading the adapter's marker rows
     if meta.get("marker_ids") and list(meta["marker_ids"]) != list(ids):
         raise ModelLoadError(f"The adapter {adapter} expects marker ids {meta['marker_ids']} but this model's "

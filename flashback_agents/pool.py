@@ -4,6 +4,11 @@ Agent frameworks re-send the whole conversation at every step; the pool finds th
 tokens share the longest prefix with the new request, so only the new tail is computed. A context
 in use by one caller is never handed to another; idle contexts are evicted LRU under a byte budget.
 
+A call never waits behind other callers: when every context is leased (say by streams left open and
+unread) and the pool is at ``max_contexts``, the call runs on a fresh *temporary* context that is not
+kept in the pool afterwards (counted in the byte budget while it is used, written to the disk tier when
+dropped). ``max_contexts=0`` makes every call temporary: nothing is cached in memory.
+
 With a disk tier (``store=``, a :class:`~flashback_agents.kvstore.DiskKVStore`), an evicted context is
 written to disk first (and every idle one on :meth:`ContextPool.clear` and at interpreter exit), and
 ``acquire`` restores the longest stored prefix when it beats what memory holds, so a conversation
@@ -22,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .context import CachedContext, ContextConfig, SyncResult, common_prefix
+from .context import CachedContext, ContextConfig, ContextError, SyncResult, common_prefix
+from .errors import FlashBackError
 from .models import LoadedModel
 
 if TYPE_CHECKING:
@@ -31,8 +37,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flashback_agents")
 
 
-class PoolTimeoutError(TimeoutError):
-    """Every context of the pool stayed busy for the whole timeout; nothing was computed."""
+class PoolTimeoutError(TimeoutError, FlashBackError):
+    """Every context of the pool stayed busy for the whole timeout; nothing was computed.
+
+    Kept for compatibility: a pool no longer waits for a context (a call finding every one leased runs
+    on a temporary one), so :meth:`ContextPool.acquire` does not raise it."""
 
 
 class PoolBudgetWarning(UserWarning):
@@ -68,6 +77,7 @@ class _Entry:
     ctx: CachedContext
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    temporary: bool = False  # a call's context outside the pool's count: dropped when released
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,12 @@ class ContextPool:
         self.lm = lm
         self.budget = budget if budget is not None else MemoryBudget(max_bytes)
         self.budget._pools.add(self)
+        if isinstance(max_contexts, bool) or not isinstance(max_contexts, int) or max_contexts < 0:
+            raise ContextError(f"max_contexts must be a non-negative integer, got {max_contexts!r}; pass e.g. 16 "
+                               "(0: nothing is kept in memory, every call runs on a temporary context)")
         self.max_contexts = max_contexts
+        #: calls that found every context leased (or max_contexts=0) and ran on a temporary context
+        self.temporary_contexts = 0
         self._entries: list[_Entry] = []
         self._lock = self.budget.lock
         self._free = self.budget.free
@@ -128,7 +143,8 @@ class ContextPool:
         self.budget.max_bytes = value
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Contexts kept by the pool (the temporary ones calls are running on are not counted)."""
+        return sum(not e.temporary for e in self._entries)
 
     @property
     def nbytes(self) -> int:
@@ -157,28 +173,31 @@ class ContextPool:
         """Hold the best context for ``ids``, synced to them, for the duration of the ``with`` block.
 
         ``reserve``: tokens of room wanted for the reply (used by contexts that compact on overflow).
+
+        Never waits for another caller: when every context is leased and the pool already holds
+        ``max_contexts``, the call gets a fresh temporary context, counted in the byte budget while it
+        is used and dropped when the block ends (written to the disk tier first, if there is one).
+        ``timeout`` is accepted for compatibility and not used (there is nothing to wait for).
         """
-        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         # Disk lookup before taking the lock (it lists the store directory): (entry, tokens) or (None, 0)
         disk = self.store.longest_prefix(self.lm, ids, self.config.on_overflow) if self.store is not None \
             else (None, 0)
         restore = None
         with self._free:
-            while all(e.busy for e in self._entries) and len(self._entries) >= self.max_contexts:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise PoolTimeoutError(
-                        f"All {len(self._entries)} contexts of the pool stayed busy for {timeout:g} s (held by "
-                        "calls or streams that have not finished). Finish, close() or cancel() the streams you "
-                        "started, raise max_contexts, or pass a larger timeout.")
-                self._free.wait(remaining)
-            entry, fork = self._pick(ids)
+            kept = [e for e in self._entries if not e.temporary]
+            if len(kept) >= self.max_contexts and all(e.busy for e in kept):
+                # every context is leased (or none may be kept): run outside the pool, never wait
+                entry, fork = _Entry(CachedContext(self.lm, config=self.config), temporary=True), False
+                self._entries.append(entry)  # in the byte budget while in use
+                self.temporary_contexts += 1
+            else:
+                entry, fork = self._pick(ids)
             if disk[0] is not None:
                 mem = common_prefix(entry.ctx.ids, entry.ctx.view_of(ids)) if len(entry.ctx) else 0
                 if disk[1] >= mem + self.store.min_gain:  # restoring beats memory by enough to pay the read
                     restore, fork = disk, False
                     if len(entry.ctx):
-                        entry = _Entry(CachedContext(self.lm, config=self.config))
+                        entry = _Entry(CachedContext(self.lm, config=self.config), temporary=entry.temporary)
                         self._entries.append(entry)
             if fork:
                 n = common_prefix(entry.ctx.ids, entry.ctx.view_of(ids))
@@ -198,9 +217,11 @@ class ContextPool:
             with self._free:
                 entry.busy = False
                 entry.last_used = time.monotonic()
-                if len(entry.ctx) == 0 and entry in self._entries:
+                if (len(entry.ctx) == 0 or entry.temporary) and entry in self._entries:
                     self._entries.remove(entry)
-                evicted = self._evict(keep=entry)
+                    if entry.temporary and self.store is not None:
+                        evicted.append((self, entry.ctx))  # dropped from memory: its conversation goes to disk
+                evicted += self._evict(keep=None if entry.temporary else entry)
                 self._free.notify_all()
             _persist(evicted)
 
@@ -228,7 +249,7 @@ class ContextPool:
         total = sum(e.ctx.nbytes for p in pools for e in p._entries)
         out: list[tuple[ContextPool, CachedContext]] = []
         for p, e in list(idle):
-            if p is self and len(self._entries) > self.max_contexts:
+            if p is self and len(self) > self.max_contexts:
                 pass
             elif total <= self.max_bytes:
                 continue

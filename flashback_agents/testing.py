@@ -117,8 +117,11 @@ def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidde
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from .models import refuse_custom_code
+
     path = Path(path)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    refuse_custom_code(tokenizer_dir, "tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max_positions, tie_word_embeddings=False,

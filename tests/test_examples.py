@@ -702,3 +702,21 @@ def test_log_agent_eval_on_shared_systems(tmp_path, capsys):
         for prev, cur in zip(r["tokens"], r["tokens"][1:]):
             assert cur["cache_read"] >= prev["input"] and cur["computed"] < cur["input"], (r["system"], r["tokens"])
     assert s["holds"] >= len(SYSTEMS) - 1, [(r["system"], r["truth"], r["answer"]) for r in records if not r["holds"]]
+
+
+def test_writing_assistant_says_plainly_when_the_notes_do_not_cover_the_topic(tmp_path):
+    """A topic none of the notes speaks of is not drafted from whatever the store returns (it used to repeat
+    one unrelated sentence three times); a repeated sentence and list numbering are not draft sentences."""
+    import writing_assistant as wa
+
+    chunks = list(NOTE_SETS["volcanoes"].values())
+    assert wa.covers("How Etna is watched", chunks)
+    assert wa.covers("Monitoring eruptions", chunks)
+    assert not wa.covers("The history of jazz piano", chunks)
+    assert wa.topic_terms("Why does the history of jazz matter?") == {"history", "jazz"}
+    d, notes = _write_notes(tmp_path, "volcanoes")
+    sources = [wa.Source(f"{n}:1-{len(t.splitlines())}", str(d / n), 1, len(t.splitlines()), 0, t)
+               for n, t in notes.items()]
+    same = "Mount Etna in Sicily is about 3,357 metres high."
+    body, dropped = wa.cite(f"{same} {same} 1. 2. {same}", sources)
+    assert body == "Mount Etna in Sicily is about 3,357 metres high [etna.md:1-4]." and dropped == []

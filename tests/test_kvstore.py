@@ -200,14 +200,22 @@ def test_torn_write_is_ignored_and_truncated_file_skipped(lm, tmp_path):
     good = store.put(filled(lm, a))
     d = good.parent
     (d / f".{good.name}.123.deadbeef.tmp").write_bytes(good.read_bytes()[:5000])  # a writer that died
-    (d / "truncated.safetensors").write_bytes(good.read_bytes()[:-4096])
+    truncated = d / ("ab" * 16 + ".safetensors")  # named as the store names its files: its own
+    truncated.write_bytes(good.read_bytes()[:-4096])
+    (d / "foreign.safetensors").write_bytes(good.read_bytes()[:-4096])  # not its naming: never deleted
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         entry, n = store.longest_prefix(lm, a)
     assert entry is not None and entry.path == good and n == 600  # the temp file is never read
-    skipped = [str(w.message) for w in seen if issubclass(w.category, KVStoreWarning)]
-    assert len(skipped) == 1 and "truncated.safetensors" in skipped[0] and "truncated or padded" in skipped[0]
-    assert not (d / "truncated.safetensors").exists() and (d / f".{good.name}.123.deadbeef.tmp").exists()
+    skipped = sorted(str(w.message) for w in seen if issubclass(w.category, KVStoreWarning))
+    assert len(skipped) == 2 and all("truncated or padded" in w for w in skipped)
+    assert truncated.name in skipped[0] and "foreign.safetensors" in skipped[1]
+    assert not truncated.exists() and (d / f".{good.name}.123.deadbeef.tmp").exists()
+    assert (d / "foreign.safetensors").exists()  # left in place, and not read or warned about again
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert store.longest_prefix(lm, a)[1] == 600
+    assert not [w for w in seen if issubclass(w.category, KVStoreWarning)]
     ctx = store.load(entry, lm, n, a)
     assert_equals_recompute(ctx)
 

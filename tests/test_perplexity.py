@@ -246,3 +246,22 @@ def test_append_fn_restates_the_text_tail(tiny_lm, setup):
     assert restated == plain + list(blocks[b][i - 3:i])
     with pytest.raises(P.PerplexityError, match="needs the blocks"):
         ret.append_fn(tiny_lm, 1, (), 3)
+
+
+def test_settings_run_only_the_rows_asked_for(tiny_model_dir, corpus_dir, monkeypatch):
+    """``--settings prepend,flashback`` re-measures one claim (append + adapter vs prepend) without the other
+    rows; the values equal those of the full table (same tokens, same retrievals)."""
+    import json
+
+    monkeypatch.setattr(P, "shared_data_dir", lambda: corpus_dir)
+    args = ["eval", "ppl", "--model", str(tiny_model_dir), "--tokens", "48", "--window", "64", "--top-k", "1",
+            "--train-adapter-steps", "0", "--json", "--no-progress"]
+    full = json.loads((r := _cli(args)).output[r.output.index("{"):])
+    res = _cli(args + ["--settings", "prepend,none"])
+    assert res.exit_code == 0, res.output
+    some = json.loads(res.output[res.output.index("{"):])
+    assert [r["setting"] for r in some["rows"]] == ["no retrieval", "prepend (In-Context RALM)"]
+    by_full = {r["setting"]: r["ppl_top1"] for r in full["rows"]}
+    assert all(abs(by_full[r["setting"]] - r["ppl_top1"]) < 1e-6 for r in some["rows"])
+    bad = _cli(args + ["--settings", "prepend,bogus"])
+    assert bad.exit_code == 1 and "bogus" in bad.output and "Traceback" not in bad.output

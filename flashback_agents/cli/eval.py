@@ -57,6 +57,9 @@ def ppl(
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[str] = typer.Option(None, "--plot", help="PNG: perplexity vs top-k, one line per setting."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    settings: Optional[str] = typer.Option(None, "--settings", help="Comma-separated rows to run (default: all): "
+                                           "none, none+adapter, prepend, prepend+adapter, append-plain, append, "
+                                           "append+adapter-paper, flashback."),
 ) -> None:
     """Perplexity without retrieval, with prepended evidence (In-Context RALM), with appended marked
     evidence (FlashBack) without and with an adapter, on the same tokens."""
@@ -102,7 +105,8 @@ def ppl(
         elif adapter_dir is None:
             note = "adapter rows skipped: no --adapter and --train-adapter-steps 0"
         adapter_lm = load_model(model, adapter=adapter_dir) if adapter_dir else None
-        result = evaluate_perplexity(lm, ds, cfg, adapter_lm=adapter_lm, progress=progress)
+        only = [x.strip() for x in settings.split(",") if x.strip()] if settings is not None else None
+        result = evaluate_perplexity(lm, ds, cfg, adapter_lm=adapter_lm, progress=progress, settings=only)
     except (PerplexityError, ModelLoadError) as exc:
         fail(str(exc))
         return

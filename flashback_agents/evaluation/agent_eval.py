@@ -43,6 +43,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from ..errors import FlashBackError
 from .agent_questions import CATEGORIES, QUESTIONS, TOOLS, Question, tool_functions, tool_signature
 
 __all__ = ["AgentEvalError", "AgentEvalResult", "RunRecord", "FRAMEWORKS", "MAX_STEPS", "METRICS", "TARGETS",
@@ -59,7 +60,7 @@ TARGETS = {"ended": 0.90, "answer": 0.70, "no_call": 0.80}
 NO_CALL_CATEGORIES = ("no_tool_needed", "no_fit")
 
 
-class AgentEvalError(ValueError):
+class AgentEvalError(ValueError, FlashBackError):
     """Bad options for the agent evaluation (the message says which)."""
 
 

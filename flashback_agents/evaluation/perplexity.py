@@ -34,11 +34,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import kvcache
+from ..errors import FlashBackError
 from ..ralm_layout import RESTATE_TOKENS, check_restate, evidence_ids, placed_ids, query_text, retrieval_points, step_ids
 from .common import shared_data_dir
 
 
-class PerplexityError(ValueError):
+class PerplexityError(ValueError, FlashBackError):
     """A user mistake in the perplexity evaluation (bad data spec, missing files, too-long windows)."""
 
 
@@ -424,12 +425,32 @@ def train_ralm_adapter(model_spec: str, cfg: PplConfig, tcfg: AdapterTrainConfig
 
 
 # ------------------------------------------------------------------------------ the evaluation
+#: short names of the settings (``--settings``): a re-measurement of one claim runs only the rows it compares
+SETTINGS = {"none": "no retrieval", "none+adapter": "no retrieval + adapter", "prepend": "prepend (In-Context RALM)",
+            "prepend+adapter": "prepend + adapter", "append-plain": "append, no markers",
+            "append": "append, no adapter", "append+adapter-paper": "append + adapter, no restated tokens",
+            "flashback": "append + adapter (FlashBack)"}
+
+
+def check_settings(names: Sequence[str] | None) -> set[str] | None:
+    """Short setting names (:data:`SETTINGS`) as the rows' names; None: every setting."""
+    if names is None:
+        return None
+    bad = [n for n in names if n not in SETTINGS]
+    if bad or not names:
+        raise PerplexityError(f"Unknown setting(s) {bad}; use some of {', '.join(SETTINGS)}.")
+    return {SETTINGS[n] for n in names}
+
+
 def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: Any = None,
-                        retriever: Any = None, progress: bool = True, plain_append: bool = True) -> dict[str, Any]:
+                        retriever: Any = None, progress: bool = True, plain_append: bool = True,
+                        settings: Sequence[str] | None = None) -> dict[str, Any]:
     """The table: no retrieval, prepend, append without markers (``plain_append``: the evidence as
     plain text, what an un-adapted model may get instead of markers), append with markers, and with
     ``adapter_lm`` the adapter's rows (no retrieval, prepend, append), each at every top-k, on the same
-    evaluated tokens. Returns a JSON-able dict (``rows``)."""
+    evaluated tokens. ``settings``: only these rows (short names, :data:`SETTINGS`). Returns a
+    JSON-able dict (``rows``)."""
+    only = check_settings(settings)
     from tqdm.auto import tqdm
 
     cfg.check()
@@ -475,6 +496,10 @@ def evaluate_perplexity(lm: Any, data: EvalData, cfg: PplConfig, *, adapter_lm: 
             jobs.append(("append + adapter (FlashBack)", k,
                          lambda r, bar, k=k: score_append(adapter_lm, blocks, cfg.stride,
                                                           ret.append_fn(adapter_lm, k, blocks, rs), r, bar)))
+    if only is not None:
+        jobs = [j for j in jobs if j[0] in only]
+        if not jobs:
+            raise PerplexityError("None of the chosen settings applies here (adapter rows need an adapter).")
     results: list[SettingResult] = []
     with tqdm(total=n_chunks * len(jobs), desc="ppl", unit="stride", disable=not progress) as bar:
         for name, k, job in jobs:

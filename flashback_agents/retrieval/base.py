@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import FlashBackError
 
-class RetrievalError(ValueError):
+
+class RetrievalError(ValueError, FlashBackError):
     """A retrieval mistake a user can make (missing store, empty corpus, bad file, bad query).
 
     The message says what went wrong and what to do; a store is never left half-written by it.

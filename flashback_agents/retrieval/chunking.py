@@ -88,9 +88,12 @@ def load_tokenizer(spec: Any = None) -> Any:
     if tok is None:
         from transformers import AutoTokenizer
 
+        from ..models import refuse_custom_code
+
         source = default_tokenizer_source() if key in ("default", "smollm2-135m-instruct") else key
+        refuse_custom_code(source, "tokenizer")  # a local directory's auto_map: ModelLoadError, nothing run
         try:
-            tok = AutoTokenizer.from_pretrained(source)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - any loading failure is a user-facing spec problem
             raise RetrievalError(f"Could not load tokenizer {spec!r} for chunking "
                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "

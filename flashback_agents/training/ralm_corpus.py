@@ -16,12 +16,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+from ..errors import FlashBackError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".log", ".text", ".py", ".json"}
 _TITLE = re.compile(r"^ ?= ([^=].*?) = ?$")
 
 
-class CorpusError(ValueError):
+class CorpusError(ValueError, FlashBackError):
     """A RALM corpus that cannot be read (missing path, bad JSONL line); the message says where."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..errors import FlashBackError
 from ..models import ADAPTER_META, DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, base_fingerprint, load_model
 from .samples import IGNORE, Sample, collate, length_batches
 
@@ -39,7 +40,7 @@ CHECKPOINTS = "checkpoints"
 _STATE_FILE = "trainer_state.pt"
 
 
-class TrainError(RuntimeError):
+class TrainError(RuntimeError, FlashBackError):
     """A training mistake a user can make (no samples, output dir in use, config mismatch on resume)."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..errors import FlashBackError
 from ..layout import LayoutError, Message, ToolCall, check_conversation
 
 FORMATS = ("auto", "openai", "langchain", "llamaindex")
@@ -30,7 +31,7 @@ _LLAMAINDEX_ROLES = {"system": "system", "developer": "system", "user": "user", 
                      "chatbot": "assistant", "model": "assistant", "tool": "tool", "function": "tool"}
 
 
-class TranscriptError(ValueError):
+class TranscriptError(ValueError, FlashBackError):
     """A conversation that cannot be read: ``where`` is ``file:line`` (or ``file[index]``)."""
 
     #: what to do about a malformed conversation (appended to the message, not to ``reason``)

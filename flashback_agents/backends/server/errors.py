@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from ...context import ContextOverflowError
+from ...errors import FlashBackError
 
 __all__ = ["ServerError", "ServerUnreachableError", "ServerModelError", "ServerContextError",
            "ServerCacheReportError", "ServerCacheReportWarning", "ServerStreamError", "ServerRequestError"]
 
 
-class ServerError(RuntimeError):
+class ServerError(RuntimeError, FlashBackError):
     """Something about the model server (not the conversation) went wrong; the message says what."""
 
 

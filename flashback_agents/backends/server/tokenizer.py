@@ -7,7 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ...models import DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError
+from ...models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, _custom_code_error,
+                       refuse_custom_code)
 
 __all__ = ["ServerTokenizerModel", "load_server_tokenizer", "add_marker_tokens_only"]
 
@@ -80,12 +81,17 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
                 and resolved.gguf.resolve() == default_gguf.resolve():
             resolved = resolve_spec(DEFAULT_MODEL)  # the default GGUF by its path: the same ids as by name
         if resolved is None or resolved.kind in ("hub", "server"):
-            return AutoTokenizer.from_pretrained(spec), spec
+            return AutoTokenizer.from_pretrained(spec, trust_remote_code=False), spec
         source, kwargs = resolved.tokenizer_source()
-        return AutoTokenizer.from_pretrained(source, **kwargs), resolved.name
+        if resolved.kind == "dir":
+            refuse_custom_code(source, "tokenizer")  # before transformers reads it: no prompt, no import
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs), resolved.name
     except ModelLoadError:
         raise
     except Exception as exc:  # OSError / ValueError from transformers: say what to pass instead
+        custom = _custom_code_error(spec, exc, "tokenizer")
+        if custom is not None:
+            raise custom from None
         raise ModelLoadError(
             f"Could not load a tokenizer for {spec!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Pass tokenizer= (or set FLASHBACK_TOKENIZER) to the served model's directory, .gguf file or a "

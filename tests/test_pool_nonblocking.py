@@ -1,0 +1,126 @@
+"""A cache pool never makes a call wait: with every context leased (streams open and unread), the
+next call runs at once on a temporary context outside the pool (counted in usage and in the byte
+budget while it runs, dropped afterwards, written to the disk tier if there is one);
+``max_contexts=0`` keeps nothing in memory and never blocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from flashback_agents import ContextError, ContextPool, FlashBackError, GenerationConfig, Message
+from flashback_agents.chat import ChatEngine
+from flashback_agents.kvstore import DiskKVStore
+
+pytestmark = pytest.mark.filterwarnings("ignore::flashback_agents.pool.PoolBudgetWarning")
+
+
+def _in_thread(fn, deadline: float = 15.0):
+    """Run ``fn`` in a thread; (finished, value or exception). A wait fails the test instead of hanging it."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            out["value"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(deadline)
+    return (not t.is_alive()), out.get("value")
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 440, (n,), generator=g).tolist()
+
+
+def test_the_17th_call_does_not_wait_behind_16_idle_streams(tiny_lm):
+    engine = ChatEngine(tiny_lm)  # the default acquire_timeout (300 s) and max_contexts (16)
+    assert engine.pool.max_contexts == 16
+    hold = GenerationConfig(max_new_tokens=60, min_new_tokens=60)
+    streams = []
+    try:
+        for i in range(16):
+            run = engine.stream_chat([Message("user", f"conversation number {i}")], config=hold)
+            it = iter(run)
+            next(it)  # the stream holds its context, then is left unread
+            streams.append((run, it))
+        assert len(engine.pool) == 16 and all(e.busy for e in engine.pool._entries)
+        t0 = time.monotonic()
+        done, reply = _in_thread(lambda: engine.chat([Message("user", "the seventeenth")],
+                                                     config=GenerationConfig(max_new_tokens=3)))
+        elapsed = time.monotonic() - t0
+        assert done, "the 17th call waited for a pooled context"
+        assert not isinstance(reply, BaseException), repr(reply)
+        assert elapsed < 10 and reply.text is not None
+        assert reply.usage.input_tokens > 0 and reply.usage.computed == reply.usage.input_tokens  # counted
+        assert engine.pool.temporary_contexts == 1
+        assert len(engine.pool) == 16 and len(engine.pool._entries) == 16  # the temporary one was dropped
+    finally:
+        for run, _ in streams:
+            run.close()
+    assert not any(e.busy for e in engine.pool._entries) and len(engine.pool) <= 16
+    # the pool works as before once the streams are closed
+    reply = engine.chat([Message("user", "conversation number 3")], config=GenerationConfig(max_new_tokens=2))
+    assert reply.usage.cache_read > 0
+
+
+def test_max_contexts_zero_never_blocks_and_keeps_nothing(tiny_lm):
+    pool = ContextPool(tiny_lm, max_contexts=0)
+
+    def call():
+        with pool.acquire([5, 6, 7, 8]) as lease:
+            return lease.sync.computed, len(pool)
+
+    done, value = _in_thread(call)
+    assert done, "ContextPool(max_contexts=0).acquire() waited forever"
+    assert value == (4, 0)
+    assert len(pool) == 0 and not pool._entries and pool.nbytes == 0
+    assert pool.temporary_contexts == 1
+
+
+def test_a_temporary_context_is_in_the_byte_budget_while_used_then_dropped(tiny_lm):
+    pool = ContextPool(tiny_lm, max_contexts=1)
+    a, b = ids_of(100, 1), ids_of(80, 2)
+
+    def calls():
+        with pool.acquire(a) as outer:
+            with pool.acquire(b) as inner:  # the only context is leased: a temporary one, at once
+                assert inner.ctx is not outer.ctx and inner.sync.computed == 80
+                assert len(pool) == 1 and pool.nbytes == outer.ctx.nbytes + inner.ctx.nbytes
+            assert len(pool) == 1 and pool._entries[0].ctx is outer.ctx  # dropped on release
+        with pool.acquire(a + [9]) as lease:  # the pooled one still serves its conversation
+            assert lease.ctx is outer.ctx and lease.sync.reused == 100
+
+    done, value = _in_thread(calls)
+    assert done, "a call waited for the pool's only context"
+    assert value is None, repr(value)
+
+
+def test_a_dropped_temporary_context_goes_to_the_disk_tier(tiny_lm, tmp_path):
+    store = DiskKVStore(tmp_path / "kv", min_tokens=8)
+    pool = ContextPool(tiny_lm, max_contexts=0, store=store)
+    a = ids_of(300, 3)
+
+    def calls():
+        with pool.acquire(a):
+            pass
+        writes = store.stats.writes
+        with pool.acquire(a + [7, 8]) as lease:  # restored from disk instead of recomputed
+            return writes, lease.restored, lease.sync.computed, len(pool)
+
+    done, value = _in_thread(calls)
+    assert done, "ContextPool(max_contexts=0).acquire() waited"
+    assert value == (1, 300, 2, 0)
+
+
+@pytest.mark.parametrize("bad", [-1, "16", 2.5, True, None])
+def test_max_contexts_must_be_a_non_negative_integer(tiny_lm, bad):
+    with pytest.raises(ContextError, match="max_contexts must be a non-negative integer") as info:
+        ContextPool(tiny_lm, max_contexts=bad)
+    assert isinstance(info.value, FlashBackError)
