@@ -66,20 +66,10 @@ def new_call_id() -> str:
 
 
 def _coerce_call(obj: Any, allowed: set[str] | None) -> ToolCall | None:
-    if not isinstance(obj, dict):
-        return None
-    name = obj.get("name")
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    if not isinstance(name, str) or not isinstance(args, dict):
-        return None
-    if allowed is not None and name not in allowed:
-        return None
-    return ToolCall(name=name, arguments=args, id=new_call_id())
+    """One decoded call body as a ToolCall (the format parser's, :meth:`ToolCallFormat._coerce`)."""
+    from .toolformat import HERMES
+
+    return HERMES._coerce(obj, allowed)
 
 
 def parse_tool_calls(raw: str, allowed: set[str] | None = None, fmt: Any = None) -> tuple[str, list[ToolCall]]:
@@ -88,39 +78,14 @@ def parse_tool_calls(raw: str, allowed: set[str] | None = None, fmt: Any = None)
     Each ``<tool_call>`` is decoded as one JSON value (so a ``</tool_call>`` inside a string argument
     does not cut the call short), optionally followed by ``</tool_call>``. ``fmt``: the model's
     :class:`~flashback_agents.toolformat.ToolCallFormat` (``Layout.tool_format``); default Hermes.
+    One parser for every path: :meth:`ToolCallFormat.parse` (lenient where the grammar is: raw control
+    characters inside strings); Hermes content is kept as written, other formats' is stripped.
     """
-    if fmt is not None and (fmt.open, fmt.close, fmt.array) != (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, False):
-        return fmt.parse(raw, allowed)
-    decoder = json.JSONDecoder()
-    calls: list[ToolCall] = []
-    pieces: list[str] = []
-    pos = search = 0
-    while True:
-        start = raw.find(TOOL_CALL_OPEN, search)
-        if start < 0:
-            break
-        body = start + len(TOOL_CALL_OPEN)
-        while body < len(raw) and raw[body].isspace():
-            body += 1
-        try:
-            obj, end = decoder.raw_decode(raw, body)
-        except ValueError:
-            search = body
-            continue
-        call = _coerce_call(obj, allowed)
-        if call is None:
-            search = end
-            continue
-        rest = end
-        while rest < len(raw) and raw[rest].isspace():
-            rest += 1
-        if raw.startswith(TOOL_CALL_CLOSE, rest):
-            end = rest + len(TOOL_CALL_CLOSE)
-        pieces.append(raw[pos:start])
-        pos = search = end
-        calls.append(call)
-    pieces.append(raw[pos:])
-    return ("".join(pieces) if calls else raw), calls
+    from .toolformat import HERMES
+
+    if fmt is None or (fmt.open, fmt.close, fmt.array) == (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, False):
+        return (fmt or HERMES).parse(raw, allowed, strip=False)
+    return fmt.parse(raw, allowed)
 
 
 def normalize_tool_choice(tool_choice: Any, tools: Sequence[dict] | None) -> str | None:
@@ -489,7 +454,11 @@ class ChatEngine:
         ``kv_store_max_bytes`` bounds it (LRU; default 16 GiB)."""
         from .backends.local import LocalBackend
         from .kvstore import shared_store
+        from .pool import check_engine_args
 
+        # before anything shared changes: a bad byte budget would become the whole model's budget
+        check_engine_args(max_cached_bytes=max_cached_bytes, max_context_tokens=max_context_tokens,
+                          acquire_timeout=acquire_timeout)
         self.lm = lm
         self.max_context_tokens = min(max_context_tokens or lm.max_positions, lm.max_positions)
         #: the settings of every pooled context (one ContextConfig, checked once: a bad on_overflow raises here)

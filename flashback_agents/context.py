@@ -60,6 +60,19 @@ class _ContextFileNotFound(ContextLoadError, FileNotFoundError):
     """No file at the path given to :meth:`CachedContext.load` (also a ``FileNotFoundError``)."""
 
 
+class _ContextSaveError(ContextError, OSError):
+    """:meth:`CachedContext.save` could not write its file (also an ``OSError``, with the ``errno`` of the
+    failure: ``EFBIG``, ``ENOSPC``, ``EACCES``, ...)."""
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.errno = getattr(cause, "errno", None)
+        self.filename = getattr(cause, "filename", None)
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ..." form
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True)
 class ContextConfig:
     """How a context keeps its budget: ``max_context_tokens`` (None: the model's window), what to do
@@ -521,7 +534,14 @@ class CachedContext:
         return self.fork_prefix(len(self._ids))
 
     def fork_prefix(self, n: int) -> "CachedContext":
-        """An independent context holding a copy of the first ``n`` tokens of this one."""
+        """An independent context holding a copy of the first ``n`` tokens of this one (all of them when
+        ``n`` is at least its length)."""
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise _ContextTypeError(f"fork_prefix takes a token count (an int >= 0), got {type(n).__name__} {n!r:.40}; "
+                                    "pass e.g. fork_prefix(len(ctx)).")
+        if n < 0:
+            raise ContextError(f"fork_prefix takes a token count >= 0, got {n}: pass the number of leading tokens to "
+                               "keep (count from the start, not from the end).")
         with self.lock:
             n = min(n, len(self._ids))
             other = CachedContext(self.lm, config=self.config)
@@ -544,10 +564,30 @@ class CachedContext:
         safetensors + JSON metadata, nothing pickled)."""
         from .kvstore import write_context
 
+        if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise _ContextTypeError(f"save takes a file path, got {type(path).__name__} {path!r:.60}; pass e.g. "
+                                    "ctx.save('conversation.safetensors').")
+        target = Path(os.path.expanduser(str(path)))
+        if target.is_dir():
+            raise ContextError(f"{target} is a directory; save takes a file path: pass e.g. "
+                               f"ctx.save('{target / 'context.safetensors'}').")
+        for parent in target.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ContextError(f"{target} lies under {parent}, which is a file, not a directory; pass a path "
+                                       "in a directory (missing directories are created).")
+                break
         with self.lock:
             self.flush()
             # A hybrid model's recurrent state is not saved: its ids are recomputed on load (counted).
-            write_context(self, path)
+            try:
+                write_context(self, target)
+            except FlashBackError:
+                raise
+            except OSError as exc:
+                raise _ContextSaveError(f"cannot save the context to {target} ({exc.strerror or exc}); pass a path "
+                                        "on a writable file system with room for it (nothing was written there).",
+                                        exc) from exc
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | os.PathLike) -> "CachedContext":

@@ -25,6 +25,41 @@ class GenerationConfigError(ValueError, FlashBackError):
     """Decoding settings that cannot work (negative or NaN temperature, top_p outside (0, 1], ...)."""
 
 
+class SettingTypeError(TypeError, FlashBackError):
+    """A setting of the wrong type given to a pydantic model (the LangChain / LlamaIndex classes): a
+    ``TypeError``, not a ``ValueError``, because pydantic would wrap a ``ValueError`` raised by a
+    validator into its own ``ValidationError``; this one reaches the caller as is."""
+
+
+#: the seeds torch's generator takes (a signed or unsigned 64-bit integer)
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def check_setting(name: str, value: object, *, integer: bool = False, optional: bool = False,
+                  example: object = None) -> object:
+    """A number setting as pydantic would take it (a numeric string is converted, as before), or
+    :class:`SettingTypeError` saying what to pass: for the integrations' field validators
+    (``mode="before"``), so ``temperature="hot"`` is our error, not a bare ``ValidationError``.
+
+    Range checks stay where they were (the field's own constraints, :meth:`GenerationConfig.validate`)."""
+    if value is None and optional:
+        return value
+    kind = "an integer" if integer else "a number"
+    if not isinstance(value, bool):
+        if isinstance(value, int) or (not integer and isinstance(value, float)):
+            return value
+        if integer and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip()) if integer else float(value.strip())
+            except ValueError:
+                pass
+    hint = f"{name}={example!r}" if example is not None else f"{name}=<{kind}>"
+    raise SettingTypeError(f"{name} must be {kind}{' or None' if optional else ''}, got {type(value).__name__} "
+                           f"{value!r:.60}; pass e.g. {hint}.")
+
+
 def normalize_stop(stop: object) -> tuple[str, ...]:
     """Stop strings as a tuple: a plain ``str`` is ONE stop string (not one per character).
 
@@ -92,6 +127,9 @@ class GenerationConfig:
             raise GenerationConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise GenerationConfigError(f"seed must be an integer or None, got {self.seed!r}.")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise GenerationConfigError(f"seed must fit in 64 bits ({SEED_MIN}..{SEED_MAX}), got {self.seed}; pass a "
+                                        "smaller seed, e.g. seed % 2**63.")
         if self.speculate is not None and not isinstance(self.speculate, bool):
             raise GenerationConfigError(f"speculate must be True, False or None (on for greedy decoding), got "
                                         f"{self.speculate!r}.")
@@ -117,6 +155,9 @@ class GenerationResult:
     drafted: int = 0  # draft tokens verified (speculation + jump-forward)
     accepted: int = 0  # drafts kept
     forced: int = 0  # kept drafts that the grammar forced (jump-forward)
+    #: tokens the budget guard wrote to close a required call / JSON reply the budget would have cut
+    #: (flashback_agents.constrained.CloseGuard; 0: the model closed it itself)
+    forced_close: int = 0
 
 
 @dataclass
@@ -198,6 +239,12 @@ class _Run:
         with ctx.lock:
             spec, jump, grammar = speculation.plan(ctx, cfg, self.processors, self.on_token)
             decoder = speculation.Decoder(ctx, cfg, sample, eos, spec, jump, grammar) if spec or jump else None
+        guard = None
+        if self.processors and eos:  # a reply that must complete is closed before the budget runs out
+            from .constrained import close_guard
+
+            guard = close_guard(self.processors, sorted(eos))
+        forced_close = 0
         steps = 0
         # The lock is taken per step, never held across a ``yield``: a stream abandoned mid-way (or
         # closed by the garbage collector in another thread) must not leave the context locked.
@@ -206,8 +253,15 @@ class _Run:
                 if len(ctx) >= ctx.max_context_tokens:
                     finish = "context"
                     break
-                if decoder is not None:  # one forward, one or more tokens (exactly plain decoding's)
-                    toks = decoder.step(len(gen), min(cfg.max_new_tokens - steps, ctx.max_context_tokens - len(ctx)))
+                room = ctx.max_context_tokens - len(ctx)
+                left = min(cfg.max_new_tokens - steps, room)
+                close = guard.plan(gen, left, room) if guard is not None else None
+                if close is not None:  # the shortest valid end, as if decoded (the last token: a stop)
+                    _push_forced(ctx, close)
+                    toks = close
+                    forced_close = len(close)
+                elif decoder is not None:  # one forward, one or more tokens (exactly plain decoding's)
+                    toks = decoder.step(len(gen), guard.step_budget(left) if guard is not None else left)
                 else:
                     logits = ctx.next_token_logits()
                     if len(gen) < cfg.min_new_tokens and eos:
@@ -255,7 +309,21 @@ class _Run:
         self.result = GenerationResult(text=text, token_ids=all_ids, finish_reason=finish,
                                        seconds=time.perf_counter() - t0, stop_string=stop_hit,
                                        forwards=st.forwards - before[0], drafted=st.drafted - before[1],
-                                       accepted=st.accepted - before[2], forced=st.forced - before[3])
+                                       accepted=st.accepted - before[2], forced=st.forced - before[3],
+                                       forced_close=forced_close)
+
+
+def _push_forced(ctx: CachedContext, toks: list[int]) -> None:
+    """Push tokens chosen without the model (the guard's close) as generated: one forward for all but
+    the last (left pending, as a decoded token is), or one per token on caches that cannot crop."""
+    from . import kvcache
+
+    if len(toks) > 1 and not kvcache.has_state_layers(ctx.cache):
+        ctx._verify_forward(toks[:-1])
+        ctx._accept_verified(toks[:-1], len(toks) - 1, toks[-1])
+    else:
+        for t in toks:
+            ctx.push_generated(t)
 
 
 Run = _Run  # public name: ``for delta in Run(ctx, config, processors, on_token=...)``

@@ -210,12 +210,35 @@ def write_context(ctx: CachedContext, path: str | os.PathLike, n: int | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)})
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O errors (EFBIG, ENOSPC) as SafetensorError
+            raise _WriteError(path, exc) from exc
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink(missing_ok=True)
     return path.stat().st_size
+
+
+class _WriteError(KVStoreError, OSError):
+    """A context file that could not be written (also an ``OSError``: the store skips it, as it skips any
+    failed write; :meth:`CachedContext.save` raises it)."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        text = (str(cause).splitlines() or [""])[0][:200]
+        code = re.search(r"os error (\d+)", text)
+        self.errno = int(code.group(1)) if code else None
+        self.strerror = os.strerror(self.errno) if self.errno else text
+        self.filename = str(path)
+        super().__init__(f"cannot write the context file {path} ({self.strerror}); pass a path on a writable file "
+                         "system with room for it (a file this large needs a file system that takes it, not FAT32 "
+                         "or a quota-limited one).")
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def _open_regular(path: str | os.PathLike):
@@ -515,6 +538,10 @@ class DiskKVStore:
 
     def __init__(self, directory: str | os.PathLike, *, max_bytes: int = 16 << 30, min_tokens: int = BLOCK_TOKENS,
                  min_gain: int = 64, config: KVStoreConfig | None = None):
+        if config is None and (isinstance(directory, bool) or not isinstance(directory, (str, os.PathLike))
+                               or not str(directory).strip()):
+            raise KVStoreError(f"DiskKVStore takes a directory path (str or Path), got {type(directory).__name__} "
+                               f"{directory!r:.60}; pass e.g. DiskKVStore('~/.cache/flashback-agents/kv').")
         self.config = config or KVStoreConfig(str(directory), max_bytes, min_tokens, min_gain)
         self.directory = Path(os.path.expanduser(str(self.config.directory)))
         try:

@@ -65,7 +65,9 @@ def build_params(cfg: ServeConfig) -> Any:
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
-    params.model.path = str(resolve_gguf(cfg.model))
+    from .models import check_gguf_file
+
+    params.model.path = str(check_gguf_file(resolve_gguf(cfg.model)))  # garbage never reaches llama.cpp
     params.hostnames = [cfg.host]
     params.port = int(cfg.port)
     params.n_ctx = int(cfg.ctx_size) * max(1, int(cfg.parallel))  # llama.cpp splits n_ctx across slots

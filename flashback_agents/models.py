@@ -307,6 +307,36 @@ def add_marker_tokens(model: Any, tokenizer: Any) -> tuple[int, int]:
     return int(ids[0]), int(ids[1])
 
 
+def check_device(device: Any) -> str:
+    """The device to load on as a string torch takes (``None``: CUDA if there is one, else the CPU), or
+    :class:`ModelLoadError` naming the devices this machine has, before any weights are read."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = ["'cpu'"] + ([f"'cuda'..'cuda:{n_cuda - 1}'" if n_cuda > 1 else "'cuda'"] if n_cuda else [])
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        have.append("'mps'")
+    hint = f"pass device= one of {', '.join(have)} (this machine's devices), or None to pick one."
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise ModelLoadError(f"device must be a string such as 'cpu' or 'cuda:0' (or a torch.device), got "
+                             f"{type(device).__name__} {device!r}; {hint}")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"Unknown device {device!r}; {hint}") from None
+    if dev.type == "cpu":
+        return str(dev)
+    if dev.type == "cuda":
+        if dev.index is not None and not 0 <= dev.index < n_cuda or not n_cuda:
+            raise ModelLoadError(f"Device {str(dev)!r} is not available: this machine has "
+                                 f"{n_cuda} CUDA device(s); {hint}")
+        return str(dev)
+    if dev.type == "mps" and mps is not None and mps.is_available():
+        return str(dev)
+    raise ModelLoadError(f"Device {str(dev)!r} is not available here; {hint}")
+
+
 def _default_dtype(device: str) -> torch.dtype:
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
@@ -325,6 +355,40 @@ def _resolve_dtype(dtype: Any, device: str) -> torch.dtype:
     return table[str(dtype)]
 
 
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Refuse, with :class:`ModelLoadError`, a file that cannot be a GGUF model: missing, not a regular
+    file, empty, without the ``GGUF`` magic, of an unknown version or with absurd counts in its header.
+
+    Reads 24 bytes (no parsing of the rest): llama.cpp and the converter are never handed garbage."""
+    import struct
+
+    path = Path(os.path.expanduser(str(path)))
+    advice = "re-download or re-export it (`flashback-agents export ADAPTER OUT --gguf OUT.gguf`), or pass another model"
+    try:
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}" if not path.exists() else
+                                 f"{path} is not a regular file; pass a .gguf model file.")
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as exc:
+        raise ModelLoadError(f"Cannot read the GGUF file {path} ({exc.strerror or exc}); check its permissions or "
+                             "pass another model.") from None
+    if not head:
+        raise ModelLoadError(f"{path} is empty (0 bytes), not a GGUF model; {advice}.")
+    if head[:4] != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF'); {advice}.")
+    if len(head) < 24:
+        raise ModelLoadError(f"{path} is truncated ({len(head)} bytes, shorter than a GGUF header); {advice}.")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (1, 2, 3) or n_tensors > 1 << 20 or n_kv > 1 << 20:
+        raise ModelLoadError(f"{path} has a damaged GGUF header (version {version}, {n_tensors} tensors, {n_kv} "
+                             f"metadata keys); {advice}.")
+    return path
+
+
 def _converted_dir_for_gguf(gguf: Path) -> Path:
     if gguf == default_gguf_path():
         return cache_dir() / DEFAULT_MODEL
@@ -340,46 +404,59 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
     state dict, then saved. The directory appears atomically: an interrupted run leaves nothing.
     """
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = target or _converted_dir_for_gguf(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         _drop_gguf_quantization(target / "config.json")
         return target
+    check_gguf_file(gguf)  # garbage is refused before transformers (or a progress bar) sees it
     logger.warning("flashback-agents: converting %s to safetensors under %s (one time, ~30 s)", gguf.name, target)
     steps = tqdm(total=3, desc=f"Converting {gguf.name} (one time)", unit="step")
     try:
-        steps.set_postfix_str("dequantizing GGUF")
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                          dtype=torch.float32, trust_remote_code=False)
-        steps.update(1)
-        steps.set_postfix_str("rebuilding")
-        model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-        bad = [k for k in missing if "lm_head" not in k]
-        if bad or unexpected:
-            raise ModelLoadError(f"GGUF conversion of {gguf} mismatched weights: missing {bad[:3]}, unexpected {unexpected[:3]}")
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
-        model.generation_config = gguf_model.generation_config
-        if hasattr(model.config, "quantization_config"):  # the weights are plain fp32 now
-            del model.config.quantization_config
-        del gguf_model
-        steps.update(1)
-        steps.set_postfix_str("saving")
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        (tmp / "flashback_source.json").write_text(json.dumps({"gguf": str(gguf)}))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        steps.update(1)
+        _convert_gguf(gguf, target, steps)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, UnicodeError, MemoryError) as exc:
+        raise ModelLoadError(f"Cannot convert the GGUF file {gguf} ({type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}); it is damaged or of an architecture "
+                             "transformers cannot read: re-download it, or pass a model directory or Hub id.") from None
     finally:
         steps.close()
     return target
+
+
+def _convert_gguf(gguf: Path, target: Path, steps: Any) -> None:
+    """The conversion proper (:func:`convert_gguf` reports its errors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps.set_postfix_str("dequantizing GGUF")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      dtype=torch.float32, trust_remote_code=False)
+    steps.update(1)
+    steps.set_postfix_str("rebuilding")
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    bad = [k for k in missing if "lm_head" not in k]
+    if bad or unexpected:
+        raise ModelLoadError(f"GGUF conversion of {gguf} mismatched weights: missing {bad[:3]}, unexpected {unexpected[:3]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    if hasattr(model.config, "quantization_config"):  # the weights are plain fp32 now
+        del model.config.quantization_config
+    del gguf_model
+    steps.update(1)
+    steps.set_postfix_str("saving")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "flashback_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    steps.update(1)
 
 
 def _drop_gguf_quantization(config_path: Path) -> None:
@@ -426,21 +503,33 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
         )
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
         custom = _custom_code_error(spec, exc)
         if custom is not None:
             raise custom from None
-        if isinstance(exc, ValueError):
+        if isinstance(exc, (ModelLoadError, MemoryError)) or "out of memory" in str(exc).lower():
             raise
-        raise ModelLoadError(f"Could not load the weights of {spec!r}: {str(exc).splitlines()[0]}") from exc
+        where = "re-download or re-convert the model" if not local else \
+            f"its weight files in {source} are incomplete or damaged: copy or download them again"
+        raise ModelLoadError(f"Could not load the weights of {spec!r} ({type(exc).__name__}: "
+                             f"{(str(exc).splitlines() or [''])[0][:200]}); {where}.") from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except ValueError as exc:
+    except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer: several error types
         custom = _custom_code_error(spec, exc, "tokenizer of")
         if custom is not None:
             raise custom from None
-        raise
-    return model.to(device), tokenizer
+        if isinstance(exc, (ModelLoadError, MemoryError)):
+            raise
+        what = (f"{source} has no usable tokenizer (tokenizer.json / tokenizer_config.json): copy the tokenizer "
+                "files of the model into it" if local else f"the tokenizer of {spec!r} could not be loaded: "
+                "re-download the model")
+        raise ModelLoadError(f"{what} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200].rstrip(': ')}).") from None
+    try:
+        return model.to(device), tokenizer
+    except (RuntimeError, AssertionError) as exc:  # e.g. out of device memory
+        raise ModelLoadError(f"Could not move {spec!r} to {device} ({(str(exc).splitlines() or [''])[0][:200]}); "
+                             "pass device='cpu' or free memory on the device.") from None
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = DEFAULT_ADAPTER,
@@ -456,7 +545,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     """
     resolved = resolve_spec(spec)
     spec = resolved.spec
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     source, name = resolved.source(), resolved.name
     adapter_dir = resolve_adapter(name, adapter)

@@ -48,6 +48,36 @@ class PoolBudgetWarning(UserWarning):
     """One conversation alone is larger than the pool's byte budget (kept anyway: it is the newest)."""
 
 
+def check_byte_budget(value: object, name: str = "max_cached_bytes", optional: bool = False) -> None:
+    """:class:`ContextError` unless ``value`` is a byte count (an int >= 0; ``None`` too when ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ContextError(f"{name} must be a number of bytes (an int >= 0{' or None' if optional else ''}), got "
+                           f"{type(value).__name__} {value!r:.40}; pass e.g. {name}=2 << 30 for 2 GiB.")
+    if value < 0:
+        raise ContextError(f"{name} must be >= 0 bytes, got {value}; pass e.g. {name}=2 << 30 for 2 GiB.")
+
+
+def check_engine_args(*, max_cached_bytes: object = None, max_context_tokens: object = None,
+                      acquire_timeout: object = None) -> None:
+    """The checks of :class:`~flashback_agents.chat.ChatEngine`'s settings that must run before the
+    engine touches what it shares with the model's other engines (the byte budget) or applies a
+    default (``max_context_tokens=0`` is an error, not "the model's window")."""
+    import math
+
+    check_byte_budget(max_cached_bytes, optional=True)
+    if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or
+                                           not isinstance(max_context_tokens, int) or max_context_tokens < 1):
+        raise ContextError(f"max_context_tokens must be a positive integer (tokens per conversation) or None for the "
+                           f"model's window, got {max_context_tokens!r:.40}; pass e.g. max_context_tokens=4096.")
+    if acquire_timeout is not None and (isinstance(acquire_timeout, bool) or
+                                        not isinstance(acquire_timeout, (int, float)) or
+                                        math.isnan(acquire_timeout) or acquire_timeout < 0):
+        raise ContextError(f"acquire_timeout must be a number of seconds >= 0 or None (wait forever), got "
+                           f"{acquire_timeout!r:.40}; pass e.g. acquire_timeout=300.")
+
+
 class MemoryBudget:
     """One byte budget (and one lock) shared by every pool of a model.
 
@@ -57,8 +87,7 @@ class MemoryBudget:
     """
 
     def __init__(self, max_bytes: int = 2 << 30):
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+        check_byte_budget(max_bytes, "max_bytes")
         self.max_bytes = max_bytes
         self.lock = threading.Lock()
         self.free = threading.Condition(self.lock)

@@ -95,9 +95,14 @@ class ToolCallFormat:
         """Text before and after one call's JSON body under constrained decoding (one call)."""
         return (self.open + "[", "]" + self.close) if self.array else (self.open, self.close)
 
-    def parse(self, raw: str, allowed: set[str] | None = None) -> tuple[str, list[ToolCall]]:
-        """Split generated text into (content, calls); text that does not parse stays content."""
-        decoder = json.JSONDecoder()
+    def parse(self, raw: str, allowed: set[str] | None = None, *, strip: bool = True) -> tuple[str, list[ToolCall]]:
+        """Split generated text into (content, calls); text that does not parse stays content.
+
+        The one call parser (``chat.parse_tool_calls`` is this, for every format): each call body is
+        decoded as one JSON value (a closing tag inside a string argument does not cut the call short),
+        leniently where the constrained grammar is (:data:`JSON_DECODER`: raw control characters inside
+        strings). ``strip``: strip the content around the calls (Hermes replies keep it as written).
+        """
         calls: list[ToolCall] = []
         pieces: list[str] = []
         pos = search = 0
@@ -109,7 +114,7 @@ class ToolCallFormat:
             while body < len(raw) and raw[body].isspace():
                 body += 1
             try:
-                value, end = decoder.raw_decode(raw, body)
+                value, end = JSON_DECODER.raw_decode(raw, body)
             except ValueError:
                 search = body + 1
                 continue
@@ -126,21 +131,30 @@ class ToolCallFormat:
             calls.extend(found)  # type: ignore[arg-type]
             pos = search = end
         pieces.append(raw[pos:])
-        return "".join(pieces).strip() if calls else raw, calls
+        if not calls:
+            return raw, calls
+        content = "".join(pieces)
+        return (content.strip() if strip else content), calls
 
     def _coerce(self, obj: Any, allowed: set[str] | None) -> ToolCall | None:
+        """One decoded call body as a ToolCall (None: not a call of an allowed tool)."""
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
         args = obj.get(self.args_key, obj.get("arguments", obj.get("parameters", {})))
-        if isinstance(args, str):
+        if isinstance(args, str):  # OpenAI style: the arguments as a JSON string
             try:
-                args = json.loads(args)
+                args = JSON_DECODER.decode(args)
             except ValueError:
                 return None
         if not isinstance(args, dict) or (allowed is not None and obj["name"] not in allowed):
             return None
         return ToolCall(name=obj["name"], arguments=args, id="call_" + uuid.uuid4().hex[:24])
 
+
+#: the call parser's JSON decoder: strict JSON, except that raw control characters (tab, U+0001, ...)
+#: are accepted inside strings, as a grammar may write them (xgrammar's capped strings did); the
+#: grammar (flashback_agents.constrained) now escapes them, the parser still reads either
+JSON_DECODER = json.JSONDecoder(strict=False)
 
 _PYTHON_TAG = "<|python_tag|>"
 

@@ -62,6 +62,9 @@ class ChatUsage:
     #: because of them (its decode time is in ``decode_seconds``)
     repeat_calls_forbidden: int = 0
     tokens_discarded: int = 0
+    #: tokens the budget guard wrote to close a required call / JSON reply that max_tokens (or the
+    #: context window) would have cut (flashback_agents.constrained.CloseGuard); 0: the model closed it
+    forced_close: int = 0
 
     @property
     def forwards_per_token(self) -> float | None:

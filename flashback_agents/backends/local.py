@@ -47,6 +47,7 @@ class LocalRun(BackendRun):
                               forwards=result.forwards, drafted=result.drafted, accepted=result.accepted,
                               forced=result.forced)
             usage.cache_restored = lease.restored
+            usage.forced_close = result.forced_close
             if event is not None:
                 usage.compacted = True
                 usage.tokens_evicted = event.tokens_evicted
@@ -68,8 +69,9 @@ class LocalBackend(Backend):
 
         if constraint is None:
             return []
+        budget = config.max_new_tokens  # the schema's caps follow the reply's budget (constrained.bounds_for)
         if constraint.kind == "json":
-            return [json_schema_processor(self.lm, constraint.schema)]
+            return [json_schema_processor(self.lm, constraint.schema, max_new_tokens=budget)]
         if constraint.kind == "no_tool_call":
             from ..callmask import no_call_processor
 
@@ -77,8 +79,10 @@ class LocalBackend(Backend):
         if constraint.kind == "tool_call_auto":
             if not lazy_calls_supported(self.lm, constraint.fmt):
                 return []
-            return [tool_call_processor(self.lm, constraint.tools, fmt=constraint.fmt, auto=True)]
-        return [tool_call_processor(self.lm, constraint.tools, constraint.choice, fmt=constraint.fmt)]
+            return [tool_call_processor(self.lm, constraint.tools, fmt=constraint.fmt, auto=True,
+                                        max_new_tokens=budget)]
+        return [tool_call_processor(self.lm, constraint.tools, constraint.choice, fmt=constraint.fmt,
+                                    max_new_tokens=budget)]
 
     def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> LocalRun:
         return LocalRun(self.pool, ids, config, list(prepared or []))

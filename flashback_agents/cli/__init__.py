@@ -15,6 +15,7 @@ import sys
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .common import emit, fail
 
@@ -31,11 +32,47 @@ COMMAND_MODULES = {
 }
 
 
+#: click's UsageError, as typer uses it (typer vendors its own click): BadParameter's base
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Root(TyperGroup):
+    """The root command group: a bad command line (unknown option or command, a value of the wrong type)
+    is one ``error:`` line after the usage, exit code 2, like every other bad input of this CLI."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _USAGE_ERROR as exc:
+            _usage_error(exc, ctx)
+            raise
+
+    def invoke(self, ctx: typer.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERROR as exc:
+            _usage_error(exc, ctx)
+            raise
+
+
+def _usage_error(exc: Exception, ctx: typer.Context) -> None:
+    """Print a usage error as the usage, a hint and one ``error:`` line, and exit 2 (returns only for a
+    group called without a command, whose help click prints)."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        return
+    sub = getattr(exc, "ctx", None) or ctx
+    typer.echo(sub.get_usage(), err=True)
+    if sub.command.get_help_option(sub) is not None:
+        typer.echo(f"Try '{sub.command_path} {sub.help_option_names[0]}' for help.", err=True)
+    typer.secho(f"error: {exc.format_message()}", fg=typer.colors.RED, err=True)  # type: ignore[attr-defined]
+    raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
+
 def build_app() -> tuple[typer.Typer, typer.Typer, dict[str, str]]:
     """A fresh app and its ``bench`` sub-app with every command group registered; the groups that
     failed to import, with why (also written at the end of ``--help``)."""
     app = typer.Typer(help="Fast local LLM agents: a persistent KV cache and the FlashBack append layout.",
-                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Root)
     bench_app = typer.Typer(help="Speed benchmarks, printed as ratios against a baseline measured in the same run.",
                             no_args_is_help=True)
     app.add_typer(bench_app, name="bench")

@@ -8,25 +8,29 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .common import emit, fail
+from .common import bad_input, check_choice, check_dir, check_int, check_out_dir, check_out_file, emit, fail, guarded
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, option: str = "--context") -> list[int]:
+    """Comma-separated token counts (each >= 1), or exit code 2 saying what to pass."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        fail(f"expected comma-separated integers, got {text!r}")
+        bad_input(f"{option} expects comma-separated integers such as 512,4096; got {text!r}.")
         raise
+    if not values or any(v < 1 for v in values):
+        bad_input(f"{option} values must be token counts >= 1 such as 512,4096; got {text!r}.")
+    return values
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    bench_app.command("context")(context)
-    bench_app.command("pool")(pool)
-    bench_app.command("decode")(decode)
-    bench_app.command("agent")(agent)
-    bench_app.command("long")(long)
-    bench_app.command("shift-drift")(shift_drift_cmd)
-    bench_app.command("ralm")(bench_ralm_cmd)
+    bench_app.command("context")(guarded(context))
+    bench_app.command("pool")(guarded(pool))
+    bench_app.command("decode")(guarded(decode))
+    bench_app.command("agent")(guarded(agent))
+    bench_app.command("long")(guarded(long))
+    bench_app.command("shift-drift")(guarded(shift_drift_cmd))
+    bench_app.command("ralm")(guarded(bench_ralm_cmd))
 
 
 def shift_drift_cmd(
@@ -39,6 +43,8 @@ def shift_drift_cmd(
     from ..evaluation.long_bench import shift_drift
     from ..models import load_model
 
+    check_int("budget", budget, 1, hint="pass a token budget, e.g. --budget 1200.")
+    check_int("tool_tokens", tool_tokens, 1, hint="pass the tokens per tool result, e.g. --tool-tokens 200.")
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     try:
         data = shift_drift(lm, steps=64, tool_tokens=tool_tokens, budget=budget)
@@ -66,6 +72,9 @@ def long(
     from ..evaluation.long_bench import bench_long
     from ..models import load_model
 
+    for name, value in (("steps", steps), ("tool_tokens", tool_tokens), ("generate", generate), ("budget", budget)):
+        check_int(name, value, 1)
+    check_out_file("plot", plot)
     scenario = Scenario(12, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
     budget = 1536 if quick and budget is None else budget
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
@@ -124,10 +133,13 @@ def agent(
     from ..evaluation.common import save_plot
     from ..models import load_model
 
+    for name, value in (("steps", steps), ("tool_tokens", tool_tokens), ("generate", generate)):
+        check_int(name, value, 1)
+    check_out_file("plot", plot)
+    if backend not in ("local", "server"):
+        bad_input(f"--backend must be 'local' or 'server', got {backend!r}")
     scenario = Scenario(4, 128, 8) if quick else Scenario(steps, tool_tokens, generate)
     scenario.tool_calls = tool_calls
-    if backend not in ("local", "server"):
-        fail(f"--backend must be 'local' or 'server', got {backend!r}")
     if backend == "server":
         from ..backends.server import ServerError
         from ..evaluation.server_bench import bench_server, print_report
@@ -187,12 +199,17 @@ def context(
     from ..evaluation.context_bench import bench_context, bench_restore, points_to_dicts
     from ..models import load_model
 
+    contexts = _ints(context)  # the options first: a bad one is refused before the model loads
+    check_int("append", append, 1, hint="pass the tokens appended per step, e.g. --append 64.")
+    check_int("repeats", repeats, 1, hint="pass the timed repeats, e.g. --repeats 3.")
+    check_out_file("plot", plot)
+    check_out_dir("store_dir", store_dir)
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
     if restore:
         import torch
 
         try:
-            rows = points_to_dicts(bench_restore(lm, _ints(context), repeats=repeats, store_dir=store_dir))
+            rows = points_to_dicts(bench_restore(lm, contexts, repeats=repeats, store_dir=store_dir))
         except ValueError as exc:
             fail(str(exc))
         data = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype),
@@ -202,7 +219,7 @@ def context(
         emit(data, json_out)
         return
     try:
-        points = bench_context(lm, _ints(context), append=append, repeats=repeats)
+        points = bench_context(lm, contexts, append=append, repeats=repeats)
     except ValueError as exc:
         fail(str(exc))
     rows = points_to_dicts(points)
@@ -237,10 +254,11 @@ def pool(
 
     chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
     if not chosen or any(s not in ("memory", "disk") for s in chosen):
-        fail(f"--systems takes memory and/or disk, got {systems!r}")
+        bad_input(f"--systems takes memory and/or disk, got {systems!r}")
     for name, v in (("conversations", conversations), ("steps", steps), ("tokens", tokens), ("hold", hold)):
-        if v < 1:
-            fail(f"--{name} must be at least 1, got {v}")
+        check_int(name, v, 1)
+    check_int("generate", generate, 0, hint="pass the tokens generated per step, e.g. --generate 8.")
+    check_out_dir("store_dir", store_dir)
     data = bench_pool(model, conversations, steps, tokens, generate, hold, store_dir, chosen,
                       progress=None if json_out else typer.echo)
     if json_out:
@@ -269,8 +287,10 @@ def decode(
     from ..evaluation.context_bench import bench_decode
     from ..models import load_model
 
+    contexts = _ints(context)  # the options first: a bad one is refused before the model loads
+    check_int("tokens", tokens, 1, hint="pass the tokens decoded per measurement, e.g. --tokens 32.")
     lm = load_model(model, adapter=None)  # speed: the same weights as the baselines
-    data = bench_decode(lm, _ints(context), tokens=tokens, speculation=no_speculation)
+    data = bench_decode(lm, contexts, tokens=tokens, speculation=no_speculation)
     if json_out:
         emit(data, True)
     else:
@@ -301,9 +321,15 @@ def bench_ralm_cmd(
     from ..models import ModelLoadError, load_model
     from ..retrieval.base import RetrievalError
 
+    check_dir("data", data, "WikiText-2 directory")
+    check_out_file("plot", plot)
     try:
-        result = run_ralm_bench(load_model(model), quick=quick, data_dir=data, progress=not as_json)
-    except (RetrievalError, ModelLoadError) as exc:
+        lm = load_model(model)
+    except ModelLoadError as exc:
+        bad_input(str(exc))
+    try:
+        result = run_ralm_bench(lm, quick=quick, data_dir=data, progress=not as_json)
+    except RetrievalError as exc:
         fail(str(exc))
         return
     if plot is not None:

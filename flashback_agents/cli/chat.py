@@ -8,12 +8,12 @@ from typing import Optional
 import typer
 
 from ..models import DEFAULT_MODEL
-from .common import emit, fail
+from .common import bad_input, check_float, check_int, emit, guarded
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    app.command("chat")(chat)
-    app.command("info")(info)
+    app.command("chat")(guarded(chat))
+    app.command("info")(guarded(info))
 
 
 def chat(
@@ -27,18 +27,25 @@ def chat(
     """Chat interactively; every turn computes only the new tokens (shown after each reply)."""
     from ..chat import ChatEngine
     from ..context import ContextOverflowError
-    from ..generation import GenerationConfig
+    from ..generation import GenerationConfig, GenerationConfigError
     from ..layout import Message
     from ..models import ModelLoadError, load_model
 
+    # the options first: a bad one is refused before the model loads
+    check_int("max_new_tokens", max_new_tokens, 1, hint="pass the most tokens per reply, e.g. --max-new-tokens 256.")
+    check_float("temperature", temperature, 0, hint="pass 0 for greedy decoding or e.g. --temperature 0.7.")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    try:
+        cfg.validate()
+    except GenerationConfigError as exc:
+        bad_input(str(exc))
     try:
         lm = load_model(model, adapter=None if (adapter or "").lower() == "none" else adapter)
     except ModelLoadError as exc:
-        fail(str(exc))
+        bad_input(str(exc))
     # on_overflow="error": a turn that does not fit is refused (and said so), the conversation goes on
     engine = ChatEngine(lm, on_overflow="error")
     messages = [Message("system", system)]
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     typer.echo(f"{lm.name} on {lm.device} ({lm.max_positions} tokens). Empty line or Ctrl-D to quit.")
     try:
         while True:
@@ -46,6 +53,14 @@ def chat(
                 line = input("you> ") if sys.stdin.isatty() else sys.stdin.readline()
             except EOFError:
                 break
+            except UnicodeDecodeError as exc:
+                bad_input(f"stdin is not UTF-8 text ({exc.reason}); convert it to "
+                          "UTF-8 (e.g. `iconv -t UTF-8`) and try again.")
+            try:
+                line.encode("utf-8")  # undecodable bytes read as lone surrogates (a C locale's surrogateescape)
+            except UnicodeEncodeError:
+                bad_input("stdin is not UTF-8 text (bytes that do not decode); convert it to UTF-8 "
+                          "(e.g. `iconv -t UTF-8`) and try again.")
             line = line.strip()
             if not line:
                 break
@@ -99,7 +114,7 @@ def info(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
         try:
             lm = load_model(model)
         except ModelLoadError as exc:
-            fail(str(exc))
+            bad_input(str(exc))
         data.update(name=lm.name, adapter=lm.adapter, dtype=str(lm.dtype), max_positions=lm.max_positions,
                     parameters=sum(p.numel() for p in lm.model.parameters()), marker_ids=list(lm.marker_ids))
     emit(data, json_out)

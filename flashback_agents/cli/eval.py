@@ -10,7 +10,7 @@ import typer
 
 from ..models import DEFAULT_MODEL
 from ..ralm_layout import RESTATE_TOKENS
-from .common import emit, fail
+from .common import bad_input, check_int, check_out_file, check_threads, emit, fail, guarded
 
 
 QUICK = {"tokens": 512, "window": 256, "train_steps": 20, "train_max_length": 256}
@@ -20,8 +20,8 @@ FULL = {"tokens": 8192, "window": 512, "train_steps": 100, "train_max_length": 5
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - no bench commands here
     eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter; "
                            "held-out agent questions).", no_args_is_help=True)
-    eval_app.command("ppl")(ppl)
-    eval_app.command("agents")(agents)
+    eval_app.command("ppl")(guarded(ppl))
+    eval_app.command("agents")(guarded(agents))
     app.add_typer(eval_app, name="eval")
 
 
@@ -76,6 +76,13 @@ def ppl(
     )
     from ..models import ModelLoadError, load_model, shipped_adapter
 
+    # the options first (exit code 2): a bad one is refused before any data or model loads
+    for name, value in (("tokens", tokens), ("window", window), ("stride", stride), ("query_tokens", query_tokens)):
+        check_int(name, value, 1)
+    check_int("train_adapter_steps", train_adapter_steps, 0, hint="pass 0 to skip the adapter rows or e.g. "
+              "--train-adapter-steps 100.")
+    check_threads(threads)
+    check_out_file("plot", plot)
     preset = QUICK if quick else FULL
     ks = _top_ks(top_k)
     cfg = PplConfig(tokens=tokens if tokens is not None else preset["tokens"],
@@ -183,6 +190,7 @@ def agents(
         fail(f"--threads must be >= 1, got {threads}", 2)
     if max_tokens < 1:
         fail(f"--max-tokens must be >= 1, got {max_tokens}", 2)
+    check_out_file("out", out)
     try:
         questions = select_questions(ids=_csv(ids) or None, limit=limit, categories=_csv(category) or None)
         # adapters, frameworks and extra fields are checked before any model is loaded

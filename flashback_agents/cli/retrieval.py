@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import emit, fail
+from .common import bad_input, check_choice, check_dir, check_int, check_out_dir, emit, fail, guarded
 
 
 def index_cmd(
@@ -26,6 +26,17 @@ def index_cmd(
     from ..retrieval.base import RetrievalError
     from ..retrieval.store import index_paths
 
+    for p in paths:
+        if not p.expanduser().exists():
+            bad_input(f"no such file or directory to index: {p}; pass existing files or directories.")
+    check_out_dir("store", store)
+    if retriever is not None:
+        check_choice("retriever", retriever, ("chroma", "bm25"))
+    check_int("chunk_tokens", chunk_tokens, 8, hint="pass the tokens per chunk, e.g. --chunk-tokens 128.")
+    check_int("overlap", overlap, 0, hint="pass the tokens neighbouring chunks share, e.g. --overlap 16.")
+    if chunk_tokens is not None and overlap is not None and overlap >= chunk_tokens:
+        bad_input(f"--overlap ({overlap}) must be smaller than --chunk-tokens ({chunk_tokens}).")
+    check_int("chroma_port", chroma_port, 1, 65535, hint="pass the port of `chroma run`, e.g. --chroma-port 8000.")
     try:
         rep = index_paths([str(p) for p in paths], store, retriever, chunk_tokens=chunk_tokens, overlap=overlap,
                           tokenizer=tokenizer, embedding_model=embedding_model, host=chroma_host,
@@ -52,6 +63,9 @@ def search_cmd(
     from ..retrieval.base import RetrievalError
     from ..retrieval.store import open_store
 
+    check_int("top_k", k, 1, hint="pass how many chunks to print, e.g. -k 4.")
+    if store.expanduser().is_file():
+        bad_input(f"--store: {store} is a file; pass a store directory made by `flashback-agents index`.")
     try:
         docs = open_store(store).retrieve(query, k)
     except RetrievalError as exc:
@@ -93,14 +107,21 @@ def generate_cmd(
     from ..retrieval.base import RetrievalError
     from ..retrieval.store import open_store
 
+    check_choice("pattern", pattern, ("append", "prepend"))
+    check_int("stride", stride, 1, hint="pass how many generated tokens between retrievals, e.g. --stride 16.")
+    check_int("query_tokens", query_tokens, 1, hint="pass how many trailing tokens form the query, e.g. --query-tokens 32.")
+    check_int("top_k", top_k, 0, hint="pass the chunks per retrieval (0: no retrieval), e.g. --top-k 2.")
+    check_int("max_new_tokens", max_new_tokens, 0, hint="pass the most tokens to generate, e.g. --max-new-tokens 128.")
+    check_dir("adapter", adapter, "adapter directory")
+    if store.expanduser().is_file():
+        bad_input(f"--store: {store} is a file; pass a store directory made by `flashback-agents index`.")
     try:
         retriever = open_store(store)
         loop_args = dict(stride=stride, query_tokens=query_tokens, top_k=top_k, pattern=pattern)
-        if pattern not in ("append", "prepend"):
-            raise RetrievalError(f"--pattern must be append or prepend, got {pattern!r}.")
-        if max_new_tokens < 0:
-            raise RetrievalError("--max-new-tokens must be >= 0.")
-        lm = load_model(model, adapter=adapter)
+        try:
+            lm = load_model(model, adapter=adapter)
+        except ModelLoadError as exc:
+            bad_input(str(exc))
         ctx = CachedContext(lm)
         if raw:
             ids, answer_prefix = lm.encode(prompt), []
@@ -123,6 +144,6 @@ def generate_cmd(
                     f"{r.tokens_computed}, reused {r.tokens_reused}, query {r.query[-60:]!r}", err=True, dim=True)
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - bench ralm: cli/bench.py
-    app.command("index")(index_cmd)
-    app.command("search")(search_cmd)
-    app.command("generate")(generate_cmd)
+    app.command("index")(guarded(index_cmd))
+    app.command("search")(guarded(search_cmd))
+    app.command("generate")(guarded(generate_cmd))

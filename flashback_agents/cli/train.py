@@ -9,7 +9,8 @@ import typer
 
 from ..training.ralm_corpus import CorpusError, read_corpus, read_ralm_corpus  # noqa: F401  (re-exported for callers)
 from ..ralm_layout import RESTATE_TOKENS
-from .common import emit, fail
+from .common import (bad_input, check_choice, check_dir, check_file, check_float, check_int, check_out_dir,
+                     check_out_file, check_threads, emit, fail, guarded)
 
 
 def open_retriever(store: str) -> Any:
@@ -74,6 +75,7 @@ def train_cmd(
         fail("nothing to train on: pass --data FILE.jsonl and/or --ralm-corpus DIR_OR_FILE.")
     if format not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    _check_train_options(locals())
     if threads:
         import torch
         torch.set_num_threads(threads)
@@ -101,7 +103,7 @@ def train_cmd(
     try:
         lm = load_model(model, adapter=None, device="cpu", dtype=config.dtype)  # accelerate moves it
     except ModelLoadError as exc:
-        fail(str(exc))
+        bad_input(str(exc))
     samples = []
     summary: dict[str, Any] = {}
     if transcripts is not None:
@@ -141,6 +143,56 @@ def train_cmd(
                     "last_eval_loss": result.eval_loss[-1][1] if result.eval_loss else None})
     emit(summary, as_json)
 
+
+def _check_train_options(o: dict[str, Any]) -> None:
+    """The options of ``train``, checked before any file is read or a model is loaded (exit code 2)."""
+    for path in o["data"] or []:
+        if not path.expanduser().exists():
+            bad_input(f"--data: no such file or directory: {path}; pass transcript files (.jsonl / .json) or "
+                      "directories.")
+    for path in o["ralm_corpus"] or []:
+        if not path.expanduser().exists():
+            bad_input(f"--ralm-corpus: no such file or directory: {path}; pass text files or directories.")
+    if o["retriever_store"] is not None:
+        check_dir("retriever_store", o["retriever_store"], "store directory")
+    check_out_dir("out", o["out"])
+    for name in ("steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "stride", "query_tokens", "top_k",
+                 "ralm_window", "chunk_tokens"):
+        check_int(name, o[name], 1)
+    check_int("max_length", o["max_length"], 16, hint="pass the tokens per sample, e.g. --max-length 1024.")
+    for name in ("warmup_steps", "eval_every", "save_every", "ralm_branches", "restate", "eval_max_samples"):
+        check_int(name, o[name], 0)
+    check_int("seed", o["seed"], 0, 2**32 - 1)
+    check_int("stop_after", o["stop_after"], 1, hint="pass the steps to run now, e.g. --stop-after 50 (then --resume).")
+    check_threads(o["threads"])
+    check_float("lr", o["lr"], above=0, hint="pass a learning rate such as --lr 2e-4.")
+    check_float("lora_dropout", o["lora_dropout"], minimum=0, below=1, hint="pass e.g. --lora-dropout 0.05.")
+    check_choice("mixed_precision", o["mixed_precision"], ("no", "bf16", "fp16"))
+
+
+def _check_adapter_dir(adapter: Path) -> None:
+    """An adapter directory written by ``train``: its JSON files must be readable JSON objects (exit code 2)."""
+    import json
+
+    check_dir("adapter", adapter, "adapter directory")
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        bad_input(f"--adapter: {adapter} is not an adapter directory (no adapter_config.json); pass a directory "
+                  "written by `flashback-agents train`.")
+    for path in (config, adapter / "flashback_adapter.json"):
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            bad_input(f"--adapter: {path} is not readable JSON ({str(exc)[:120]}); retrain the adapter or restore "
+                      "the file.")
+        else:
+            if not isinstance(data, dict):
+                bad_input(f"--adapter: {path} must hold a JSON object, got {type(data).__name__}; retrain the "
+                          "adapter or restore the file.")
+
+
 def export_cmd(
     adapter: Path = typer.Option(..., "--adapter", help="Adapter directory written by `train`."),
     out: Path = typer.Option(..., "--out", help="Where to write the merged Hugging Face model."),
@@ -154,8 +206,26 @@ def export_cmd(
     gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="f16 or f32 tensors in the GGUF."),
 ) -> None:
     """Merge an adapter into its base model: a plain HF directory loadable with load_model(OUT)."""
+    from ..models import ModelLoadError, _resolve_dtype, resolve_spec
     from ..training.trainer import TrainError, export_merged, read_adapter_meta
 
+    _check_adapter_dir(adapter)
+    check_out_dir("out", out)
+    if out.expanduser().resolve() == adapter.expanduser().resolve():
+        bad_input("--out must not be the adapter directory (it is replaced by the merged model); pass a new directory.")
+    try:
+        _resolve_dtype(dtype, "cpu")
+    except ModelLoadError as exc:
+        bad_input(f"--dtype: {exc}")
+    try:
+        if base is not None:
+            resolve_spec(base)
+    except ModelLoadError as exc:
+        bad_input(f"--base: {exc}")
+    if gguf is not None:
+        check_out_file("gguf", gguf)
+        check_file("gguf_base", gguf_base, "GGUF file")
+        check_choice("gguf_dtype", gguf_dtype, ("f16", "f32"))
     try:
         path = export_merged(adapter, out, base=base, dtype=dtype)
     except TrainError as exc:
@@ -174,5 +244,5 @@ def export_cmd(
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - no bench commands here
-    app.command("train")(train_cmd)
-    app.command("export")(export_cmd)
+    app.command("train")(guarded(train_cmd))
+    app.command("export")(guarded(export_cmd))

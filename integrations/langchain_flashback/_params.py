@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine
-from flashback_agents.generation import GenerationConfig, normalize_stop
+from flashback_agents.generation import GenerationConfig, check_setting, normalize_stop
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL
 
 PROVIDER = "flashback"
@@ -51,6 +51,29 @@ class FlashBackParams(BaseModel):
                               "When it acts, response_metadata['repeat_calls_forbidden'] counts the calls.")
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=())
+
+    # A wrong type (temperature="hot") is our SettingTypeError (a FlashBackError) saying what to pass,
+    # not pydantic's bare ValidationError; a numeric string still converts, as before.
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _number_fields(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_setting(info.field_name, value, example=1.0 if info.field_name == "top_p" else 0.7)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _optional_number_fields(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_setting(info.field_name, value, optional=True, example=30.0)
+
+    @field_validator("min_tokens", "draft_tokens", mode="before")
+    @classmethod
+    def _int_fields(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_setting(info.field_name, value, integer=True, example=8 if info.field_name == "draft_tokens" else 0)
+
+    @field_validator("max_tokens", "seed", "max_cached_bytes", "max_context_tokens", "kv_store_max_bytes", mode="before")
+    @classmethod
+    def _optional_int_fields(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_setting(info.field_name, value, integer=True, optional=True,
+                             example={"max_tokens": 256, "max_context_tokens": 4096, "seed": 0}.get(info.field_name, 2 << 30))
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

@@ -72,8 +72,8 @@ def _document_text(doc: Any) -> str:
         for key in ("page_content", "text", "content"):
             if isinstance(doc.get(key), str):
                 return doc[key]
-    raise ValueError(f"Cannot use a {type(doc).__name__} as a document: pass strings, LangChain Documents "
-                     "or objects with a .text attribute.")
+    raise LayoutError(f"Cannot use a {type(doc).__name__} as a document: pass strings, LangChain Documents "
+                      "or objects with a .text attribute.")
 
 
 def to_flashback_messages(messages: Sequence[BaseMessage]) -> list[Message]:
@@ -107,6 +107,9 @@ def to_flashback_messages(messages: Sequence[BaseMessage]) -> list[Message]:
             out.append(Message("system", text))
         elif role == "user":
             docs = (m.additional_kwargs or {}).get(DOCUMENTS_KEY) or []
+            if not isinstance(docs, (list, tuple)):  # a str would be one document per character
+                raise LayoutError(f"Message {i} additional_kwargs[{DOCUMENTS_KEY!r}] must be a list of documents, got "
+                                  f"{type(docs).__name__} {docs!r:.40}; pass a list, e.g. [text] for one document.")
             out.append(Message("user", text, documents=[_document_text(d) for d in docs]))
         elif role == "assistant":
             calls = []

@@ -31,13 +31,13 @@ from llama_index.core.base.llms.types import (
     TextBlock,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine, ChatReply
-from flashback_agents.generation import GenerationConfig, normalize_stop
+from flashback_agents.generation import GenerationConfig, check_setting, normalize_stop
 from flashback_agents.layout import LayoutError, Message, ToolCall
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
 
@@ -141,6 +141,9 @@ def to_flashback_messages(messages: Sequence[ChatMessage]) -> list[Message]:
             docs = kw.get(DOCUMENTS_KEY) or []
             if isinstance(docs, str):
                 docs = [docs]
+            if not isinstance(docs, (list, tuple)):
+                raise LayoutError(f"Message {i} additional_kwargs[{DOCUMENTS_KEY!r}] must be a list of texts, got "
+                                  f"{type(docs).__name__} {docs!r:.40}; pass e.g. [text] for one document.")
             out.append(Message("user", text, documents=[str(d) for d in docs if str(d).strip()]))
         else:
             out.append(Message("system", text))
@@ -184,6 +187,17 @@ def _reply_message(reply: ChatReply) -> ChatMessage:
     blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments)
                for c in reply.tool_calls]
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
+
+
+class _PromptTypeError(LayoutError, TypeError):
+    """A completion prompt that is not a string (our LayoutError; a TypeError too)."""
+
+
+def _check_prompt(prompt: Any) -> None:
+    """complete() and friends take the prompt as text: None or a number is refused, not rendered as 'None'."""
+    if not isinstance(prompt, str):
+        raise _PromptTypeError(f"The prompt must be a string, got {type(prompt).__name__} {prompt!r:.40}; pass the "
+                               "text to complete, e.g. llm.complete('Hello'), or use chat() for messages.")
 
 
 class _ToolTypeError(LayoutError, TypeError):
@@ -257,6 +271,30 @@ class FlashBack(FunctionCallingLLM):
                               "raw['usage']['repeat_calls_forbidden'] counts the calls.")
 
     _engine: ChatEngine = PrivateAttr()
+
+    # A wrong type is our SettingTypeError (a FlashBackError) saying what to pass, not pydantic's bare
+    # ValidationError; ranges stay the fields' own constraints.
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _number_fields(cls, value: Any, info: Any) -> Any:
+        return check_setting(info.field_name, value, example=1.0 if info.field_name == "top_p" else 0.7)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _optional_number_fields(cls, value: Any, info: Any) -> Any:
+        return check_setting(info.field_name, value, optional=True, example=30.0)
+
+    @field_validator("max_tokens", "min_tokens", "draft_tokens", mode="before")
+    @classmethod
+    def _int_fields(cls, value: Any, info: Any) -> Any:
+        return check_setting(info.field_name, value, integer=True, example=8 if info.field_name == "draft_tokens" else 256)
+
+    @field_validator("seed", "max_cached_bytes", "max_context_tokens", "kv_store_max_bytes", mode="before")
+    @classmethod
+    def _optional_int_fields(cls, value: Any, info: Any) -> Any:
+        return check_setting(info.field_name, value, integer=True, optional=True,
+                             example=4096 if info.field_name == "max_context_tokens" else
+                             2 << 30 if "bytes" in info.field_name else 0)
 
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, **kwargs: Any) -> None:
         lm = model if isinstance(model, LoadedModel) else None
@@ -395,6 +433,7 @@ class FlashBack(FunctionCallingLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        _check_prompt(prompt)
         if formatted:
             reply = self._engine.complete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -404,6 +443,7 @@ class FlashBack(FunctionCallingLLM):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        _check_prompt(prompt)
         if formatted:
             run = self._engine.stream_complete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -423,6 +463,7 @@ class FlashBack(FunctionCallingLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        _check_prompt(prompt)
         if formatted:
             reply = await self._engine.acomplete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -433,6 +474,7 @@ class FlashBack(FunctionCallingLLM):
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
+        _check_prompt(prompt)
         if formatted:
             run = self._engine.astream_complete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
