@@ -223,8 +223,9 @@ def cap_strings(schema: Any, max_length: int | None = DEFAULT_MAX_STRING) -> Any
 #: characters pass, which strict JSON refuses, and no escapes) and what they become: no raw control
 #: characters, JSON escapes allowed (``\u`` without lone surrogates), as in xgrammar's uncapped strings
 _XGR_STRING_CHAR = r' ::= (([^\"\\\r\n]))'
-_JSON_STRING_CHAR = (r' ::= (([^\0-\x1f\"\\]) | ("\\" ([\"\\/bfnrt] | ("u" ([0-9A-Ca-c] [0-9A-Fa-f] [0-9A-Fa-f] '
-                     r'[0-9A-Fa-f] | [Dd] [0-7] [0-9A-Fa-f] [0-9A-Fa-f] | [EeFf] [0-9A-Fa-f] [0-9A-Fa-f] [0-9A-Fa-f])))))')
+_JSON_STRING_CHAR = (r' ::= (([^\0-\x1f\"\\]) | ("\\" ([\"\\/bfnrt] | ("u" ('
+                     r'[0-9A-Ca-c] [0-9A-Fa-f] [0-9A-Fa-f] [0-9A-Fa-f] | [Dd] [0-7] [0-9A-Fa-f] [0-9A-Fa-f] | '
+                     r'[EeFf] [0-9A-Fa-f] [0-9A-Fa-f] [0-9A-Fa-f])))))')
 
 
 def _json_strings(grammar: Any) -> Any:

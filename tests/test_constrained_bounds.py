@@ -60,7 +60,8 @@ def test_bound_schema_caps_what_the_schema_leaves_open():
         "xs": {"type": "array", "items": {"type": "integer"}},
         "few": {"type": "array", "items": {"type": "string"}, "minItems": 20},
         "n": {"type": "number", "minimum": 0},
-        "s": {"type": "string"}, "long": {"type": "string", "maxLength": 5000}, "min": {"type": "string", "minLength": 200},
+        "s": {"type": "string"}, "long": {"type": "string", "maxLength": 5000},
+        "min": {"type": "string", "minLength": 200},
         "e": {"enum": ["a", "b"]}, "p": {"type": "string", "pattern": "[a-z]+"},
         "o": {"type": "object"}, "any": {"description": "anything"},
         "type": {"type": "string"}, "properties": {"type": "integer"}}})  # names that are keywords elsewhere
@@ -96,7 +97,8 @@ def test_bounded_schema_still_validates_what_it_writes():
 
 def test_min_length_200_is_accepted(engine):
     t = tool({"text": {"type": "string", "minLength": 200}})
-    r = engine.chat([Message("user", "write")], tools=[t], tool_choice="any", config=GenerationConfig(max_new_tokens=64))
+    r = engine.chat([Message("user", "write")], tools=[t], tool_choice="any",
+                    config=GenerationConfig(max_new_tokens=64))
     assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1
     assert len(r.tool_calls[0].arguments["text"]) >= 200
 
