@@ -56,6 +56,16 @@ def _masked_text(tag: str) -> str:
     return stem if "_" in short and len(stem) >= 4 else short
 
 
+def _masked_texts(tag: str) -> list[str]:
+    """:func:`_masked_text` and the spellings a small model drifts to when the tag itself is masked
+    (``< Tool_call>``, ``<TOOL_call>``: seen from SmolLM2-135M on the loop guard's second decode)."""
+    stem = _masked_text(tag)
+    if len(stem) < 2 or not stem[0] in "<[" or not stem[1:].isalpha():
+        return [stem]
+    words = {stem[1:], stem[1:].lower(), stem[1:].capitalize(), stem[1:].upper()}
+    return sorted({stem[0] + sp + w for w in words for sp in ("", " ")})
+
+
 class CallMask:
     """The token sets that open a call, precomputed from a decoded vocabulary (pure: no model).
 
@@ -177,7 +187,7 @@ class CallMaskCache:
                 return hit[1]
         tags, lead_brace = call_tags(fmt)
         vocab = GRAMMARS.tokenizer_info(lm).decoded_vocab
-        mask = CallMask(vocab, _special_ids(lm.tokenizer), [_masked_text(t) for t in tags], lead_brace,
+        mask = CallMask(vocab, _special_ids(lm.tokenizer), [m for t in tags for m in _masked_texts(t)], lead_brace,
                         single_token_tag_ids(lm.tokenizer, fmt))
         with self._lock:
             self._masks[key] = (lm, mask)

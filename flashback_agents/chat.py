@@ -9,7 +9,7 @@ is new since the previous one), decodes, parses tool calls and, when a call is r
 decoding with xgrammar so the call always parses.
 
 ``tool_choice="none"`` keeps the tools in the prompt but masks the opening of a call while decoding
-(:mod:`flashback_agents.callmask`). ``repeat_calls="forbid"`` (the loop guard, off by default: see
+(:mod:`flashback_agents.callmask`). ``repeat_calls="forbid"`` (the loop guard, on by default: see
 :data:`DEFAULT_REPEAT_CALLS`) replaces a reply that only repeats calls already answered in the
 conversation by one decoded again with calls masked, and counts it in ``usage.repeat_calls_forbidden``.
 
@@ -45,7 +45,7 @@ __all__ = ["ChatEngine", "ChatReply", "ChatUsage", "ChatRun", "AsyncChatRun", "p
 #: conversation is forbidden: the engine decodes again with calls masked, so the model answers in text)
 REPEAT_CALLS = ("allow", "forbid")
 #: the default of ``repeat_calls`` everywhere (ChatEngine calls, ChatFlashBack, LlamaIndex FlashBack)
-DEFAULT_REPEAT_CALLS = "allow"
+DEFAULT_REPEAT_CALLS = "forbid"
 
 
 @dataclass

@@ -98,11 +98,15 @@ class Grammar:
             return ""
         return self.matcher.find_jump_forward_string()
 
-    def valid_prefix(self, drafts: list[int]) -> list[int]:
-        """The longest prefix of ``drafts`` the grammar accepts (the matcher is left unchanged)."""
+    def valid_prefix(self, drafts: list[int], never: frozenset[int] = frozenset()) -> list[int]:
+        """The longest prefix of ``drafts`` the grammar accepts (the matcher is left unchanged).
+
+        ``never``: ids no grammar accepts (special tokens other than the stops, e.g. the evidence markers a
+        draft copies from the context): the draft ends there without asking the matcher, which would
+        refuse them with a warning on stderr."""
         n = 0
         for t in drafts:
-            if self.matcher.is_terminated() or not self.matcher.accept_token(int(t)):
+            if int(t) in never or self.matcher.is_terminated() or not self.matcher.accept_token(int(t)):
                 break
             n += 1
         if n:
@@ -153,6 +157,10 @@ class Decoder:
         self.ctx, self.cfg, self.sample, self.eos = ctx, config, sample, eos
         self.speculate, self.jump = speculate, jump
         self.grammar = Grammar(grammar) if grammar is not None else None
+        tok = ctx.lm.tokenizer
+        #: special ids (markers included) that a grammar never accepts: drafts stop before them
+        self.never = frozenset({int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
+                               | {int(i) for i in getattr(ctx.lm, "marker_ids", ()) or ()}) - frozenset(eos)
         self.index = NgramIndex(ctx.ids, config.ngram) if speculate else None
         self.stats = ctx.stats  # forwards are counted by the context; drafted/accepted/forced here
 
@@ -174,13 +182,13 @@ class Decoder:
         if self.jump and self.grammar is not None:
             forced = self.grammar.forced_string()
             if forced:
-                toks = self.grammar.valid_prefix(self.ctx.lm.encode(forced)[:limit])
+                toks = self.grammar.valid_prefix(self.ctx.lm.encode(forced)[:limit], self.never)
                 if toks:
                     n_forced = len(toks)
                     if self.speculate and len(toks) < limit:  # what follows the forced text, looked up
                         more = self.index.draft(min(limit - len(toks), self.cfg.draft_tokens), after=toks)
                         more = more[:next((i for i, t in enumerate(more) if t in self.eos), len(more))]
-                        toks = self.grammar.valid_prefix(toks + more) if more else toks
+                        toks = self.grammar.valid_prefix(toks + more, self.never) if more else toks
                     return toks, n_forced
         if self.speculate:
             drafts = self.index.draft(min(limit, self.cfg.draft_tokens))
@@ -188,7 +196,7 @@ class Decoder:
                 cut = next((i for i, t in enumerate(drafts) if t in self.eos), None)
                 drafts = drafts[:cut] if cut is not None else drafts
             if drafts and self.grammar is not None:
-                drafts = self.grammar.valid_prefix(drafts)
+                drafts = self.grammar.valid_prefix(drafts, self.never)
             return drafts, 0
         return [], 0
 

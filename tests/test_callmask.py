@@ -101,7 +101,7 @@ def test_answered_calls_and_repeat_calls_validation():
     no_ids = [Message("assistant", "", tool_calls=[ToolCall("add", {"a": 1, "b": 2})]), Message("tool", "3")]
     assert answered_calls(no_ids) == {k12}
     assert answered_calls(no_ids[:1]) == frozenset()  # a call without a result is not answered
-    assert check_repeat_calls(None) == "allow" and check_repeat_calls("forbid") == "forbid"
+    assert check_repeat_calls(None) == "forbid"  # the measured default (docs/benchmarks.md section 9) and check_repeat_calls("forbid") == "forbid"
     with pytest.raises(ConstraintError, match=r"\['allow', 'forbid'\]"):
         check_repeat_calls("never")
 
@@ -151,7 +151,7 @@ def pushy_engine(lm, push: str | None) -> ChatEngine:
 
 def test_processor_masks_the_tag_on_a_real_vocabulary(tiny_lm):
     proc = no_call_processor(tiny_lm)
-    assert proc.mask.tags == (b"<tool",)  # the tag's stem: no near-tags (<tool_apply_call>) either
+    assert b"<tool" in proc.mask.tags and b"< Tool" in proc.mask.tags  # the stem and its drifted spellings
     opener = tiny_lm.encode("<tool")
     assert len(opener) > 1  # spelled in several tokens: the completion is what gets masked
     width = tiny_lm.model.get_output_embeddings().weight.shape[0]
@@ -194,7 +194,7 @@ def test_forbid_replaces_a_repeated_call_with_text(tiny_lm):
     allowed = engine.chat(msgs, tools=TOOLS, config=cfg, repeat_calls="allow")
     assert [(c.name, c.arguments) for c in allowed.tool_calls] == [("add", {"a": 1, "b": 2})]
     assert allowed.usage.repeat_calls_forbidden == 0
-    assert engine.chat(msgs, tools=TOOLS, config=cfg).tool_calls  # the default: allow
+    assert not engine.chat(msgs, tools=TOOLS, config=cfg).tool_calls  # the default: forbid
     forbidden = engine.chat(msgs, tools=TOOLS, config=cfg, repeat_calls="forbid")
     assert forbidden.tool_calls == [] and forbidden.finish_reason != "tool_calls"
     assert "<tool_call>" not in forbidden.text

@@ -261,7 +261,13 @@ def test_llamaindex_memory_flush_is_one_recompute_per_flush(long_dir):
     from llama_index.core.memory import Memory
     from llama_index.llms.flashback import FlashBack
 
-    llm = FlashBack(str(long_dir), max_tokens=24, tool_choice="required", max_context_tokens=4096)
+    class EveryStepCalls(FlashBack):
+        """A call at every agent step (FunctionAgent asks with tool_required=False, so the agent could end)."""
+
+        def _prepare_chat_with_tools(self, tools, *args, tool_required=False, **kwargs):
+            return super()._prepare_chat_with_tools(tools, *args, tool_required=True, **kwargs)
+
+    llm = EveryStepCalls(str(long_dir), max_tokens=24, max_context_tokens=4096)
     llm.engine.pool.clear()
     memory = Memory.from_defaults(token_limit=300, chat_history_token_ratio=0.7, token_flush_size=100)
     calls = run_llamaindex_agent(llm, memory, turns=7)

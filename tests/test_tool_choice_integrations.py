@@ -100,7 +100,7 @@ def test_langchain_repeat_guard(lc_llm, tiny_dir, monkeypatch):
     history = [HumanMessage("turn it on"),
                AIMessage("", tool_calls=[{"name": "toggle", "args": {"on": True}, "id": "c1"}]),
                ToolMessage("True", tool_call_id="c1")]
-    allowed = lc_llm.bind_tools([toggle]).invoke(history)
+    allowed = lc_llm.bind_tools([toggle]).invoke(history, repeat_calls="allow")
     assert [c["args"] for c in allowed.tool_calls] == [{"on": True}]
     assert allowed.response_metadata["repeat_calls_forbidden"] == 0
     guarded = ChatFlashBack(model=str(tiny_dir), max_tokens=80, repeat_calls="forbid")
