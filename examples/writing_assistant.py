@@ -44,7 +44,6 @@ class WritingConfig:
     model: str = "smollm2-135m-instruct"
     adapter: str | None = None
     max_new_tokens: int = 96
-    min_new_tokens: int = 48  # a paragraph: the end of turn is masked before this many tokens
     store: str | None = None
     stride: int = 16
     query_tokens: int = 32
@@ -52,6 +51,7 @@ class WritingConfig:
     threads: int | None = None
     quiet: bool = False
     no_adapter: bool = False  # --no-adapter: the bare model (adapter=None passed explicitly)
+    min_new_tokens: int = 48  # a paragraph: the end of turn is masked before this many tokens
 
 
 @dataclass
