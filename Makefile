@@ -47,8 +47,10 @@ tool-episodes:
 
 adapter: keep tool-episodes
 	flashback-agents train --data build/tools.jsonl $(AGENT3) --data build/loghub.jsonl --data build/keep.jsonl \
-	  $(RECIPE) --steps $(ADAPTER_STEPS) --warmup-steps 20 --eval-every 30 --save-every 30 --eval-max-samples 16 \
-	  --target-modules $(ADAPTER_TARGETS) --out build/adapter
+	  --ralm-corpus $(DATA)/wikitext-2/valid.txt --steps $(ADAPTER_STEPS) --batch-size 1 --grad-accum 2 \
+	  --ralm-window 384 --ralm-branches 8 --lr 1e-3 --warmup-steps 20 --eval-every 30 --save-every 30 \
+	  --eval-max-samples 16 --threads 1 --seed 0 --max-length 1536 --target-modules $(ADAPTER_TARGETS) \
+	  --out build/adapter
 
 # The adapter shipped before the tool episodes (run E1 of docs/benchmarks.md section 5; keep with 200 + 200).
 adapter-e1: transcripts
