@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from .backends.base import Backend, BackendRun, ChatUsage, Constraint
+from .callmask import CALL_MASKS, stream_visible, strip_call_markup
 from .context import ContextConfig, ContextOverflowError
 from .generation import GenerationConfig, GenerationResult
 from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Layout, LayoutError, Message, ToolCall
@@ -618,8 +619,6 @@ class ChatEngine:
         if plan.parse_tools:
             return self.layout.tool_format.stream_split(raw)
         if plan.no_calls:
-            from .callmask import stream_visible
-
             return stream_visible(raw, self.layout.tool_format)
         return raw, len(raw)
 
@@ -641,8 +640,6 @@ class ChatEngine:
             if not calls and fmt.open != TOOL_CALL_OPEN:  # a backend that constrains in Hermes (a server)
                 text, calls = parse_tool_calls(raw, plan.allowed)
         elif plan.no_calls:  # the mask keeps calls out; where none applies (a server), a stray tag goes here
-            from .callmask import strip_call_markup
-
             text, calls = strip_call_markup(raw, fmt), []
         else:
             text, calls = raw, []
@@ -803,7 +800,6 @@ async def _drain(run: AsyncChatRun) -> ChatReply:
 
 def _forget_model(lm: LoadedModel) -> None:
     """Drop ``lm`` from the process-wide caches that hold models (shared weights, grammar compilers)."""
-    from .callmask import CALL_MASKS
     from .constrained import GRAMMARS
     from .models import forget_shared_model
 
