@@ -9,7 +9,9 @@ which would open a call in the model's own format (:class:`~flashback_agents.too
   (special or not), every token whose text contains the tag, and, while the text generated so far
   ends with a proper prefix of the tag (``"<tool_"``), every token that would complete it. The text
   matched is the tag without its closing bracket (``<tool_call``): a model set on calling otherwise
-  writes near-tags (``<tool_call name="add">``) that are no call but no answer either;
+  writes near-tags (``<tool_call name="add">``) that are no call but no answer either; and a tag opening
+  with ``<`` also forbids a reply that *starts* with ``<`` (the model invents other tags, ``<map_call>``:
+  a reply under these masks opens with text, not markup);
 - Llama 3 (no tag: a call is a bare JSON object opening the reply, or follows ``<|python_tag|>``):
   ``<|python_tag|>``, and, while the reply has no non-space character yet, every token whose first
   non-space character is ``{``.
@@ -100,6 +102,11 @@ class CallMask:
         self.keep = max((len(t) - 1 for t in self.tags), default=0)
         #: ids whose first non-space byte is ``{`` (forbidden while the reply is blank), or None
         self.brace = _ids(i for i, b in enumerate(self.text) if b.lstrip().startswith(b"{")) if lead_brace else None
+        #: ids whose first non-space byte is ``<`` where a tag opens with it (forbidden while the reply is
+        #: blank): a small model denied its tag invents others (``<map_call>``, ``<not_tool_call>``,
+        #: ``<document_call>``: seen from SmolLM2-135M on the loop guard's second decode), always at the start
+        angle = any(t.startswith(b"<") for t in self.tags)
+        self.lead = _ids(i for i, b in enumerate(self.text) if b.lstrip().startswith(b"<")) if angle else None
 
     def banned(self, tail: bytes, blank: bool) -> list[torch.Tensor]:
         """Id sets to forbid after a reply ending with ``tail`` (``blank``: nothing but spaces so far)."""
@@ -107,8 +114,8 @@ class CallMask:
         for prefix, ids in self.completes.items():
             if tail.endswith(prefix):
                 out.append(ids)
-        if blank and self.brace is not None and self.brace.numel():
-            out.append(self.brace)
+        if blank:
+            out += [ids for ids in (self.brace, self.lead) if ids is not None and ids.numel()]
         return out
 
 

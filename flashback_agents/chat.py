@@ -537,12 +537,14 @@ class ChatEngine:
     def shared(cls, model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = DEFAULT_ADAPTER,
                max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                on_overflow: str = "evict", *, kv_store_dir: str | os.PathLike | None = None,
-               kv_store_max_bytes: int | None = None) -> "ChatEngine":
+               kv_store_max_bytes: int | None = None, chat_template: str | None = None,
+               timeout: float | None = None) -> "ChatEngine":
         """The process-wide engine for these arguments: :func:`flashback_agents.engines.shared_engine`."""
         from .engines import shared_engine
 
         return shared_engine(model, adapter, max_cached_bytes, max_context_tokens, on_overflow, engine_cls=cls,
-                             kv_store_dir=kv_store_dir, kv_store_max_bytes=kv_store_max_bytes)
+                             kv_store_dir=kv_store_dir, kv_store_max_bytes=kv_store_max_bytes,
+                             chat_template=chat_template, timeout=timeout)
 
     def on_close(self, callback: Callable[["ChatEngine"], None]) -> None:
         """Call ``callback(self)`` when this engine is closed (the engine caches forget it then)."""

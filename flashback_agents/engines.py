@@ -49,36 +49,47 @@ class ServerChatEngine(ChatEngine):
 def shared_engine(model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None = DEFAULT_ADAPTER,
                   max_cached_bytes: int | None = None, max_context_tokens: int | None = None,
                   on_overflow: str = "evict", *, engine_cls: type[ChatEngine] = ChatEngine,
-                  kv_store_dir: str | os.PathLike | None = None, kv_store_max_bytes: int | None = None) -> ChatEngine:
+                  kv_store_dir: str | os.PathLike | None = None, kv_store_max_bytes: int | None = None,
+                  chat_template: str | None = None, timeout: float | None = None) -> ChatEngine:
     """The process-wide engine for these arguments (same args -> same engine, weights and pool).
 
     An ``http(s)://`` model spec is an OpenAI-compatible server (llama.cpp, vLLM, SGLang): the engine
     renders locally (tokenizer only) and runs on the server (see :mod:`flashback_agents.backends.server`).
     At most :attr:`ChatEngine.max_shared_engines` are kept: the least recently used one is closed beyond that.
     ``kv_store_dir`` (a disk tier for the pool, :mod:`flashback_agents.kvstore`) is part of the key:
-    engines with different store directories are different engines.
+    engines with different store directories are different engines. ``chat_template``: a Jinja template
+    replacing the model's own (:func:`~flashback_agents.models.load_model`); part of the key too.
+    ``timeout`` (server specs only: a local model's calls take theirs per call) is the server backend's
+    request limit, which bounds its start-up checks too: ``ChatFlashBack(model=URL, timeout=2)`` cannot
+    hang on a server that never answers.
     """
     if is_server_spec(model):
         if kv_store_dir is not None:
             raise ServerError("kv_store_dir applies to models run in this process; a server keeps its own cache "
                               "(llama.cpp: --slot-save-path); drop kv_store_dir for a server URL.")
-        return server_engine(model.strip(), adapter=adapter, max_context_tokens=max_context_tokens)
+        if chat_template is not None:
+            raise ServerError("chat_template applies to models run in this process; a server renders with its "
+                              "own (llama.cpp: --chat-template / --jinja); drop chat_template for a server URL.")
+        limits = {"timeout": timeout} if timeout is not None else {}  # None: the backend's default
+        return server_engine(model.strip(), adapter=adapter, max_context_tokens=max_context_tokens, **limits)
     from .kvstore import store_path
 
     store = (store_path(kv_store_dir), kv_store_max_bytes) if kv_store_dir is not None else None
     if isinstance(model, LoadedModel):
-        if adapter not in (None, AUTO_ADAPTER):
-            raise ValueError("adapter= cannot be combined with an already loaded model")
+        if adapter not in (None, AUTO_ADAPTER) or chat_template is not None:
+            raise ValueError("adapter= and chat_template= cannot be combined with an already loaded model: "
+                             "pass them to load_model")
         key: tuple = ("lm", id(model), max_cached_bytes, max_context_tokens, on_overflow, store)
     else:
         key = (model or DEFAULT_MODEL, str(adapter) if adapter else None, max_cached_bytes, max_context_tokens,
-               on_overflow, store)
+               on_overflow, store, chat_template)
     with _LOCK:
         engine = _SHARED.get(key)
         if engine is not None and (not isinstance(model, LoadedModel) or engine.lm is model):
             _SHARED.move_to_end(key)
             return engine
-    lm = model if isinstance(model, LoadedModel) else shared_model(model or DEFAULT_MODEL, adapter=adapter)
+    lm = model if isinstance(model, LoadedModel) else shared_model(model or DEFAULT_MODEL, adapter=adapter,
+                                                                    chat_template=chat_template)
     evicted: list[ChatEngine] = []
     with _LOCK:
         engine = _SHARED.get(key)

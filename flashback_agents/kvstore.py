@@ -29,6 +29,13 @@ budget; a file :meth:`CachedContext.save` wrote into a model-key directory is st
 never deleted. A new store directory gets a ``.flashback-kvstore`` marker file saying so. A file that
 is not a regular file (a FIFO, a device, a link) is skipped without being opened.
 
+**Trust**: the checks above catch damage (a torn write, a bad disk, a foreign or older file), not an
+attacker: the CRCs and the header's SHA-256 are recomputable, so whoever can write the store directory
+can change stored keys and values (and with them the model's answers) without being detected, as
+whoever can write the model's weights can. Keep the directory as private as the weights: a new store
+directory is created readable and writable by its owner only (mode 0700), and a store shared between
+users must only be shared with users trusted with the model itself.
+
 **Limits**: contexts of hybrid models (recurrent/conv state layers) are not stored by the pool (their
 state cannot be cut at an arbitrary prefix); :meth:`CachedContext.save` stores their ids only.
 """
@@ -379,7 +386,8 @@ def read_context(lm: "LoadedModel", path: str | os.PathLike, n: int | None = Non
                  expect_ids: Sequence[int] | None = None, config: ContextConfig | None = None) -> CachedContext:
     """Load the first ``n`` tokens (default: all) of a v3 file as a context on ``lm``.
 
-    Nothing in the file is trusted: the header is checked (format, SHA-256 of the metadata, the model
+    Nothing in the file is taken on faith (against damage; see the module's **Trust** note for tampering):
+    the header is checked (format, SHA-256 of the metadata, the model
     fingerprint and key, ids in the vocabulary, settings), ``expect_ids[:n]`` must equal the stored ids,
     and only the blocks covering ``n`` tokens are read, each checked against its CRC-32, dtype, shape and
     for NaN/inf. ``config``: build the context with these settings instead of the stored ones (the pool's).
@@ -545,7 +553,7 @@ class DiskKVStore:
         self.config = config or KVStoreConfig(str(directory), max_bytes, min_tokens, min_gain)
         self.directory = Path(os.path.expanduser(str(self.config.directory)))
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # private when new: see **Trust**
             with os.scandir(self.directory) as it:
                 empty = next(it, None) is None
             if empty:  # new (or empty): say whose it is

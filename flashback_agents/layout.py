@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 from .errors import FlashBackError
@@ -68,6 +68,10 @@ class ChatFormat:
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation_prompt: str
+    #: the system text when the conversation has none: :data:`DEFAULT_SYSTEM` for chat models (the one
+    #: system text every adapter is trained under); nothing for the plain fallback of a model without
+    #: a chat template (no system block at all unless tools need one)
+    default_system: str = DEFAULT_SYSTEM
 
     @classmethod
     def chatml(cls) -> "ChatFormat":
@@ -81,14 +85,14 @@ class ChatFormat:
         """For base models with no chat template."""
         names = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
         return cls(prefix={r: f"{n}: " for r, n in names.items()},
-                   suffix={r: "\n" for r in names}, generation_prompt="Assistant:")
+                   suffix={r: "\n" for r in names}, generation_prompt="Assistant:", default_system="")
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> "ChatFormat":
         """Probe the chat template with placeholder messages to find each role's wrappers."""
-        if not getattr(tokenizer, "chat_template", None):
+        if not getattr(tokenizer, "chat_template", None):  # no template: inject no system text either
             vocab = tokenizer.get_vocab()
-            return cls.chatml() if "<|im_start|>" in vocab else cls.plain()
+            return replace(cls.chatml(), default_system="") if "<|im_start|>" in vocab else cls.plain()
         try:
             return _probe_template(tokenizer)
         except Exception:  # a template that rejects the probe: fall back to a known format
@@ -283,7 +287,7 @@ class Layout:
         if role == "evidence":
             return self.evidence(msg.content, msg.name)
         if role == "system":
-            content = (msg.content or DEFAULT_SYSTEM) + self.tool_format.tools_text(tools or [])
+            content = (msg.content or fmt.default_system) + self.tool_format.tools_text(tools or [])
             return self._enc(fmt.prefix["system"]) + self._enc(content) + self._enc(fmt.suffix["system"])
         if role == "tool":
             head = f"{msg.name}: " if msg.name else ""
@@ -311,13 +315,21 @@ class Layout:
             ids += self.evidence(doc)
         return ids
 
+    def with_system(self, messages: Sequence[Message], tools: Sequence[dict] | None = None) -> list[Message]:
+        """``messages`` with the system block they render with: an empty one first (filled with the
+        format's default system text and the tool schemas) unless the conversation has its own, or the
+        format has no default and there are no tools."""
+        msgs = list(messages)
+        if (not msgs or msgs[0].role != "system") and (self.fmt.default_system or tools):
+            msgs.insert(0, Message("system", ""))
+        return msgs
+
     def render(self, messages: Sequence[Message], tools: Sequence[dict] | None = None,
                add_generation_prompt: bool = True, pattern: str = "append") -> list[int]:
-        """Render a whole conversation. A system block is always first (tool schemas live there)."""
+        """Render a whole conversation. A system block comes first (tool schemas live there; only the plain
+        fallback of a model without a chat template, with no system message and no tools, has none)."""
         check_conversation(messages)
-        msgs = list(messages)
-        if not msgs or msgs[0].role != "system":
-            msgs.insert(0, Message("system", ""))
+        msgs = self.with_system(messages, tools)
         if pattern == "prepend":
             msgs = _prepend_order(msgs)
         elif pattern != "append":

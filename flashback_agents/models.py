@@ -15,14 +15,17 @@ server backend's tokenizer, the llama.cpp process, GGUF export and chunking too)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -532,13 +535,62 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
                              "pass device='cpu' or free memory on the device.") from None
 
 
+class ChatTemplateWarning(UserWarning):
+    """The model has no chat template: conversations are rendered with a generic fallback format."""
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Any:
+    """transformers' weight-loading progress bar and the deprecation warning peft triggers in it
+    (``is_gradient_checkpointing``) are noise in a library call: a load is quiet unless it fails."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def set_chat_template(tokenizer: Any, chat_template: str | None, spec: str) -> None:
+    """Use the user's ``chat_template`` (checked by rendering a probe), or warn that the model has none.
+
+    Without a template the layout falls back to ChatML when the vocabulary has ``<|im_start|>``, else
+    to plain ``User: ... Assistant:`` lines: a base model answers in whatever format it saw most, so
+    the user should know, and can pass the model's real template instead."""
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not chat_template.strip():
+            raise ModelLoadError(f"chat_template must be a Jinja template string, got {type(chat_template).__name__} "
+                                 f"{chat_template!r:.60}; pass the model's template text (or None for its own).")
+        tokenizer.chat_template = chat_template
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - jinja raises several types for a broken template
+            raise ModelLoadError(f"chat_template does not render a one-message conversation ({type(exc).__name__}: "
+                                 f"{(str(exc).splitlines() or [''])[0][:200]}); fix the template or pass None.") from None
+        return
+    if not getattr(tokenizer, "chat_template", None):
+        fallback = "ChatML (<|im_start|>role ... <|im_end|>)" if "<|im_start|>" in tokenizer.get_vocab() else \
+            "plain 'System: ... / User: ... / Assistant:' lines"
+        warnings.warn(f"The model {spec!r} has no chat template: conversations are rendered as {fallback}. "
+                      "Pass chat_template= (load_model, ChatFlashBack, FlashBack) with the model's own template "
+                      "for better answers.", ChatTemplateWarning, stacklevel=3)
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = DEFAULT_ADAPTER,
-               device: str | None = None, dtype: Any = None) -> LoadedModel:
+               device: str | None = None, dtype: Any = None, chat_template: str | None = None) -> LoadedModel:
     """Load a causal LM by spec, add the marker tokens, and attach a trained adapter.
 
     ``adapter="auto"`` attaches the FlashBack adapter shipped for this base model (the default model
     has one; the default, :data:`DEFAULT_ADAPTER`; a model with none shipped loads bare);
     ``adapter=None`` attaches none; ``adapter="DIR"`` attaches your own (refused on another base model).
+    ``chat_template``: a Jinja chat template to use instead of the model's own (a base model without
+    one is rendered with a fallback and a :class:`ChatTemplateWarning`).
 
     Every failure a user can cause (unknown spec, missing file, no network, not a causal LM)
     raises :class:`ModelLoadError` with what to do about it.
@@ -551,14 +603,17 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     adapter_dir = resolve_adapter(name, adapter)
     if adapter_dir is not None:
         refuse_custom_code(adapter_dir, "adapter")  # refused before the weights are loaded
-    model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
+    with quiet_loading():
+        model, tokenizer = _from_pretrained(source, device, torch_dtype, spec)
+    set_chat_template(tokenizer, chat_template, spec)
     from .attention import use_flashback_attention
 
     use_flashback_attention(model)  # grouped-query steps on a cache without repeating it (attention.py)
     fingerprint = base_fingerprint(model)
     if adapter_dir is not None:
         try:
-            model, tokenizer = _attach_adapter(model, tokenizer, adapter_dir)
+            with quiet_loading():
+                model, tokenizer = _attach_adapter(model, tokenizer, adapter_dir)
         except ModelLoadError as exc:
             if adapter != AUTO_ADAPTER:
                 raise
@@ -608,7 +663,9 @@ def base_fingerprint(model: Any) -> dict[str, Any]:
 
 
 def check_adapter_base(adapter: Path, model: Any, meta: dict[str, Any]) -> None:
-    """Refuse an adapter trained on another base model (its recorded fingerprint differs)."""
+    """Refuse an adapter trained on another base model (its recorded fingerprint differs), or whose
+    ``meta`` (``flashback_adapter.json``) has fields of the wrong type."""
+    _check_adapter_meta(adapter, meta)
     want = meta.get("base_fingerprint")
     if not want:
         return  # adapters written before fingerprints: marker ids are still checked
@@ -622,8 +679,122 @@ def check_adapter_base(adapter: Path, model: Any, meta: dict[str, Any]) -> None:
             "or train an adapter for this model with `flashback-agents train`.")
 
 
+_ADAPTER_FIX = ("re-train the adapter (`flashback-agents train`) or download it again, or load the model with "
+                "adapter=None")
+_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: the fields of flashback_adapter.json the loader reads, and their types (bool is refused where an int is meant)
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "format": (str,), "version": (int,), "base_model": (str,), "markers": (list,), "marker_ids": (list,),
+    "vocab_size": (int,), "step": (int,), "target_modules": (list, str), "r": (int,), "lora_alpha": (int, float),
+    "train_markers": (bool,), "base_fingerprint": (dict, type(None))}
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+               bool: "true/false", type(None): "null"}
+
+
+def _bad_adapter(adapter: Path, problem: str) -> ModelLoadError:
+    """One wording for every refused adapter: which directory, what is wrong in it, what to do."""
+    return ModelLoadError(f"The adapter {adapter} cannot be used: {problem}; {_ADAPTER_FIX}.")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_adapter_meta(adapter: Path, meta: dict[str, Any]) -> None:
+    """``flashback_adapter.json`` has the types the checks below rely on: a crafted file is a
+    :class:`ModelLoadError` naming the field, not an ``AttributeError`` deep in the fingerprint check."""
+    for key, types in _META_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            want = " or ".join(_JSON_NAMES[t] for t in types if t is not type(None))
+            got = _JSON_NAMES.get(type(value), type(value).__name__)
+            raise _bad_adapter(adapter, f"{ADAPTER_META}: {key!r} must be {want}, got {got}")
+    ids = meta.get("marker_ids")
+    if ids is not None and (len(ids) != 2 or not all(_is_int(i) and i >= 0 for i in ids)):
+        raise _bad_adapter(adapter, f"{ADAPTER_META}: 'marker_ids' must be two token ids, got {ids!r:.80}")
+    fingerprint = meta.get("base_fingerprint") or {}
+    probe = fingerprint.get("probe", [])
+    if not isinstance(probe, list) or not all(_is_finite_number(x) for x in probe):
+        raise _bad_adapter(adapter, f"{ADAPTER_META}: 'base_fingerprint.probe' must be a list of finite numbers")
+    odd = [k for k, v in fingerprint.items() if k != "probe" and v is not None and not isinstance(v, (str, int, float))]
+    if odd:
+        got = _JSON_NAMES.get(type(fingerprint[odd[0]]), "?")
+        raise _bad_adapter(adapter, f"{ADAPTER_META}: 'base_fingerprint.{odd[0]}' must be a number or a string, "
+                                    f"got {got}")
+
+
+def _check_adapter_config(adapter: Path, config: dict[str, Any], rows: int) -> None:
+    """The ``adapter_config.json`` fields peft would otherwise trip over with a raw error; token indices
+    are checked against the ``rows`` of the (resized) embedding: out of range is an ``IndexError`` in
+    peft, and a negative one would silently overwrite another row."""
+    bad = None
+    targets = config.get("target_modules")
+    if config.get("peft_type") != "LORA":
+        bad = (f"'peft_type' must be 'LORA' (a FlashBack adapter is LoRA + marker rows), got "
+               f"{config.get('peft_type')!r:.40}")
+    elif not _is_int(config.get("r")) or config["r"] < 1:
+        bad = f"'r' must be a positive integer, got {config.get('r')!r:.40}"
+    elif not _is_finite_number(config.get("lora_alpha")):
+        bad = f"'lora_alpha' must be a finite number, got {config.get('lora_alpha')!r:.40}"
+    elif not (isinstance(targets, str)
+              or isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        bad = f"'target_modules' must be a module name or a list of them, got {targets!r:.60}"
+    tti = config.get("trainable_token_indices")
+    for ids in (tti.values() if isinstance(tti, dict) else [] if tti is None else [tti]):
+        if bad:
+            break
+        if not isinstance(ids, list) or not all(_is_int(i) for i in ids):
+            bad = f"'trainable_token_indices' must list token ids, got {ids!r:.60}"
+        elif any(not 0 <= i < rows for i in ids):
+            bad = (f"'trainable_token_indices' {[i for i in ids if not 0 <= i < rows][:3]} are outside this model's "
+                   f"vocabulary (0..{rows - 1})")
+    if bad:
+        raise _bad_adapter(adapter, f"adapter_config.json: {bad}")
+
+
+def _check_adapter_weights(adapter: Path) -> list[str]:
+    """Read every tensor of ``adapter_model.safetensors`` before peft does and return their names: a
+    missing, truncated or garbage file, a non-float tensor and NaN/inf values are refused (non-finite
+    weights would load silently and the merged model would then answer nothing)."""
+    from safetensors import safe_open
+
+    path = adapter / _ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise _bad_adapter(adapter, f"it has no {_ADAPTER_WEIGHTS} (its LoRA and marker weights)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            for name in names:
+                tensor = f.get_tensor(name)
+                if not tensor.is_floating_point():
+                    raise _bad_adapter(adapter, f"tensor {name} in {_ADAPTER_WEIGHTS} is {tensor.dtype}, not "
+                                                "floating point")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise _bad_adapter(adapter, f"tensor {name} in {_ADAPTER_WEIGHTS} holds NaN or infinite values "
+                                                "(training diverged or the file is damaged)")
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        if isinstance(exc, MemoryError):
+            raise
+        raise _bad_adapter(adapter, f"{_ADAPTER_WEIGHTS} is truncated or not a safetensors file ({type(exc).__name__}: "
+                                    f"{(str(exc).splitlines() or [''])[0][:160]})") from None
+    if not names:
+        raise _bad_adapter(adapter, f"{_ADAPTER_WEIGHTS} holds no tensors")
+    return names
+
+
 def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]:
-    """Load a FlashBack adapter (LoRA + marker rows) and merge it for full-speed inference."""
+    """Load a FlashBack adapter (LoRA + marker rows) and merge it for full-speed inference.
+
+    Every file is checked before peft reads it, so a damaged or crafted adapter is a
+    :class:`ModelLoadError` saying what is wrong and what to do, and the model has at most gained its
+    marker rows, not been wrapped. The checks that need peft's view (weights that do not fit, non-finite after the merge) come after it
+    has modified ``model`` in place: :func:`load_model` then discards that model."""
     if not (adapter / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter} is not an adapter directory (no adapter_config.json); "
                              "train one with `flashback-agents train`.")
@@ -637,34 +808,69 @@ def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any
     meta_path = adapter / ADAPTER_META
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{meta_path} is not readable JSON ({exc}); retrain or re-export the adapter.") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _bad_adapter(adapter, f"{meta_path} is not readable JSON ({exc})") from None
     if not isinstance(meta, dict):
-        raise ModelLoadError(f"{meta_path} must hold a JSON object; retrain or re-export the adapter.")
+        raise _bad_adapter(adapter, f"{meta_path} must hold a JSON object")
     try:
         config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8", errors="strict"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{adapter}/adapter_config.json is not readable JSON ({exc}); retrain the adapter.") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _bad_adapter(adapter, f"{adapter}/adapter_config.json is not readable JSON ({exc})") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{adapter}/adapter_config.json must hold a JSON object; retrain the adapter.")
+        raise _bad_adapter(adapter, f"{adapter}/adapter_config.json must hold a JSON object")
     check_adapter_base(adapter, model, meta)
+    names = _check_adapter_weights(adapter)
+    rows = model.get_input_embeddings().weight.shape[0]
     if (adapter / "tokenizer_config.json").is_file():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=False)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"Cannot load the tokenizer of the adapter {adapter} ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); retrain or re-export "
-                                 "the adapter.") from None
+        except Exception as exc:  # noqa: BLE001 - a garbage tokenizer file raises many types (KeyError, Exception, ...)
+            if isinstance(exc, MemoryError):
+                raise
+            raise _bad_adapter(adapter, f"its tokenizer files cannot be loaded ({type(exc).__name__}: "
+                                        f"{(str(exc).splitlines() or [''])[0][:200]})") from None
+        if len(tokenizer) > rows + 2:  # the base vocabulary plus the two markers, at most
+            raise _bad_adapter(adapter, f"its tokenizer has {len(tokenizer)} tokens but this model has {rows} "
+                                        "embedding rows: it belongs to another model")
     ids = add_marker_tokens(model, tokenizer)  # resize before loading the adapter's marker rows
-    if meta.get("marker_ids") and list(meta["marker_ids"]) != list(ids):
-        raise ModelLoadError(f"The adapter {adapter} expects marker ids {meta['marker_ids']} but this model's "
-                             f"tokenizer gives {list(ids)}: it was trained for another tokenizer.")
+    rows = model.get_input_embeddings().weight.shape[0]
+    marker_ids = meta.get("marker_ids")
+    if marker_ids and any(i >= rows for i in marker_ids):
+        raise _bad_adapter(adapter, f"{ADAPTER_META}: 'marker_ids' {marker_ids} are outside this model's vocabulary "
+                                    f"(0..{rows - 1}): it was trained for another tokenizer, or the file is damaged")
+    if marker_ids and list(marker_ids) != list(ids):
+        raise ModelLoadError(f"The adapter {adapter} expects marker ids {marker_ids} but this model's "
+                             f"tokenizer gives {list(ids)}: it was trained for another tokenizer; load it with the "
+                             "model it was trained on, or pass adapter=None.")
+    if meta.get("vocab_size") not in (None, len(tokenizer)):
+        raise _bad_adapter(adapter, f"it was trained with a vocabulary of {meta['vocab_size']} tokens, this "
+                                    f"tokenizer has {len(tokenizer)}")
+    _check_adapter_config(adapter, config, rows)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelLoadError(f"Cannot load the adapter {adapter} on this model ({type(exc).__name__}: {exc}); "
-                             "it was probably trained for another base model.") from None
-    return peft_model.merge_and_unload(), tokenizer
+        with warnings.catch_warnings():  # reported below as an error, not a warning
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            peft_model = PeftModel.from_pretrained(model, str(adapter))
+        from peft import get_peft_model_state_dict
+
+        expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+        missing, unexpected = sorted(expected - set(names)), sorted(set(names) - expected)
+        if missing or unexpected:  # peft only warns: a missing LoRA stays zero, an unknown one is dropped
+            raise _bad_adapter(adapter, f"its weights do not match its config on this model (missing {missing[:2]}, "
+                                        f"unexpected {unexpected[:2]}): it is damaged or was trained for another model")
+        merged = peft_model.merge_and_unload()
+    except Exception as exc:  # noqa: BLE001 - peft and torch raise many types for a file that does not fit
+        if isinstance(exc, (ModelLoadError, MemoryError)):
+            raise
+        raise _bad_adapter(adapter, f"peft cannot load it on this model ({type(exc).__name__}: "
+                                    f"{' '.join(str(exc).split())[:240]}); it was probably trained for "
+                                    "another base model, or its files are damaged") from None
+    # one float32 sum per weight (a NaN/inf anywhere makes it non-finite): fast enough for every load
+    broken = next((n for n, p in merged.named_parameters()
+                   if not bool(torch.isfinite(p.sum(dtype=torch.float32)))), None)
+    if broken is not None:  # finite but huge LoRA weights, or a huge lora_alpha, overflow when merged
+        raise _bad_adapter(adapter, f"merging it makes the weight {broken} NaN or infinite (its LoRA weights or "
+                                    "lora_alpha are far too large)")
+    return merged, tokenizer
 
 
 _SHARED: dict[tuple, LoadedModel] = {}
@@ -672,13 +878,13 @@ _SHARED_LOCK = threading.Lock()
 
 
 def shared_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None = DEFAULT_ADAPTER,
-                 device: str | None = None, dtype: Any = None) -> LoadedModel:
+                 device: str | None = None, dtype: Any = None, chat_template: str | None = None) -> LoadedModel:
     """Process-wide cache of loaded models, so integrations construct cheaply and share weights."""
-    key = (spec, str(adapter) if adapter else None, device, str(dtype) if dtype else None)
+    key = (spec, str(adapter) if adapter else None, device, str(dtype) if dtype else None, chat_template)
     with _SHARED_LOCK:
         lm = _SHARED.get(key)
         if lm is None:
-            lm = load_model(spec, adapter=adapter, device=device, dtype=dtype)
+            lm = load_model(spec, adapter=adapter, device=device, dtype=dtype, chat_template=chat_template)
             _SHARED[key] = lm
         return lm
 

@@ -3,7 +3,8 @@
 It tokenizes with a real tokenizer, keeps a prefix cache of the last prompt (reporting ``cache_n`` as
 llama.cpp does), and its next replies can be told to fail: ``faults`` takes "kill" (half a chunk,
 then the socket closes), "http500", "stall", "trickle", "malformed", "wrong-shape", "error-event",
-"no-final".
+"no-final". ``answers`` maps a path ("/v1/models", "/props", "/tokenize", "/completion") to the
+(status, body) it answers instead, every time: a malformed server (``tests/test_server_answers.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class FakeLlama:
         self.cached: list[int] = []      # the prompt the server's prefix cache holds
         self.release = threading.Event()  # frees handlers stalled by "stall"
         self.requests = 0
+        self.answers: dict[str, tuple[int, str]] = {}  # path -> (status, raw body) instead of the normal answer
         self.conns: list = []
         fake = self
 
@@ -52,7 +54,23 @@ class FakeLlama:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _answer(self) -> bool:
+                """Send the canned answer for this path, if there is one (the body as it is: not JSON, say)."""
+                if self.path not in fake.answers:
+                    return False
+                status, body = fake.answers[self.path]
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/event-stream" if self.path == "/completion"
+                                 else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return True
+
             def do_GET(self):
+                if self._answer():
+                    return
                 if self.path == "/v1/models":
                     self._json({"object": "list", "data": [{"id": fake.model_id, "owned_by": "llamacpp",
                                                             "meta": {"n_vocab": len(fake.tok), "n_ctx": 2048}}]})
@@ -68,6 +86,8 @@ class FakeLlama:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+                if self._answer():
+                    return
                 if self.path == "/tokenize":
                     ids = fake.tok.encode(body["content"], add_special_tokens=False)
                     self._json({"tokens": [i + 1 for i in ids] if fake.wrong_tokens else ids})

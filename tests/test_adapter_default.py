@@ -90,3 +90,16 @@ def test_integrations_default_to_the_shipped_adapter():
 
     for cls in (ChatFlashBack, FlashBackLLM, FlashBack):
         assert cls.model_fields["adapter"].default == DEFAULT_ADAPTER == AUTO_ADAPTER, cls
+
+
+def test_attaching_an_adapter_is_quiet(tiny_model_dir, tiny_adapter, capfd):
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning) and the weights
+    load with a progress bar: neither reaches the user of a library call."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(str(tiny_model_dir), device="cpu", adapter=str(tiny_adapter))
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]
+    assert "Loading weights" not in capfd.readouterr().err

@@ -243,6 +243,17 @@ CASES: dict[str, tuple[Callable[..., Any], str]] = {
                                             "pass e.g. max_cached_bytes"),
     "langchain-max-context-tokens-zero": (lambda e: e.lc(max_context_tokens=0).invoke("hi"),
                                           "pass e.g. max_context_tokens"),
+    # the same settings per call (item 11): a bare ValueError from int()/float() before
+    "langchain-call-temperature-string": (lambda e: e.lc().invoke("hi", temperature="hot"), "pass e.g. temperature="),
+    "langchain-call-max-tokens-string": (lambda e: e.lc().invoke("hi", max_tokens="ten"), "pass e.g. max_tokens="),
+    "langchain-call-top-p-string": (lambda e: e.lc().invoke("hi", top_p="x"), "pass e.g. top_p="),
+    "langchain-call-min-tokens-string": (lambda e: e.lc().invoke("hi", min_tokens="a"), "pass e.g. min_tokens="),
+    "langchain-call-stop-int": (lambda e: e.lc().invoke("hi", stop=5), "stop"),
+    "llamaindex-call-temperature-string": (lambda e: e.li().complete("hi", temperature="hot"), "pass e.g. temperature="),
+    "llamaindex-call-max-tokens-string": (lambda e: e.li().chat(_li_user_with_docs([]), max_tokens="ten"),
+                                          "pass e.g. max_tokens="),
+    "llamaindex-call-top-p-string": (lambda e: e.li().complete("hi", top_p="x"), "pass e.g. top_p="),
+    "llamaindex-call-min-tokens-string": (lambda e: e.li().complete("hi", min_tokens="a"), "pass e.g. min_tokens="),
     # seeds torch cannot take (item 11): a raw ValueError from the generator
     "gen-seed-2-pow-70": (lambda e: generate(e.ctx.fork_prefix(len(e.ctx)), GenerationConfig(
         max_new_tokens=2, temperature=1.0, seed=2**70)), "pass a smaller seed"),

@@ -57,8 +57,10 @@ def scores_after(proc: NoCallProcessor, tokens: list[int]) -> torch.Tensor:
 def test_mask_forbids_the_tag_and_every_completion_of_a_partial_tag():
     mask = CallMask(VOCAB, special={0, 8, 15}, tags=["<tool_call>"])
     assert sorted(mask.always.tolist()) == [5, 7]  # the tag as one token, and inside a longer one
-    s = scores_after(NoCallProcessor(mask), [])
-    assert s[5] == NEG and s[7] == NEG and s[1] == 0 and s[6] == 0
+    s = scores_after(NoCallProcessor(mask), [])  # blank: no tag, and no markup of any kind opens the reply
+    assert s[5] == NEG and s[7] == NEG and s[1] == NEG and s[6] == 0
+    s = scores_after(NoCallProcessor(mask), [6])  # "hi": a "<" in the text is fine, the tag is not
+    assert s[1] == 0 and s[5] == NEG and s[7] == NEG
     s = scores_after(NoCallProcessor(mask), [1, 2])  # "<tool": "_call>" completes it, "_call" does not (yet)
     assert s[9] == NEG and s[3] == 0 and s[4] == 0
     s = scores_after(NoCallProcessor(mask), [1, 2, 3])  # "<tool_call": ">" completes it
@@ -157,6 +159,11 @@ def test_processor_masks_the_tag_on_a_real_vocabulary(tiny_lm):
     width = tiny_lm.model.get_output_embeddings().weight.shape[0]
     ids = [1, 2]
     out = proc(torch.tensor([ids]), torch.zeros(1, width))
+    assert out[0, opener[0]] == NEG  # a blank reply may not open with "<" at all
+    text = tiny_lm.encode("ok ")
+    for t in text:  # after some text, only the tag itself is forbidden
+        ids.append(t)
+        out = proc(torch.tensor([ids]), torch.zeros(1, width))
     for t in opener[:-1]:
         assert out[0, t] == 0, t  # every step towards the tag is allowed ...
         ids.append(t)

@@ -38,7 +38,7 @@ def test_bench_context_json_on_tiny_model(tiny_model_dir):
 
 def test_bench_context_too_long_is_a_clear_error(tiny_model_dir):
     res = runner.invoke(app, ["bench", "context", "--model", str(tiny_model_dir), "--context", "9999"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "exceeds the model window" in res.output
 
 

@@ -202,7 +202,7 @@ CASES: dict[str, Callable[[SimpleNamespace], list[str]]] = {
     "bench-ralm-data-is-a-file": lambda f: ["bench", "ralm", "--data", f.file],
     "bench-ralm-plot-is-a-dir": lambda f: ["bench", "ralm", "--plot", f.dir],
     "bench-ralm-model-truncated": lambda f: ["bench", "ralm", "--model", f.truncated],
-    # eval ppl / agents
+    # eval ppl / agents / docqa
     "eval-ppl-tokens-negative": lambda f: ["eval", "ppl", "--tokens", "-5"],
     "eval-ppl-window-zero": lambda f: ["eval", "ppl", "--window", "0"],
     "eval-ppl-stride-zero": lambda f: ["eval", "ppl", "--stride", "0"],
@@ -213,6 +213,8 @@ CASES: dict[str, Callable[[SimpleNamespace], list[str]]] = {
     "eval-agents-out-is-a-dir": lambda f: ["eval", "agents", "--out", f.dir],
     "eval-agents-max-tokens-zero": lambda f: ["eval", "agents", "--max-tokens", "0"],
     "eval-agents-limit-not-int": lambda f: ["eval", "agents", "--limit", "few"],
+    "eval-docqa-threads-zero": lambda f: ["eval", "docqa", "--threads", "0"],
+    "eval-docqa-adapter-is-a-file": lambda f: ["eval", "docqa", "--adapter", f.file],
     # serve
     "serve-garbage-gguf": lambda f: ["serve", "--model", f.garbage_gguf],
     "serve-empty-gguf": lambda f: ["serve", "--model", f.empty_gguf],

@@ -260,3 +260,15 @@ def test_a_fifo_passed_to_the_readers_is_refused_without_blocking(tiny_lm, tmp_p
             assert isinstance(value, ContextLoadError) and "regular file" in str(value), repr(value)
     finally:
         _unblock(fifo)
+
+
+def test_a_new_store_directory_is_private_to_its_owner(tmp_path):
+    """The checksums catch damage, not tampering (kvstore's **Trust** note): a new store directory is
+    created owner-only, so only those trusted with the weights can write stored values."""
+    old = os.umask(0o022)
+    try:
+        DiskKVStore(tmp_path / "new" / "kv")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "kv").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "new" / "kv" / MARKER).exists()

@@ -190,13 +190,13 @@ def test_cli_help():
 
 def test_cli_bad_data_errors_clearly():
     res = _cli(["eval", "ppl", "--data", "nonsense", "--train-adapter-steps", "0"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "error: Unknown --data 'nonsense'" in res.output
     assert "Traceback" not in res.output
     res = _cli(["eval", "ppl", "--top-k", "1,x"])
-    assert res.exit_code == 1 and "--top-k" in res.output
+    assert res.exit_code == 2 and "--top-k" in res.output
     res = _cli(["eval", "ppl", "--restate", "-1"])
-    assert res.exit_code == 1 and "restate must be an integer >= 0" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "restate must be an integer >= 0" in res.output and "Traceback" not in res.output
 
 
 def test_cli_runs_on_tiny_model(tiny_model_dir, corpus_dir, monkeypatch, tmp_path):
@@ -264,4 +264,4 @@ def test_settings_run_only_the_rows_asked_for(tiny_model_dir, corpus_dir, monkey
     by_full = {r["setting"]: r["ppl_top1"] for r in full["rows"]}
     assert all(abs(by_full[r["setting"]] - r["ppl_top1"]) < 1e-6 for r in some["rows"])
     bad = _cli(args + ["--settings", "prepend,bogus"])
-    assert bad.exit_code == 1 and "bogus" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "bogus" in bad.output and "Traceback" not in bad.output

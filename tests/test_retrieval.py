@@ -148,12 +148,12 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_model_dir):
     docs = write_corpus(tmp_path)
     store = tmp_path / "store"
     res = runner.invoke(app, ["search", "--store", str(tmp_path / "missing"), "hello"])
-    assert res.exit_code == 1 and "error: No store at" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "error: No store at" in res.output and "Traceback" not in res.output
     blob = tmp_path / "blob.bin"
     blob.write_bytes(b"\x00\x01" * 50)
     res = runner.invoke(app, ["index", str(blob), "--store", str(store), "--retriever", "bm25",
                               "--tokenizer", str(tiny_model_dir)])
-    assert res.exit_code == 1 and "error:" in res.output and "binary" in res.output
+    assert res.exit_code == 2 and "error:" in res.output and "binary" in res.output
     assert "Traceback" not in res.output and not store.exists()
     res = runner.invoke(app, ["index", str(docs), "--store", str(store), "--retriever", "bm25",
                               "--tokenizer", str(tiny_model_dir), "--json"])

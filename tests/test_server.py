@@ -206,7 +206,7 @@ def test_serve_command_rejects_a_missing_model(tmp_path):
     from flashback_agents.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "nope.gguf")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "GGUF file not found" in result.output
 
 

@@ -325,7 +325,7 @@ def test_cli_train_export_and_malformed_input(tiny_model_dir, tmp_path):
     args = ["train", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--steps", "2",
             "--batch-size", "2", "--max-length", "128", "--save-every", "0", "--eval-every", "0", "--json", "--gradient-checkpointing"]
     res = runner.invoke(app, args)
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert f"{data}:5: 'messages' must be a non-empty list" in res.output and "--skip-invalid" in res.output
     res = runner.invoke(app, args + ["--skip-invalid"])
     assert res.exit_code == 0, res.output
@@ -336,7 +336,7 @@ def test_cli_train_export_and_malformed_input(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert load_model(str(tmp_path / "m"), device="cpu").marker_ids == load_model(str(tiny_model_dir)).marker_ids
     res = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--out", str(out)])
-    assert res.exit_code == 1 and "nothing to train on" in res.output
+    assert res.exit_code == 2 and "nothing to train on" in res.output
 
 
 def test_cli_train_on_ralm_corpus_with_a_store(tiny_model_dir, tmp_path):
@@ -406,7 +406,7 @@ def test_ralm_corpus_store_articles_are_retrieved_not_trained(tiny_model_dir, tm
     (tmp_path / "only.jsonl").write_text(json.dumps({"source": "s", "store": True, "text": store}) + "\n")
     res = CliRunner().invoke(app, ["train", "--ralm-corpus", str(tmp_path / "only.jsonl"), "--out", str(tmp_path / "b")]
                              + common)
-    assert res.exit_code == 1 and "no RALM training text" in res.output
+    assert res.exit_code == 2 and "no RALM training text" in res.output
 
 
 @pytest.mark.model

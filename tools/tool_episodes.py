@@ -9,11 +9,12 @@ final answer is written as one OpenAI-format conversation. Training then renders
 ``Layout`` as inference, so the adapter learns exactly the ids an agent sends
 (``tests/test_tool_episodes.py`` compares them step by step).
 
-Kinds (shares of ``--n``): one call with 0-4 distractor tools bound, two-step chains whose second call
-uses the first result, the same tool for two entities, questions that need no tool, and questions
-no bound tool covers (answered in words, no call).
+Kinds (shares of ``--n`` per ``--mix``, :data:`MIXES`): one call with 0-4 distractor tools bound, two-step
+chains whose second call uses the first result, two calls for two entities or two questions, questions
+that need no tool, and questions no bound tool covers (answered in words, no call; in mix v2 half of them
+with a near-miss tool bound that takes what the question names but cannot answer it).
 
-    python -m tools.tool_episodes --out build/tools.jsonl --n 1600 --seed 0
+    python -m tools.tool_episodes --out build/tools.jsonl --n 2400 --seed 0 --mix v1
 """
 
 from __future__ import annotations
@@ -28,11 +29,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tools.tool_families import (FAMILIES, FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, Script, no_fit_answer,
-                                 q_chain, q_two)
+from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, Script, no_fit_answer, q_chain,
+                                 q_pair, q_then, q_two)
 
-#: (kind, share) of the episodes drawn
-KINDS = (("single", 0.56), ("chain", 0.12), ("two", 0.08), ("no_tool", 0.12), ("no_fit", 0.12))
+#: (kind, share) of the episodes drawn, per mix. "v1": the first shipped agent adapter's episodes (reproduced
+#: exactly, fixed chain/pair scripts, far-off no-fit tools); "v2": more two-step episodes (chains and pairs
+#: built from every family's single-call makers), more no-fit questions, half of them with a near-miss tool.
+MIXES: dict[str, tuple[tuple[str, float], ...]] = {
+    "v1": (("single", 0.56), ("chain", 0.12), ("two", 0.08), ("no_tool", 0.12), ("no_fit", 0.12)),
+    "v2": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
+}
+DEFAULT_MIX = "v2"
+#: how many UNCOVERED topics the v1 mix drew from (the list has grown since)
+_V1_UNCOVERED = 14
+#: tools that take the entity a no-fit question names but cannot answer it (near misses), by slot
+NEAR_MISS = {"{c}": ["get_city_population"], "{p}": ["get_employee", "get_user_profile"],
+             "{w}": ["get_product_price", "get_ticket"]}
 #: system prompts a user may give (most agents give none; both frameworks then send none)
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful assistant. Use the tools when they help.",
                   "Answer briefly.", "You are an assistant with access to tools. Answer the user's question.",
@@ -68,13 +80,19 @@ def _play(script: Script) -> tuple[list[tuple[str, dict]], list[Any]]:
     return calls, results
 
 
-def draw_episode(rng: random.Random) -> Episode:
-    """One random episode (question, tools bound, ideal calls and answer)."""
-    kind = rng.choices([k for k, _ in KINDS], [w for _, w in KINDS])[0]
+def draw_episode(rng: random.Random, mix: str = DEFAULT_MIX) -> Episode:
+    """One random episode (question, tools bound, ideal calls and answer) of ``mix`` (:data:`MIXES`)."""
+    kinds = MIXES[mix]
+    v1 = mix == "v1"
+    kind = rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.25 else None
     if kind in ("single", "chain", "two"):
-        script = MAKERS[rng.choice(sorted(MAKERS))](rng) if kind == "single" else (q_chain(rng) if kind == "chain"
-                                                                                   else q_two(rng))
+        if kind == "single":
+            script = MAKERS[rng.choice(sorted(MAKERS))](rng)
+        elif kind == "chain":
+            script = q_chain(rng) if v1 or rng.random() < 0.5 else q_then(rng)
+        else:
+            script = q_two(rng) if v1 or rng.random() < 0.4 else q_pair(rng)
         calls, results = _play(script)
         needed = list(dict.fromkeys(name for name, _ in calls))
         extra = rng.choice([0, 1, 1, 2, 2, 3, 4]) if kind == "single" else rng.choice([0, 1, 2])
@@ -85,12 +103,14 @@ def draw_episode(rng: random.Random) -> Episode:
     if kind == "no_tool":
         question, answer = rng.choice(NO_TOOL)
         return Episode(kind, question, tools, [], [], answer, system)
-    template, topic = rng.choice(UNCOVERED)
-    fam = FAMILIES["tables"] + FAMILIES["records"]  # their invented names fill the template
+    template, topic = rng.choice(UNCOVERED[:_V1_UNCOVERED] if v1 else UNCOVERED)
+    near = [] if v1 else [t for slot, names in NEAR_MISS.items() if slot in template for t in names]
+    if near and rng.random() < 0.5:  # a bound tool takes what the question names, yet cannot answer it
+        tools = list(dict.fromkeys([rng.choice(near)] + tools))[:4]
+        rng.shuffle(tools)
     question = template.format(c=rng.choice(["Lisbon", "Oslo", "Denver", "Osaka", "Lyon", "Perth"]),
                                p=rng.choice(["Ana", "Omar", "Lea"]), w=rng.choice(["Acme", "Nimbus", "AZ"]),
                                n=rng.randint(100, 999))
-    del fam
     return Episode(kind, question, tools, [], [], no_fit_answer(rng, topic, tools), system)
 
 
@@ -259,7 +279,7 @@ def to_openai(messages: Sequence[Any], tools: list[dict] | None) -> dict:
     return {"messages": out, "tools": tools or []}
 
 
-def generate(n: int, seed: int = 0, model: Any = None, progress: bool = True) -> list[dict]:
+def generate(n: int, seed: int = 0, model: Any = None, progress: bool = True, mix: str = DEFAULT_MIX) -> list[dict]:
     """``n`` episodes (alternating frameworks), each as an OpenAI-format conversation with its tools."""
     from tqdm import tqdm
 
@@ -267,7 +287,7 @@ def generate(n: int, seed: int = 0, model: Any = None, progress: bool = True) ->
     player = Player(model)
     rows = []
     for i in tqdm(range(n), desc="tool episodes", disable=not progress):
-        ep = draw_episode(rng)
+        ep = draw_episode(rng, mix)
         framework = FRAMEWORKS[i % 2]
         messages, tools = player.play(ep, framework)
         row = to_openai(messages, tools)
@@ -280,12 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output .jsonl (OpenAI-format conversations with tools)")
     ap.add_argument("--n", type=int, default=1600, help="episodes to write (half LangChain, half LlamaIndex)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mix", choices=sorted(MIXES), default=DEFAULT_MIX, help="episode shares (see MIXES)")
     ap.add_argument("--model", default=None, help="model spec whose tokenizer the LlamaIndex LLM is built on "
                     "(default: the default model)")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
-    rows = generate(args.n, args.seed, args.model)
+    rows = generate(args.n, args.seed, args.model, mix=args.mix)
     with open(args.out, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")

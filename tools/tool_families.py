@@ -653,6 +653,71 @@ def q_two(rng: random.Random) -> Script:
                   lambda r: f"{a} is at extension {r[0]['extension']} and {b} at {r[1]['extension']}.", kind="two")
 
 
+
+def _played(script: Script) -> list[Any]:
+    results: list[Any] = []
+    for step in script.calls:
+        name, args = step(results)
+        results.append(TOOLS[name](**args))
+    return results
+
+
+def _then_ask(q: str) -> str:
+    return q[:-1] if q.endswith((".", "?")) else q
+
+
+def q_pair(rng: random.Random) -> Script:
+    """Two questions of one family asked at once (often the same tool for two entities): two calls,
+    then one answer with both results. Built from the single-call makers, so every family has pairs."""
+    maker = MAKERS[rng.choice(sorted(MAKERS))]
+    first = maker(rng)
+    for _ in range(20):  # prefer the same tool for both (two entities), else any of the family
+        second = maker(rng)
+        if second.tools == first.tools or rng.random() < 0.15:
+            break
+    joiner = rng.choice(["{a} {b}", "{a} And {b}", "{a} Also, {b}", "Two questions. {a} {b}", "{a} What about this: {b}"])
+    q = joiner.format(a=first.question, b=second.question[:1].lower() + second.question[1:]
+                      if joiner.startswith("{a} And") or "Also" in joiner else second.question)
+    tools = list(dict.fromkeys(first.tools + second.tools))
+    split = len(first.calls)
+
+    def answer(r: list[Any]) -> str:
+        return f"{first.answer(r[:split])} {second.answer(r[split:])}"
+    calls = list(first.calls) + [lambda r, c=c: c(r[split:]) for c in second.calls]
+    return Script(q, tools, calls, answer, kind="two")
+
+
+def q_then(rng: random.Random) -> Script:
+    """A numeric answer, then arithmetic on it (the second call takes the first result)."""
+    for _ in range(50):
+        maker = MAKERS[rng.choice(["arithmetic", "units", "dates", "strings", "records", "tables"])]
+        first = maker(rng)
+        results = _played(first)
+        if len(results) == 1 and isinstance(results[0], (int, float)) and not isinstance(results[0], bool):
+            break
+        if len(results) == 1 and isinstance(results[0], dict) and "amount" in first.question \
+                and isinstance(results[0].get("amount"), (int, float)):
+            break
+    else:  # pragma: no cover - the makers above always yield numbers quickly
+        return q_expression(rng)
+    value = results[0]["amount"] if isinstance(results[0], dict) else results[0]
+    op = rng.choice(["multiply", "add", "subtract"])
+    n = rng.randint(2, 12)
+    name, (ka, kb) = rng.choice(ARITH_NAMES[op])
+    verb = {"multiply": ["multiply that by {n}", "then times {n}", "multiply the result by {n}"],
+            "add": ["add {n} to that", "then add {n}", "plus {n} on top"],
+            "subtract": ["subtract {n} from that", "then take away {n}", "minus {n}"]}[op]
+    q = f"{_then_ask(first.question)}, and {rng.choice(verb).format(n=n)}?" if rng.random() < 0.5 else \
+        f"{first.question} Then {rng.choice(verb).format(n=n).replace('then ', '')}."
+    done = {"multiply": "times", "add": "plus", "subtract": "minus"}[op]
+
+    def value_of(r: list[Any]) -> Any:
+        return r[0]["amount"] if isinstance(r[0], dict) else r[0]
+    return Script(q, list(dict.fromkeys(first.tools + [name])),
+                  list(first.calls) + [lambda r: (name, {ka: value_of(r), kb: n})],
+                  lambda r: f"{first.answer(r[:1])} {value_of(r)} {done} {n} is {r[1]}.", kind="chain")
+
+
 # ----------------------------------------------------------------------------- no call
 
 #: questions that need no tool, with a right, short answer (general knowledge and chit-chat)
@@ -705,6 +770,20 @@ UNCOVERED = [
     ("What's the score of the {c} football match?", "sports scores"),
     ("Turn off the living room lights.", "controlling lights"),
     ("How long is the drive to {c}?", "travel times"),
+    ("What time is sunset in {c} today?", "sunset times"),
+    ("Find me a hotel in {c} for Friday.", "hotel bookings"),
+    ("How humid is it in {c} right now?", "the weather"),
+    ("Remind me to call {p} at 5 pm.", "reminders"),
+    ("Schedule a meeting with {p} next Monday.", "calendars"),
+    ("Where is my parcel {w}{n}?", "parcel tracking"),
+    ("What are today's top news headlines?", "news"),
+    ("Who is the mayor of {c}?", "facts about cities' officials"),
+    ("Call a taxi to {c} station.", "booking taxis"),
+    ("How many followers does {p} have online?", "social media"),
+    ("What is {p}'s home address?", "home addresses"),
+    ("Is the {w} store in {c} open on Sundays?", "opening hours"),
+    ("Rate my essay out of ten.", "grading essays"),
+    ("What is the air quality index in {c}?", "air quality"),
 ]
 
 

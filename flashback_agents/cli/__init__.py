@@ -107,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         app(args=argv, standalone_mode=True)
     except ModelLoadError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(1)
+        sys.exit(2)  # a model the user named that cannot be loaded: bad input, as every other error line
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ def bench_ralm_cmd(
         try:
             _plot(result, plot)
         except ImportError:
-            fail("--plot needs matplotlib: pip install 'flashback-agents[bench]'.")
+            fail("--plot needs matplotlib: pip install 'flashback-agents[bench]'.", 1)
         result["plot"] = str(plot)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -20,8 +20,9 @@ __all__ = ["fail", "bad_input", "emit", "guarded", "BAD_INPUT", "check_int", "ch
 BAD_INPUT = 2
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print a clear error (no traceback) and exit."""
+def fail(message: str, code: int = BAD_INPUT) -> None:
+    """Print a clear error (no traceback) and exit: code 2 for what the user passed (the default: every
+    error a command reports is about its input), 1 for the environment (a missing optional package)."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 

@@ -1,8 +1,10 @@
 """``flashback-agents eval ppl``: the FlashBack paper's perplexity table; ``eval agents``: the held-out
-agent questions through LangChain and LlamaIndex agent loops, scored by category."""
+agent questions through LangChain and LlamaIndex agent loops, scored by category; ``eval docqa``: invented-fact
+document QA through the FlashBack query engine and LlamaIndex's default one on the same LLM."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -19,9 +21,11 @@ FULL = {"tokens": 8192, "window": 512, "train_steps": 100, "train_max_length": 5
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:  # noqa: ARG001 - no bench commands here
     eval_app = typer.Typer(help="Quality evaluations (perplexity with retrieval: prepend vs append vs adapter; "
-                           "held-out agent questions).", no_args_is_help=True)
+                           "held-out agent questions; document QA through the LlamaIndex query engines).",
+                           no_args_is_help=True)
     eval_app.command("ppl")(guarded(ppl))
     eval_app.command("agents")(guarded(agents))
+    eval_app.command("docqa")(guarded(docqa))
     app.add_typer(eval_app, name="eval")
 
 
@@ -180,16 +184,16 @@ def agents(
 
     fw = framework.strip().lower()
     if fw not in ("both", *FRAMEWORKS):
-        fail(f"--framework must be both, langchain or llamaindex, got {framework!r}", 2)
+        fail(f"--framework must be both, langchain or llamaindex, got {framework!r}")
     extra: dict[str, Any] = {}
     if repeat_calls is not None:
         if repeat_calls not in ("allow", "forbid"):
-            fail(f"--repeat-calls must be allow or forbid, got {repeat_calls!r}", 2)
+            fail(f"--repeat-calls must be allow or forbid, got {repeat_calls!r}")
         extra["repeat_calls"] = repeat_calls
     if threads is not None and threads < 1:
-        fail(f"--threads must be >= 1, got {threads}", 2)
+        fail(f"--threads must be >= 1, got {threads}")
     if max_tokens < 1:
-        fail(f"--max-tokens must be >= 1, got {max_tokens}", 2)
+        fail(f"--max-tokens must be >= 1, got {max_tokens}")
     check_out_file("out", out)
     try:
         questions = select_questions(ids=_csv(ids) or None, limit=limit, categories=_csv(category) or None)
@@ -199,7 +203,7 @@ def agents(
                                  max_tokens=max_tokens, max_steps=MAX_STEPS, extra=extra,
                                  system_prompt=system_prompt, threads=threads, progress=progress)
     except (AgentEvalError, ModelLoadError) as exc:
-        fail(str(exc), 2)
+        fail(str(exc))
         return
     data = result.as_dict()
     if out is not None:
@@ -218,3 +222,63 @@ def agents(
     if out is not None:
         typer.echo(f"wrote {out}")
     typer.echo(f"total {result.seconds:.1f}s")
+
+
+def docqa(
+    adapter: str = typer.Option("auto", "--adapter", help="auto (the shipped default), none, or a trained adapter "
+                                "directory."),
+    top_k: int = typer.Option(2, "--top-k", help="similarity_top_k of both query engines."),
+    max_tokens: int = typer.Option(48, "--max-tokens", help="max_tokens of each answer."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is faster on a busy CPU)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole result (every answer) as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the whole result as JSON to this file."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Print each answer as it comes."),
+) -> None:
+    """Invented-fact document QA: the FlashBack query engine against LlamaIndex's default one, same LLM.
+
+    The FlashBack query engine (question first, retrieved documents appended and marked) and
+    index.as_query_engine (LlamaIndex's default templates, documents before the question) answer the
+    questions of evaluation/doc_qa.py on the same LLM, index and retrieval; right answers per engine."""
+    import json
+
+    from ..evaluation.doc_qa import DocQAError, adapter_arg, format_table, run_doc_qa
+    from ..models import ModelLoadError
+
+    # the options first (exit code 2): a bad one is refused before the index or the model loads
+    check_int("top_k", top_k, 1)
+    check_int("max_tokens", max_tokens, 1)
+    check_threads(threads)
+    check_out_file("out", out)
+    try:
+        adapter_arg(adapter)
+    except DocQAError as exc:
+        bad_input(str(exc))
+    try:
+        result = run_doc_qa(model=model, adapter=adapter, top_k=top_k, max_tokens=max_tokens, threads=threads,
+                            progress=progress and not json_out)
+    except (DocQAError, ModelLoadError) as exc:
+        bad_input(str(exc))
+        return
+    except ImportError as exc:
+        fail(str(exc), 1)
+        return
+    if out is not None:
+        out = Path(os.path.expanduser(str(out)))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if json_out:
+        emit(result, True)
+        return
+    a = result["adapter"]
+    typer.echo(f"{result['model']}: {result['questions']} questions over {result['documents']} invented documents; "
+               f"adapter {a['label']}" + (f" ({a['path']})" if a["path"] and a["path"] != a["label"] else "")
+               + f"; top_k {result['top_k']}; max_tokens {result['max_tokens']}")
+    typer.echo("")
+    typer.echo(format_table(result))
+    if result.get("must_show"):
+        typer.echo("")
+        typer.echo(result["must_show"])
+    if out is not None:
+        typer.echo(f"wrote {out}")
+    typer.echo(f"total {result['seconds']:.1f}s")

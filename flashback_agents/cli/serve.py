@@ -40,7 +40,7 @@ def serve(
     try:
         import xllamacpp  # noqa: F401
     except ImportError:
-        fail("`serve` needs the xllamacpp wheel: pip install xllamacpp")
+        fail("`serve` needs the xllamacpp wheel: pip install xllamacpp", 1)
     try:
         gguf = resolve_gguf(model)
     except ModelLoadError as exc:

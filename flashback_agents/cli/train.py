@@ -134,7 +134,7 @@ def train_cmd(
                         "ralm_trained_tokens": rstats.trained_tokens})
     try:
         result = train(config, samples, lm=lm)
-    except TrainError as exc:
+    except TrainError as exc:  # a damaged checkpoint under --out included: exit 2 with one error line
         fail(str(exc))
     summary.update({"output_dir": result.output_dir, "step": result.step, "finished": result.finished,
                     "resumed_from": result.resumed_from,

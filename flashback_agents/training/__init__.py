@@ -8,15 +8,15 @@ Imports of peft/accelerate happen inside the functions that need them.
 
 from .samples import (IGNORE, Retriever, Sample, SampleStats, collate, conversation_sample, conversation_samples,
                       length_batches, ralm_samples)
-from .trainer import (TrainConfig, TrainError, TrainResult, build_peft_model, checkpoints, evaluate,
-                      export_merged, read_adapter_meta, train)
+from .trainer import (CheckpointError, TrainConfig, TrainError, TrainResult, build_peft_model, checkpoints,
+                      evaluate, export_merged, read_adapter_meta, train)
 from .transcripts import (FORMATS, Conversation, TranscriptError, Transcripts, parse_conversation,
                           read_transcripts)
 
 __all__ = [
     "IGNORE", "Retriever", "Sample", "SampleStats", "collate", "conversation_sample", "conversation_samples",
     "length_batches", "ralm_samples",
-    "TrainConfig", "TrainError", "TrainResult", "build_peft_model", "checkpoints", "evaluate", "export_merged",
-    "read_adapter_meta", "train",
+    "CheckpointError", "TrainConfig", "TrainError", "TrainResult", "build_peft_model", "checkpoints", "evaluate",
+    "export_merged", "read_adapter_meta", "train",
     "FORMATS", "Conversation", "TranscriptError", "Transcripts", "parse_conversation", "read_transcripts",
 ]

@@ -101,9 +101,7 @@ def conversation_sample(layout: Layout, conv: Conversation, max_length: int) -> 
     Messages are kept from the start while they fit; a user message whose documents overflow is
     retried with fewer (whole) documents; the first message that still does not fit ends the sample.
     """
-    msgs = list(conv.messages)
-    if not msgs or msgs[0].role != "system":
-        msgs.insert(0, Message("system", ""))  # as Layout.render does
+    msgs = layout.with_system(conv.messages, conv.tools)  # as Layout.render does
     ids: list[int] = []
     labels: list[int] = []
     truncated = False

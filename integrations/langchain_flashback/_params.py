@@ -40,6 +40,9 @@ class FlashBackParams(BaseModel):
                                      "recomputed, also by the next process (flashback_agents.kvstore).")
     kv_store_max_bytes: int | None = Field(default=None, description="Byte budget of kv_store_dir (LRU; "
                                            "default 16 GiB).")
+    chat_template: str | None = Field(default=None, description="A Jinja chat template replacing the model's own "
+                                      "(for a base model without one, which is otherwise rendered with a "
+                                      "fallback and a ChatTemplateWarning).")
     #: exact multi-token decoding (flashback_agents.speculation): prompt-lookup speculation (None: on for
     #: greedy), drafts per forward, grammar jump-forward on constrained calls; a server backend ignores them
     speculate: bool | None = None
@@ -83,7 +86,8 @@ class FlashBackParams(BaseModel):
     def _engine_for_model(self, model: str) -> ChatEngine:
         return ChatEngine.shared(model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
                                  max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow,
-                                 kv_store_dir=self.kv_store_dir, kv_store_max_bytes=self.kv_store_max_bytes)
+                                 kv_store_dir=self.kv_store_dir, kv_store_max_bytes=self.kv_store_max_bytes,
+                                 chat_template=self.chat_template, timeout=self.timeout)
 
     @property
     def engine(self) -> ChatEngine:
@@ -97,11 +101,13 @@ class FlashBackParams(BaseModel):
     def _config(self, stop: str | list[str] | None, kwargs: dict) -> GenerationConfig:
         """Decoding settings from the fields, overridable per call (a str stop is one stop string)."""
         stops = normalize_stop(stop if stop is not None else (kwargs.get("stop") or self.stop or []))
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        return GenerationConfig(max_new_tokens=int(max_tokens) if max_tokens is not None else 256,
-                                min_new_tokens=int(kwargs.get("min_tokens", self.min_tokens) or 0),
-                                temperature=float(kwargs.get("temperature", self.temperature) or 0.0),
-                                top_p=float(kwargs.get("top_p", self.top_p)), seed=kwargs.get("seed", self.seed),
+        max_tokens = check_setting("max_tokens", kwargs.get("max_tokens", self.max_tokens), integer=True, optional=True)
+        return GenerationConfig(max_new_tokens=max_tokens if max_tokens is not None else 256,
+                                min_new_tokens=check_setting("min_tokens", kwargs.get("min_tokens", self.min_tokens) or 0,
+                                                             integer=True),
+                                temperature=check_setting("temperature", kwargs.get("temperature", self.temperature) or 0.0),
+                                top_p=check_setting("top_p", kwargs.get("top_p", self.top_p)),
+                                seed=kwargs.get("seed", self.seed),
                                 stop=tuple(stops), speculate=kwargs.get("speculate", self.speculate),
                                 draft_tokens=kwargs.get("draft_tokens", self.draft_tokens),
                                 jump_forward=kwargs.get("jump_forward", self.jump_forward))

@@ -30,6 +30,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel
 
 from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice
+from flashback_agents.generation import normalize_stop
 from flashback_agents.layout import LayoutError, Message, ToolCall
 
 from ._params import PROVIDER, FlashBackParams
@@ -194,7 +195,7 @@ class ChatFlashBack(FlashBackParams, BaseChatModel):
             params["ls_max_tokens"] = max_tokens
         stop = stop if stop is not None else self.stop
         if stop:
-            params["ls_stop"] = [stop] if isinstance(stop, str) else list(stop)
+            params["ls_stop"] = list(normalize_stop(stop))  # our error for a stop that is no string(s)
         return params
 
     def _engine_for(self, kwargs: dict) -> ChatEngine:

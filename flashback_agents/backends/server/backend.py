@@ -20,8 +20,12 @@ from ...models import MARK_L, MARK_R, ModelLoadError
 from ..base import Backend, BackendRun, ChatUsage, Constraint
 from .errors import (ServerCacheReportError, ServerCacheReportWarning, ServerContextError, ServerError,
                      ServerModelError, ServerStreamError, ServerUnreachableError)
-from .protocol import (PROBE_TEXT, Prepared, ServerInfo, StreamState, build_payload, cache_advice, cache_figures,
-                       finish_reason, http_error, read_event, split_url, stream_events)
+from .protocol import (PROBE_TEXT, Prepared, ServerInfo, StreamState, bad_answer, build_payload, cache_advice,
+                       cache_figures, checked_int, finish_reason, http_error, load_json, read_event, split_url,
+                       stream_events, token_list)
+
+#: what a bad n_ctx is called in errors: the server's answer, not the user's max_context_tokens
+CTX = "(the server's context size)"
 from .tokenizer import ServerTokenizerModel, add_marker_tokens_only, load_server_tokenizer
 
 __all__ = ["ServerBackend", "ServerRun"]
@@ -43,20 +47,45 @@ class ServerBackend(Backend):
         self.prompt_format = prompt_format
         #: seconds a whole reply may take (also each read's limit): a server that trickles forever still ends
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        # The start-up checks obey the user's timeout too (a server that never answers, or stays
+        # "loading" forever, fails within it); startup_wait caps the wait when timeout is larger.
+        self._startup_limit = startup_wait if timeout is None else min(timeout, startup_wait)
+        self._startup_knob = "timeout" if timeout is not None and timeout <= startup_wait else "startup_wait"
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=connect_timeout), headers=headers)
         self._warned: set[str] = set()
         self._lock = threading.Lock()
-        self.info = self._probe(url, base, api, startup_wait)
-        self.lm = self._tokenizer_model(tokenizer)
-        self._finish_probe()
+        try:
+            self.info = self._probe(url, base, api)
+            self.lm = self._tokenizer_model(tokenizer)
+            self._finish_probe()
+        except BaseException:
+            self.client.close()  # a failed start-up keeps no connection open
+            raise
 
     # ------------------------------------------------------------------ http helpers
-    def _get(self, url: str) -> Any:
+    def _no_answer(self, request: str, limit: float | None, knob: str, exc: Exception) -> ServerUnreachableError:
+        """The error for a request the server did not answer in time: what to check, or which limit to raise."""
+        within = f"within {limit:g} s" if limit is not None else "in time"
+        return ServerUnreachableError(
+            f"The server at {self.url} did not answer {request} {within} ({type(exc).__name__}). Check the URL, "
+            f"that the server has finished loading its model, or raise {knob}= for a slow server.")
+
+    def _get(self, url: str, deadline: float | None = None) -> Any:
+        """GET ``url``, within ``deadline`` (``time.monotonic()``; start-up checks) or the client's timeouts."""
         import httpx
 
+        timeout: Any = httpx.USE_CLIENT_DEFAULT
+        if deadline is not None:
+            left = max(deadline - time.monotonic(), 0.05)
+            timeout = httpx.Timeout(left, connect=min(self.connect_timeout, left))
         try:
-            r = self.client.get(url)
+            r = self.client.get(url, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            if deadline is None:
+                raise self._no_answer(f"GET {url}", self.timeout, "timeout", exc) from exc
+            raise self._no_answer(f"GET {url}", self._startup_limit, self._startup_knob, exc) from exc
         except httpx.TransportError as exc:
             raise ServerUnreachableError(
                 f"Cannot reach the model server at {self.url} ({type(exc).__name__}: {exc}). Start one with "
@@ -64,61 +93,88 @@ class ServerBackend(Backend):
                 "`python -m sglang.launch_server ...`, and check the host and port.") from exc
         return r
 
-    def _post_json(self, url: str, payload: dict) -> Any | None:
+    def _post(self, url: str, payload: dict) -> Any:
         import httpx
 
         try:
-            r = self.client.post(url, json=payload)
+            return self.client.post(url, json=payload)
+        except httpx.TimeoutException as exc:
+            raise self._no_answer(f"POST {url}", self.timeout, "timeout", exc) from exc
         except httpx.TransportError as exc:
             raise ServerUnreachableError(f"Lost the model server at {self.url} ({exc}).") from exc
-        if r.status_code >= 400:
-            return None
-        try:
-            return r.json()
-        except ValueError:
-            return None
 
-    def _probe(self, url: str, base: str, api: str, startup_wait: float) -> ServerInfo:
-        deadline = time.monotonic() + startup_wait
+    def _probe(self, url: str, base: str, api: str) -> ServerInfo:
+        """What the server runs (GET /v1/models, llama.cpp's GET /props), every value checked."""
+        limit = self._startup_limit
+        deadline = time.monotonic() + limit
         while True:
-            r = self._get(api + "/models")
-            if r.status_code == 503 and time.monotonic() < deadline:  # llama.cpp: "Loading model"
-                time.sleep(0.5)
-                continue
-            break
+            r = self._get(api + "/models", deadline)
+            if r.status_code != 503:
+                break
+            left = deadline - time.monotonic()  # llama.cpp: 503 "Loading model" until it is ready
+            if left <= 0:
+                raise ServerUnreachableError(
+                    f"The server at {url} was still loading its model after {limit:g} s (GET /v1/models: HTTP 503, "
+                    f"{r.text[:120]!r}). Wait until it has finished loading, check the URL, or raise "
+                    f"{self._startup_knob}= for a slow start.")
+            time.sleep(min(0.5, left))
         if r.status_code >= 400:
             raise ServerError(f"The server at {url} answered GET /v1/models with HTTP {r.status_code}: "
                               f"{r.text[:300]}. Is it an OpenAI-compatible server (llama.cpp, vLLM, SGLang)?")
-        try:
-            data = r.json().get("data") or []
-        except (ValueError, AttributeError):
-            data = []
+        where = f"GET {api}/models"
+        body = load_json(r.text, where)
+        data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or not data or not isinstance(data[0], dict):
-            raise ServerModelError(f"The server at {url} lists no model (GET /v1/models); is it an OpenAI-compatible "
-                                   "server (llama.cpp, vLLM, SGLang) with a model loaded?")
+            raise ServerModelError(f"The server at {url} lists no model (GET /v1/models: {r.text[:120]!r}); is it an "
+                                   "OpenAI-compatible server (llama.cpp, vLLM, SGLang) with a model loaded?")
         entry = data[0]
+        model_id, meta = entry.get("id", ""), entry.get("meta")
+        if not isinstance(model_id, str):
+            raise bad_answer(where, f"data[0].id must be the model's name, the server sent {model_id!r:.80}")
+        if meta is not None and not isinstance(meta, dict):
+            raise bad_answer(where, f"data[0].meta must be an object, the server sent {meta!r:.80}")
+        meta = meta or {}
+        n_ctx = checked_int(meta.get("n_ctx"), where, f"data[0].meta.n_ctx {CTX}")
+        if n_ctx is None:
+            n_ctx = checked_int(entry.get("max_model_len"), where, f"data[0].max_model_len {CTX}")
+        n_vocab = checked_int(meta.get("n_vocab"), where, "data[0].meta.n_vocab (the vocabulary size)")
+        info = ServerInfo(url=url, base_url=base, api_url=api, flavor="openai", model_id=model_id, n_ctx=n_ctx,
+                          n_vocab=n_vocab)
         owner = str(entry.get("owned_by", "")).lower()
-        meta = entry.get("meta") if isinstance(entry.get("meta"), dict) else {}
-        info = ServerInfo(url=url, base_url=base, api_url=api, flavor="openai", model_id=str(entry.get("id", "")),
-                          n_vocab=meta.get("n_vocab"), n_ctx=meta.get("n_ctx") or entry.get("max_model_len"))
-        props = None
         if owner in ("llamacpp", "llama.cpp") or "meta" in entry:
             info.flavor = "llama.cpp"
         elif owner in ("vllm", "sglang"):
             info.flavor = owner
         if info.flavor in ("llama.cpp", "openai"):
-            pr = self._get(base + "/props")
+            pr = self._get(base + "/props", time.monotonic() + limit)
             if pr.status_code == 200:
-                try:
-                    props = pr.json()
-                except ValueError:
-                    props = None
-            if isinstance(props, dict) and "default_generation_settings" in props:
-                info.flavor = "llama.cpp"
-                slot_ctx = (props.get("default_generation_settings") or {}).get("n_ctx")
-                info.n_ctx = slot_ctx or info.n_ctx  # per-slot window: what one request can use
-                info.model_path = props.get("model_path")
+                self._read_props(pr.text, info)
         return info
+
+    def _read_props(self, text: str, info: ServerInfo) -> None:
+        """llama.cpp's ``/props``: the per-slot window and the model file. Another server's page there is
+        ignored, but a llama.cpp server (by its /v1/models) must answer in llama.cpp's shape."""
+        where = f"GET {info.base_url}/props"
+        strict = info.flavor == "llama.cpp"
+        try:
+            props = load_json(text, where)
+        except ServerError:
+            if strict:
+                raise
+            return
+        if not isinstance(props, dict) or "default_generation_settings" not in props:
+            if strict and not isinstance(props, dict):
+                raise bad_answer(where, f"expected a JSON object, the server sent {text[:80]!r}")
+            return
+        settings, model_path = props["default_generation_settings"], props.get("model_path")
+        if not isinstance(settings, dict):
+            raise bad_answer(where, f"default_generation_settings must be an object, the server sent {settings!r:.80}")
+        if model_path is not None and not isinstance(model_path, str):
+            raise bad_answer(where, f"model_path must be a string, the server sent {model_path!r:.80}")
+        info.flavor = "llama.cpp"
+        slot_ctx = checked_int(settings.get("n_ctx"), where, f"default_generation_settings.n_ctx {CTX}")
+        info.n_ctx = slot_ctx or info.n_ctx  # per-slot window: what one request can use
+        info.model_path = model_path
 
     def _tokenizer_model(self, tokenizer: str | None) -> ServerTokenizerModel:
         info = self.info
@@ -155,11 +211,16 @@ class ServerBackend(Backend):
         """The server's tokenization of ``text`` (special tokens parsed), or None if it has no endpoint."""
         payload = {"content": text, "add_special": False, "parse_special": True,
                    "model": self.info.model_id, "prompt": text, "add_special_tokens": False}
-        data = self._post_json(self.info.base_url + "/tokenize", payload)
-        toks = data.get("tokens") if isinstance(data, dict) else None
-        if not isinstance(toks, list):
+        url = self.info.base_url + "/tokenize"
+        r = self._post(url, payload)
+        if r.status_code >= 400:
             return None
-        return [int(t["id"]) if isinstance(t, dict) else int(t) for t in toks]
+        data = load_json(r.text, f"POST {url}")
+        if not isinstance(data, dict):
+            raise bad_answer(f"POST {url}", f"expected a JSON object with 'tokens', the server sent {r.text[:80]!r}")
+        if "tokens" not in data:  # some other endpoint at that path: as if there were none
+            return None
+        return token_list(data["tokens"], f"POST {url}")
 
     def _finish_probe(self) -> None:
         info, lm = self.info, self.lm
@@ -293,7 +354,7 @@ class ServerRun(BackendRun):
     def __iter__(self) -> Iterator[str]:
         try:
             yield from self._iter()
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a reply of an unexpected shape
+        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:  # under read_event's checks
             raise ServerStreamError(f"The server at {self.backend.url} sent a reply of an unexpected shape "
                                     f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
                                     "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
@@ -314,7 +375,7 @@ class ServerRun(BackendRun):
         except httpx.ConnectError as exc:
             raise ServerUnreachableError(f"Cannot reach the model server at {b.url} ({exc}); start it again "
                                          "(or check the address): the next call reconnects.") from exc
-        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # an event of the wrong shape
+        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:  # a safety net, as above
             raise ServerStreamError(f"The server at {b.url} sent a stream event of an unexpected shape "
                                     f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
                                     "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
@@ -345,14 +406,15 @@ class ServerRun(BackendRun):
             if prep.prefix_text:
                 state.raw += prep.prefix_text
                 yield prep.prefix_text
-            for ev in stream_events(r.iter_lines(), b.url):
+            for ev in stream_events(r.iter_lines(), f"{b.url} (POST {url})"):
                 if deadline is not None and time.monotonic() > deadline:
                     raise httpx.ReadTimeout(f"no complete reply within {limit:g} s")
                 if "error" in ev:
                     err = ev["error"]
-                    raise b.http_error(int(err.get("code", 500)) if isinstance(err, dict) else 500,
+                    code = err.get("code") if isinstance(err, dict) else None
+                    raise b.http_error(code if isinstance(code, int) and 400 <= code < 600 else 500,
                                        json.dumps(ev), len(wire))
-                text = read_event(ev, state, llama)
+                text = read_event(ev, state, llama, f"POST {url}")
                 if text:
                     yield text
                 if self._cancelled.is_set():

@@ -19,10 +19,79 @@ from .errors import (ServerContextError, ServerError, ServerModelError, ServerRe
                      ServerUnreachableError)
 
 __all__ = ["ServerInfo", "Prepared", "StreamState", "PROBE_TEXT", "split_url", "cache_advice",
-           "build_payload", "http_error", "stream_events", "read_event", "finish_reason", "cache_figures"]
+           "build_payload", "http_error", "stream_events", "read_event", "finish_reason", "cache_figures",
+           "bad_answer", "load_json", "checked_int", "token_list"]
 
 #: text tokenized both here and on the server at connect time: the same ids means the same tokenizer
 PROBE_TEXT = "Hello world! The log says: ERROR 503 at 12:04 (disk /var/tmp full).\n<|im_start|>user\nok"
+
+
+#: the advice every malformed answer ends with
+CHECK_SERVER = "Check that the address is a llama.cpp, vLLM or SGLang server (a current version)."
+
+
+# --------------------------------------------------------------------------- validating answers
+# A server answer is untrusted input: each value we use is checked here, so a wrong one is our
+# ServerError naming the endpoint and the field, never a KeyError/TypeError/RecursionError from deep inside.
+def bad_answer(where: str, what: str, error: type[ServerError] = ServerError) -> ServerError:
+    """The error for an answer of the wrong shape from ``where`` (e.g. ``GET http://h:p/v1/models``)."""
+    retry = " The call failed; the next call starts a fresh request." if issubclass(error, ServerStreamError) else ""
+    return error(f"The server's answer to {where} has an unexpected shape: {what}.{retry} {CHECK_SERVER}")
+
+
+def load_json(text: str, where: str, error: type[ServerError] = ServerError) -> Any:
+    """``text`` parsed as JSON; no JSON, or JSON nested past Python's recursion limit, is our error."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise bad_answer(where, "its JSON is nested too deep to read", error) from None
+    except ValueError:
+        raise bad_answer(where, f"it is not JSON ({text[:80]!r})", error) from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+def checked_int(value: Any, where: str, name: str, minimum: int = 1,
+          error: type[ServerError] = ServerError) -> int | None:
+    """``value`` as an integer >= ``minimum`` the server reports (None stays None: not reported)."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < minimum:
+        raise bad_answer(where, f"{name} must be an integer >= {minimum}, the server sent {value!r:.80}", error)
+    return value
+
+
+def token_list(value: Any, where: str, name: str = "tokens", error: type[ServerError] = ServerError) -> list[int]:
+    """Token ids as a server lists them: ints, or llama.cpp's ``{"id": ..., "piece": ...}`` (``with_pieces``)."""
+    if not isinstance(value, list):
+        raise bad_answer(where, f"{name} must be a list of token ids, the server sent {value!r:.80}", error)
+    ids = [t.get("id") if isinstance(t, dict) else t for t in value]
+    for tid, raw in zip(ids, value):
+        if not _is_int(tid) or tid < 0:
+            raise bad_answer(where, f"{name} must hold token ids (integers >= 0), the server sent {raw!r:.80}", error)
+    return ids
+
+
+def _typed(obj: dict, key: str, kind: type, where: str, error: type[ServerError]) -> Any:
+    """``obj[key]`` if it is a ``kind`` (or absent/null: None); another type is a malformed answer."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if kind is int:
+        ok = _is_int(value) and value >= 0
+    elif kind is float:  # a duration or a count: any JSON number >= 0 (NaN is not)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise bad_answer(where, f"{key!r} must be {_KIND_NAMES[kind]}, the server sent {value!r:.80}", error)
+    return value
+
+
+_KIND_NAMES = {str: "a string", list: "a list", dict: "an object", bool: "true or false",
+               int: "an integer >= 0", float: "a number >= 0"}
 
 
 def cache_advice(flavor: str) -> str:
@@ -137,16 +206,17 @@ def http_error(info: ServerInfo, url: str, status: int, text: str, wire_len: int
     """Map an HTTP error answer (or an error event) to the right :class:`ServerError`."""
     try:
         err = json.loads(text).get("error") or {}
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON (or too deep): the raw text is the message
         err = {}
     msg = err.get("message") if isinstance(err, dict) else str(err)
-    msg = msg or text[:500]
+    msg = str(msg or text[:500])[:500]
     low = msg.lower()
     etype = str(err.get("type", "")) if isinstance(err, dict) else ""
     if "exceed_context" in etype or "context size" in low or "context length" in low or \
             "maximum context" in low or "too long" in low:
         limit = err.get("n_ctx") if isinstance(err, dict) else None
-        return ServerContextError(wire_len + 1, int(limit or info.n_ctx or 0), url)
+        limit = limit if _is_int(limit) and limit > 0 else info.n_ctx
+        return ServerContextError(wire_len + 1, int(limit or 0), url)
     if status == 404 and "model" in low:
         return ServerModelError(f"The server at {url} does not serve model {info.model_id!r}: {msg}")
     if status == 503:
@@ -184,34 +254,51 @@ def stream_events(lines: Iterable[str], url: str) -> Iterator[dict]:
             return
         try:
             ev = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python can parse
             ev = None
         if not isinstance(ev, dict):
             raise ServerStreamError(
-                f"The server at {url} sent a malformed stream event ({data[:120]!r}); the call failed, "
-                "the next call starts a fresh request. Check that the address is a llama.cpp, vLLM or "
-                "SGLang server.")
+                f"The server at {url} sent a malformed stream event (not a JSON object: {data[:120]!r}); the call "
+                f"failed, the next call starts a fresh request. {CHECK_SERVER}")
         yield ev
 
 
-def read_event(ev: dict, state: StreamState, llama: bool) -> str:
-    """Record one event in ``state``; the text it adds."""
+def read_event(ev: dict, state: StreamState, llama: bool, where: str = "the completion request") -> str:
+    """Record one event in ``state``; the text it adds. Every field used is type-checked here, so a
+    wrong one is a :class:`ServerStreamError` naming it, and later steps (finish, cache figures) can trust it."""
+    def get(obj: dict, key: str, kind: type) -> Any:
+        return _typed(obj, key, kind, f"{where} (stream event)", ServerStreamError)
+
     if llama:
-        text = ev.get("content", "") or ""
-        _add_ids(state, ev.get("tokens"))
-        if ev.get("stop"):
+        text = get(ev, "content", str) or ""
+        _add_ids(state, ev.get("tokens"), where, "tokens")
+        if get(ev, "stop", bool):
+            for key, kind in (("stop_type", str), ("stopping_word", str), ("tokens_evaluated", int),
+                              ("tokens_predicted", int), ("timings", dict)):
+                get(ev, key, kind)
+            timings = ev.get("timings") or {}
+            for key, kind in (("cache_n", int), ("prompt_n", int), ("prompt_ms", float), ("predicted_ms", float)):
+                get(timings, key, kind)
             state.final = ev
     else:
-        if ev.get("usage"):
-            state.usage_block = ev["usage"]
-        choices = ev.get("choices") or []
+        usage = get(ev, "usage", dict)
+        if usage:
+            get(usage, "prompt_tokens", int)
+            details = get(usage, "prompt_tokens_details", dict) or {}
+            get(details, "cached_tokens", int)
+            state.usage_block = usage
+        choices = get(ev, "choices", list) or []
         text = ""
         if choices:
             ch = choices[0]
-            text = ch.get("text", "") or ""
-            _add_ids(state, ch.get("token_ids"))
-            if ch.get("finish_reason"):
-                state.finish = ch["finish_reason"]
+            if not isinstance(ch, dict):
+                raise bad_answer(f"{where} (stream event)", f"choices[0] must be an object, the server sent "
+                                 f"{ch!r:.80}", ServerStreamError)
+            text = get(ch, "text", str) or ""
+            _add_ids(state, ch.get("token_ids"), where, "token_ids")
+            finish = get(ch, "finish_reason", str)
+            if finish:
+                state.finish = finish
     if text:
         if state.first_token_at is None:
             state.first_token_at = time.perf_counter()
@@ -219,10 +306,10 @@ def read_event(ev: dict, state: StreamState, llama: bool) -> str:
     return text
 
 
-def _add_ids(state: StreamState, toks: Any) -> None:
-    if isinstance(toks, list):
+def _add_ids(state: StreamState, toks: Any, where: str, name: str) -> None:
+    if toks is not None:  # absent: the server does not send ids (they are re-tokenized)
+        state.gen_ids += token_list(toks, f"{where} (stream event)", name, ServerStreamError)
         state.got_ids = True
-        state.gen_ids += [int(t) for t in toks]
 
 
 def finish_reason(state: StreamState, llama: bool, n_ctx: int | None, cancelled: bool,
@@ -237,7 +324,7 @@ def finish_reason(state: StreamState, llama: bool, n_ctx: int | None, cancelled:
         elif stop_type == "eos":
             finish = "stop"
         else:
-            used = int(final.get("tokens_evaluated", 0)) + int(final.get("tokens_predicted", 0))
+            used = int(final.get("tokens_evaluated") or 0) + int(final.get("tokens_predicted") or 0)
             finish = "context" if n_ctx and used >= n_ctx else "length"
     elif finish is not None and finish not in ("stop", "length"):
         finish = "stop"
@@ -255,17 +342,19 @@ def cache_figures(state: StreamState, n_wire: int) -> tuple[int | None, int | No
     cached: int | None = None
     computed: int | None = None
     prefill = decode = None
-    if state.final is not None:
+    if state.final is not None:  # fields type-checked by read_event; null counts as not reported
         timings = state.final.get("timings") or {}
-        if "cache_n" in timings:
+        if timings.get("cache_n") is not None:
             cached = int(timings["cache_n"])
-            computed = int(timings.get("prompt_n", n_wire - cached))
-        if "prompt_ms" in timings:
+            prompt_n = timings.get("prompt_n")
+            computed = int(prompt_n) if prompt_n is not None else n_wire - cached
+        if timings.get("prompt_ms") is not None:
             prefill = float(timings["prompt_ms"]) / 1000
-            decode = float(timings.get("predicted_ms", 0.0)) / 1000
+            decode = float(timings.get("predicted_ms") or 0.0) / 1000
     if state.usage_block is not None and cached is None:
         details = state.usage_block.get("prompt_tokens_details") or {}
         if isinstance(details, dict) and details.get("cached_tokens") is not None:
             cached = int(details["cached_tokens"])
-            computed = int(state.usage_block.get("prompt_tokens", n_wire)) - cached
+            prompt_tokens = state.usage_block.get("prompt_tokens")
+            computed = int(prompt_tokens if prompt_tokens is not None else n_wire) - cached
     return cached, computed, prefill, decode

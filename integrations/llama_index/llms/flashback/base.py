@@ -255,6 +255,9 @@ class FlashBack(FunctionCallingLLM):
                                         "instead of recomputed, also by the next process.")
     kv_store_max_bytes: Optional[int] = Field(default=None, description="Byte budget of kv_store_dir (LRU; "
                                               "default 16 GiB).")
+    chat_template: Optional[str] = Field(default=None, description="A Jinja chat template replacing the model's "
+                                         "own (for a base model without one, which is otherwise rendered with a "
+                                         "fallback and a ChatTemplateWarning).")
     speculate: Optional[bool] = Field(default=None, description="Prompt-lookup speculative decoding (exact: the "
                                       "output equals plain decoding's); None: on for greedy decoding.")
     draft_tokens: int = Field(default=8, ge=1, le=64, description="Most draft tokens verified per forward.")
@@ -303,7 +306,8 @@ class FlashBack(FunctionCallingLLM):
                                          max_cached_bytes=self.max_cached_bytes,
                                          max_context_tokens=self.max_context_tokens,
                                          on_overflow=self.on_overflow, kv_store_dir=self.kv_store_dir,
-                                         kv_store_max_bytes=self.kv_store_max_bytes)
+                                         kv_store_max_bytes=self.kv_store_max_bytes, chat_template=self.chat_template,
+                                         timeout=self.timeout)
 
     @classmethod
     def class_name(cls) -> str:
@@ -329,10 +333,11 @@ class FlashBack(FunctionCallingLLM):
         """Generation settings: the fields, overridable per call (max_tokens, temperature, ...)."""
         stop = kwargs.pop("stop", None)
         return GenerationConfig(
-            max_new_tokens=int(kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens))),
-            min_new_tokens=int(kwargs.pop("min_tokens", self.min_tokens)),
-            temperature=float(kwargs.pop("temperature", self.temperature)),
-            top_p=float(kwargs.pop("top_p", self.top_p)),
+            max_new_tokens=check_setting("max_tokens", kwargs.pop("max_tokens", kwargs.pop("max_new_tokens",
+                                                                                            self.max_tokens)), integer=True),
+            min_new_tokens=check_setting("min_tokens", kwargs.pop("min_tokens", self.min_tokens), integer=True),
+            temperature=check_setting("temperature", kwargs.pop("temperature", self.temperature)),
+            top_p=check_setting("top_p", kwargs.pop("top_p", self.top_p)),
             seed=kwargs.pop("seed", self.seed),
             stop=normalize_stop(stop if stop is not None else self.stop),
             speculate=kwargs.pop("speculate", self.speculate),
