@@ -543,7 +543,7 @@ def test_agent_transcripts_vary_what_the_answer_rests_on(tmp_path):
 
 def test_keep_transcripts_render_what_the_query_engine_sends(tiny_lm):
     """A document-QA row of keep_transcripts trains on exactly the ids the LlamaIndex query engine's
-    prompt renders with FlashBack (question, then marked documents, best last); the teacher reads the
+    prompt renders with FlashBack (question, then marked documents in retrieval order); the teacher reads the
     same documents as a non-FlashBack LLM gets them (inline). Every fact is invented: the answer is in
     exactly one document, with the value the question asks for."""
     import json
@@ -567,7 +567,7 @@ def test_keep_transcripts_render_what_the_query_engine_sends(tiny_lm):
         assert fact.entity in question and fact.value not in question
         row = keep_transcripts._row(keep_transcripts.QA_USER.format(query_str=question), fact.sentence, documents=docs)
         sample, truncated = conversation_sample(layout, parse_conversation(json.loads(json.dumps(row))), 100_000)
-        context_str = "\n\n".join(reversed(docs))  # the synthesizer joins nodes best first
+        context_str = "\n\n".join(docs)  # the synthesizer joins nodes in retrieval order, kept by the template
         sent = to_flashback_messages(FLASHBACK_TEXT_QA_PROMPT.format_messages(llm=llm, query_str=question,
                                                                               context_str=context_str))
         assert not truncated and sample.input_ids == layout.render(sent + [Message("assistant", fact.sentence)],

@@ -202,8 +202,11 @@ def test_templates_put_question_first_and_mark_each_document(tiny_llm):
     assert split_documents(ctx) == ["Alpha fact.", "Beta fact."]
     msgs = FLASHBACK_TEXT_QA_PROMPT.format_messages(llm=tiny_llm, context_str=ctx, query_str="Which facts?")
     assert msgs[-1].content.endswith("Question: Which facts?")
-    # retrieval order is best first; the best match goes last, next to the answer
-    assert msgs[-1].additional_kwargs["documents"] == ["Beta fact.", "Alpha fact."]
+    # retrieval order (best first) is kept: the default model copies from the first document it reads
+    assert msgs[-1].additional_kwargs["documents"] == ["Alpha fact.", "Beta fact."]
+    last = FLASHBACK_TEXT_QA_PROMPT.model_copy(update={"best_last": True})  # the best match next to the answer
+    assert last.format_messages(llm=tiny_llm, context_str=ctx, query_str="Which facts?")[-1] \
+        .additional_kwargs["documents"] == ["Beta fact.", "Alpha fact."]
     ids = tiny_llm.render_ids(msgs)
     left, right = tiny_llm.engine.lm.marker_ids
     assert ids.count(left) == 2 and ids.count(right) == 2
@@ -212,7 +215,7 @@ def test_templates_put_question_first_and_mark_each_document(tiny_llm):
     assert any(ids[i:i + len(q)] == q for i in range(first_mark))  # the question comes before the evidence
     # any other LLM (or plain .format()) gets the documents inline, after the question
     text = FLASHBACK_TEXT_QA_PROMPT.format(context_str=ctx, query_str="Which facts?")
-    assert text.index("Which facts?") < text.index("Beta fact.") < text.index("Alpha fact.")
+    assert text.index("Which facts?") < text.index("Alpha fact.") < text.index("Beta fact.")
     refine = FLASHBACK_REFINE_PROMPT.format_messages(llm=tiny_llm, query_str="Q", existing_answer="A",
                                                      context_msg="Gamma.")
     assert [m.role.value for m in refine] == ["user", "assistant", "user"]

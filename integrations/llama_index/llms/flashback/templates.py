@@ -64,9 +64,11 @@ class FlashBackPromptTemplate(ChatPromptTemplate):
 
     inline_header: str = Field(default="\n\nDocuments:\n", description="Put between the question and "
                                "the documents when they are written inline (non-FlashBack LLMs).")
-    best_last: bool = Field(default=True, description="Reverse the retrieval order so the best match is "
-                            "the last document, next to the answer (small models lean on the most recent "
-                            "text; LlamaIndex passes nodes best first).")
+    best_last: bool = Field(default=False, description="Reverse the retrieval order so the best match is "
+                            "the last document, next to the answer. Off by default: LlamaIndex passes nodes "
+                            "best first and the default model copies from the first document it reads "
+                            "(`flashback-agents eval docqa`: 14/18 best first vs 6/18 best last with the "
+                            "shipped adapter; docs/benchmarks.md section 9).")
 
     def __init__(self, message_templates: Sequence[ChatMessage], **kwargs: Any) -> None:
         super().__init__(message_templates=message_templates, **kwargs)
