@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, get_args
 
 import torch
 
@@ -58,6 +58,22 @@ def check_setting(name: str, value: object, *, integer: bool = False, optional: 
     hint = f"{name}={example!r}" if example is not None else f"{name}=<{kind}>"
     raise SettingTypeError(f"{name} must be {kind}{' or None' if optional else ''}, got {type(value).__name__} "
                            f"{value!r:.60}; pass e.g. {hint}.")
+
+
+#: the integrations' number settings (LangChain ChatFlashBack, LlamaIndex FlashBack: fields and per-call
+#: overrides): an example value for the hint of :func:`check_setting`, whose type says integer or number
+SETTING_EXAMPLES: dict[str, float | int] = {
+    "temperature": 0.7, "top_p": 1.0, "timeout": 30.0, "min_tokens": 0, "draft_tokens": 8, "max_tokens": 256,
+    "seed": 0, "max_context_tokens": 4096, "max_cached_bytes": 2 << 30, "kv_store_max_bytes": 2 << 30}
+
+
+def check_field(name: str, value: object, annotation: Any = None, *, optional: bool = False) -> object:
+    """:func:`check_setting` for a setting of :data:`SETTING_EXAMPLES`: integer or number and the example
+    from the table; None is accepted when ``optional`` or when the field's ``annotation`` admits it
+    (one pydantic ``mode="before"`` validator per integration serves every number field)."""
+    example = SETTING_EXAMPLES[name]
+    optional = optional or type(None) in get_args(annotation)
+    return check_setting(name, value, integer=isinstance(example, int), optional=optional, example=example)
 
 
 def normalize_stop(stop: object) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine
-from flashback_agents.generation import GenerationConfig, check_setting, normalize_stop
+from flashback_agents.generation import SETTING_EXAMPLES, GenerationConfig, check_field, normalize_stop
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL
 
 PROVIDER = "flashback"
@@ -57,26 +57,10 @@ class FlashBackParams(BaseModel):
 
     # A wrong type (temperature="hot") is our SettingTypeError (a FlashBackError) saying what to pass,
     # not pydantic's bare ValidationError; a numeric string still converts, as before.
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator(*SETTING_EXAMPLES, mode="before")
     @classmethod
     def _number_fields(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_setting(info.field_name, value, example=1.0 if info.field_name == "top_p" else 0.7)
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _optional_number_fields(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_setting(info.field_name, value, optional=True, example=30.0)
-
-    @field_validator("min_tokens", "draft_tokens", mode="before")
-    @classmethod
-    def _int_fields(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_setting(info.field_name, value, integer=True, example=8 if info.field_name == "draft_tokens" else 0)
-
-    @field_validator("max_tokens", "seed", "max_cached_bytes", "max_context_tokens", "kv_store_max_bytes", mode="before")
-    @classmethod
-    def _optional_int_fields(cls, value: Any, info: ValidationInfo) -> Any:
-        return check_setting(info.field_name, value, integer=True, optional=True,
-                             example={"max_tokens": 256, "max_context_tokens": 4096, "seed": 0}.get(info.field_name, 2 << 30))
+        return check_field(info.field_name, value, cls.model_fields[info.field_name].annotation)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -101,12 +85,11 @@ class FlashBackParams(BaseModel):
     def _config(self, stop: str | list[str] | None, kwargs: dict) -> GenerationConfig:
         """Decoding settings from the fields, overridable per call (a str stop is one stop string)."""
         stops = normalize_stop(stop if stop is not None else (kwargs.get("stop") or self.stop or []))
-        max_tokens = check_setting("max_tokens", kwargs.get("max_tokens", self.max_tokens), integer=True, optional=True)
+        max_tokens = check_field("max_tokens", kwargs.get("max_tokens", self.max_tokens), optional=True)
         return GenerationConfig(max_new_tokens=max_tokens if max_tokens is not None else 256,
-                                min_new_tokens=check_setting("min_tokens", kwargs.get("min_tokens", self.min_tokens) or 0,
-                                                             integer=True),
-                                temperature=check_setting("temperature", kwargs.get("temperature", self.temperature) or 0.0),
-                                top_p=check_setting("top_p", kwargs.get("top_p", self.top_p)),
+                                min_new_tokens=check_field("min_tokens", kwargs.get("min_tokens", self.min_tokens) or 0),
+                                temperature=check_field("temperature", kwargs.get("temperature", self.temperature) or 0.0),
+                                top_p=check_field("top_p", kwargs.get("top_p", self.top_p)),
                                 seed=kwargs.get("seed", self.seed),
                                 stop=tuple(stops), speculate=kwargs.get("speculate", self.speculate),
                                 draft_tokens=kwargs.get("draft_tokens", self.draft_tokens),

@@ -37,7 +37,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine, ChatReply
-from flashback_agents.generation import GenerationConfig, check_setting, normalize_stop
+from flashback_agents.generation import SETTING_EXAMPLES, GenerationConfig, check_field, normalize_stop
 from flashback_agents.layout import LayoutError, Message, ToolCall
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
 
@@ -277,27 +277,10 @@ class FlashBack(FunctionCallingLLM):
 
     # A wrong type is our SettingTypeError (a FlashBackError) saying what to pass, not pydantic's bare
     # ValidationError; ranges stay the fields' own constraints.
-    @field_validator("temperature", "top_p", mode="before")
+    @field_validator(*SETTING_EXAMPLES, mode="before")
     @classmethod
     def _number_fields(cls, value: Any, info: Any) -> Any:
-        return check_setting(info.field_name, value, example=1.0 if info.field_name == "top_p" else 0.7)
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _optional_number_fields(cls, value: Any, info: Any) -> Any:
-        return check_setting(info.field_name, value, optional=True, example=30.0)
-
-    @field_validator("max_tokens", "min_tokens", "draft_tokens", mode="before")
-    @classmethod
-    def _int_fields(cls, value: Any, info: Any) -> Any:
-        return check_setting(info.field_name, value, integer=True, example=8 if info.field_name == "draft_tokens" else 256)
-
-    @field_validator("seed", "max_cached_bytes", "max_context_tokens", "kv_store_max_bytes", mode="before")
-    @classmethod
-    def _optional_int_fields(cls, value: Any, info: Any) -> Any:
-        return check_setting(info.field_name, value, integer=True, optional=True,
-                             example=4096 if info.field_name == "max_context_tokens" else
-                             2 << 30 if "bytes" in info.field_name else 0)
+        return check_field(info.field_name, value, cls.model_fields[info.field_name].annotation)
 
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, **kwargs: Any) -> None:
         lm = model if isinstance(model, LoadedModel) else None
@@ -333,11 +316,11 @@ class FlashBack(FunctionCallingLLM):
         """Generation settings: the fields, overridable per call (max_tokens, temperature, ...)."""
         stop = kwargs.pop("stop", None)
         return GenerationConfig(
-            max_new_tokens=check_setting("max_tokens", kwargs.pop("max_tokens", kwargs.pop("max_new_tokens",
-                                                                                            self.max_tokens)), integer=True),
-            min_new_tokens=check_setting("min_tokens", kwargs.pop("min_tokens", self.min_tokens), integer=True),
-            temperature=check_setting("temperature", kwargs.pop("temperature", self.temperature)),
-            top_p=check_setting("top_p", kwargs.pop("top_p", self.top_p)),
+            max_new_tokens=check_field("max_tokens", kwargs.pop("max_tokens", kwargs.pop("max_new_tokens",
+                                                                                          self.max_tokens))),
+            min_new_tokens=check_field("min_tokens", kwargs.pop("min_tokens", self.min_tokens)),
+            temperature=check_field("temperature", kwargs.pop("temperature", self.temperature)),
+            top_p=check_field("top_p", kwargs.pop("top_p", self.top_p)),
             seed=kwargs.pop("seed", self.seed),
             stop=normalize_stop(stop if stop is not None else self.stop),
             speculate=kwargs.pop("speculate", self.speculate),
