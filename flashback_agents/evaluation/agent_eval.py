@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import FlashBackError
+from ..models import DEFAULT_MODEL, resolve_adapter
 from .agent_questions import CATEGORIES, QUESTIONS, TOOLS, Question, tool_functions, tool_signature
 
 __all__ = ["AgentEvalError", "AgentEvalResult", "RunRecord", "FRAMEWORKS", "MAX_STEPS", "METRICS", "TARGETS",
@@ -465,8 +466,6 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
     """
     from tqdm.auto import tqdm
 
-    from ..models import DEFAULT_MODEL
-
     qs = list(questions) if questions is not None else list(QUESTIONS)
     fws = list(dict.fromkeys(frameworks))
     bad = [f for f in fws if f not in FRAMEWORKS]
@@ -489,15 +488,8 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
         torch.set_num_threads(threads)
     adapter_rows = []
     for label, arg in specs:
-        path = None
-        if arg == "auto":
-            from ..models import shipped_adapter
-
-            shipped = shipped_adapter(model)
-            path = str(shipped) if shipped else None
-        elif arg is not None:
-            path = arg
-        adapter_rows.append({"label": label, "adapter": arg, "path": path})
+        resolved = resolve_adapter(model, arg)
+        adapter_rows.append({"label": label, "adapter": arg, "path": str(resolved) if resolved is not None else None})
     result = AgentEvalResult(model=model, adapters=adapter_rows, frameworks=fws, max_steps=max_steps,
                              max_tokens=max_tokens, extra=extra, system_prompt=system_prompt, threads=threads,
                              questions=[q.id for q in qs])

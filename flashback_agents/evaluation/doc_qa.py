@@ -32,11 +32,14 @@ as the answer ``""``: not answered, not right.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import FlashBackError
+from ..models import DEFAULT_MODEL, resolve_adapter
 
 __all__ = ["DocQAError", "Question", "DOCUMENTS", "QUESTIONS", "ENGINES", "KINDS", "adapter_arg", "answer_hits",
            "format_table", "must_show_line", "score_answer", "run_doc_qa"]
@@ -176,8 +179,6 @@ def adapter_arg(spec: str | None) -> tuple[str, str | None]:
         raise DocQAError("--adapter is empty; use auto, none or a trained adapter's directory")
     if text.lower() == "auto":
         return "auto", "auto"
-    from pathlib import Path
-
     path = Path(text).expanduser()
     if not path.exists():
         raise DocQAError(f"adapter {spec}: no such directory; use auto, none or a trained adapter's directory")
@@ -271,8 +272,6 @@ def run_doc_qa(llm_factory: Callable[[], Any] | None = None, *, model: str | Non
     {"right", "total", "answered", "confused", "by_kind"}}, "retrieval": {"source_retrieved", "total",
     "same_for_engines"}, "rows": [...], "must_show", "seconds"}``.
     """
-    from ..models import DEFAULT_MODEL
-
     qs = list(questions) if questions is not None else list(QUESTIONS)
     names = _check(engines, top_k, max_tokens, threads, qs)
     if vector_store not in ("chroma", "memory"):
@@ -289,16 +288,8 @@ def run_doc_qa(llm_factory: Callable[[], Any] | None = None, *, model: str | Non
         import torch
 
         torch.set_num_threads(threads)
-    path = None
-    if adapter_spec == "auto":
-        from ..models import shipped_adapter
-
-        shipped = shipped_adapter(model)
-        path = str(shipped) if shipped else None
-    elif adapter_spec is not None:
-        path = adapter_spec
-
-    import tempfile
+    resolved = resolve_adapter(model, adapter_spec)
+    path = str(resolved) if resolved is not None else None
 
     t0 = time.perf_counter()
     llm = llm_factory() if llm_factory is not None else FlashBack(model, adapter=adapter_spec, max_tokens=max_tokens)
