@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, Script, no_fit_answer, q_chain,
-                                 q_pair, q_then, q_two)
+from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, no_fit_answer, play,
+                                 q_chain, q_pair, q_then, q_two)
 
 #: (kind, share) of the episodes drawn, per mix. "v1": the first shipped agent adapter's episodes (reproduced
 #: exactly, fixed chain/pair scripts, far-off no-fit tools); "v2": more two-step episodes (chains and pairs
@@ -71,15 +71,6 @@ def _distractors(rng: random.Random, keep: Sequence[str], n: int, avoid_families
     return rng.sample(pool, min(n, len(pool)))
 
 
-def _play(script: Script) -> tuple[list[tuple[str, dict]], list[Any]]:
-    calls, results = [], []
-    for step in script.calls:
-        name, args = step(results)
-        calls.append((name, args))
-        results.append(TOOLS[name](**args))
-    return calls, results
-
-
 def draw_episode(rng: random.Random, mix: str = DEFAULT_MIX) -> Episode:
     """One random episode (question, tools bound, ideal calls and answer) of ``mix`` (:data:`MIXES`)."""
     kinds = MIXES[mix]
@@ -93,7 +84,7 @@ def draw_episode(rng: random.Random, mix: str = DEFAULT_MIX) -> Episode:
             script = q_chain(rng) if v1 or rng.random() < 0.5 else q_then(rng)
         else:
             script = q_two(rng) if v1 or rng.random() < 0.4 else q_pair(rng)
-        calls, results = _play(script)
+        calls, results = play(script)
         needed = list(dict.fromkeys(name for name, _ in calls))
         extra = rng.choice([0, 1, 1, 2, 2, 3, 4]) if kind == "single" else rng.choice([0, 1, 2])
         tools = needed + _distractors(rng, needed, extra)

@@ -654,12 +654,15 @@ def q_two(rng: random.Random) -> Script:
 
 
 
-def _played(script: Script) -> list[Any]:
+def play(script: Script) -> tuple[list[tuple[str, dict]], list[Any]]:
+    """Run a script's calls on the real tools: (calls made, their results)."""
+    calls: list[tuple[str, dict]] = []
     results: list[Any] = []
     for step in script.calls:
         name, args = step(results)
+        calls.append((name, args))
         results.append(TOOLS[name](**args))
-    return results
+    return calls, results
 
 
 def _then_ask(q: str) -> str:
@@ -692,7 +695,7 @@ def q_then(rng: random.Random) -> Script:
     for _ in range(50):
         maker = MAKERS[rng.choice(["arithmetic", "units", "dates", "strings", "records", "tables"])]
         first = maker(rng)
-        results = _played(first)
+        _, results = play(first)
         if len(results) == 1 and isinstance(results[0], (int, float)) and not isinstance(results[0], bool):
             break
         if len(results) == 1 and isinstance(results[0], dict) and "amount" in first.question \
