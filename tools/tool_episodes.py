@@ -34,10 +34,12 @@ from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, n
 
 #: (kind, share) of the episodes drawn, per mix. "v1": the first shipped agent adapter's episodes (reproduced
 #: exactly, fixed chain/pair scripts, far-off no-fit tools); "v2": more two-step episodes (chains and pairs
-#: built from every family's single-call makers), more no-fit questions, half of them with a near-miss tool.
+#: built from every family's single-call makers), more no-fit questions, half of them with a near-miss tool;
+#: "v3": the v2 episodes with more of the two-call kinds (the third phase of the shipped adapter).
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     "v1": (("single", 0.56), ("chain", 0.12), ("two", 0.08), ("no_tool", 0.12), ("no_fit", 0.12)),
     "v2": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
+    "v3": (("single", 0.30), ("chain", 0.24), ("two", 0.22), ("no_tool", 0.08), ("no_fit", 0.16)),
 }
 DEFAULT_MIX = "v2"
 #: how many UNCOVERED topics the v1 mix drew from (the list has grown since)
