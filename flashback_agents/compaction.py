@@ -97,8 +97,9 @@ _CUT = re.compile(r"\[\.\.\. cut (\d+) tokens of (\S+)\]$")
 
 
 @dataclass
-class _Wrappers:
-    """The role wrappers' ids, to tell which gaps between two blocks may go into a merged stub."""
+class Wrappers:
+    """The role wrappers' ids, to tell which gaps between two blocks may go into a merged stub (the caller
+    that knows the chat layout builds it: :meth:`from_layout`)."""
 
     sep: list[int]  # after a retrieved document
     tool_pre: list[int]
@@ -106,7 +107,19 @@ class _Wrappers:
     gen: list[int]  # an assistant turn's opening (the generation prompt)
     ast_suf: list[int]
     user_pre: list[int]
-    tool_format: Any
+    tool_format: Any  # parses an assistant turn's tool calls: ``parse(text) -> (text, calls)``
+
+    @classmethod
+    def from_layout(cls, layout: Any) -> "Wrappers":
+        """From a :class:`~flashback_agents.layout.Layout` (its chat format, generation prompt and tool format)."""
+        fmt = layout.fmt
+
+        def enc(text: str) -> list[int]:
+            return list(layout.lm.encode(text)) if text else []
+
+        return cls(sep=enc("\n"), tool_pre=enc(fmt.prefix["tool"]), tool_suf=enc(fmt.suffix["tool"]),
+                   gen=layout.generation_prompt(), ast_suf=enc(fmt.suffix["assistant"]),
+                   user_pre=enc(fmt.prefix["user"]), tool_format=layout.tool_format)
 
 
 @dataclass
@@ -126,9 +139,12 @@ class Compactor:
     _stubs: dict[str, list[int]] = field(default_factory=dict)
     _stub_keys: set[str] = field(default_factory=set)
     headroom_steps: int = 8
-    _wrap: _Wrappers | None = None
+    _wrap: Wrappers | None = None
     _index: dict[str, list[tuple[int, str | None, list[int]]]] = field(default_factory=dict, repr=False)
     _indexed: tuple[int, int] = (0, -1)
+    #: the role wrappers (:class:`Wrappers`), or a function that builds them when first needed (None:
+    #: merge no runs of blocks)
+    wrappers: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.low_water <= 1:
@@ -142,7 +158,20 @@ class Compactor:
 
     def copy(self) -> "Compactor":
         return Compactor(self.tokens, self.budget, self.low_water, dict(self._stubs), set(self._stub_keys),
-                         self.headroom_steps, self._wrap)
+                         self.headroom_steps, self._wrap, wrappers=self.wrappers)
+
+    def record(self) -> dict | None:
+        """What it evicted, as a JSON-able record (``{"stubs": {key: stub ids}, "stub_keys": [...]}``; None:
+        nothing): what a saved context stores, and :meth:`restore` takes back."""
+        if not self._stubs:
+            return None
+        return {"stubs": {k: list(v) for k, v in self._stubs.items()}, "stub_keys": sorted(self._stub_keys)}
+
+    def restore(self, record: dict) -> None:
+        """Remember the evictions of a :meth:`record` (replacing any it holds): the next ids map as they did."""
+        self._stubs = {k: list(v) for k, v in record.get("stubs", {}).items()}
+        self._stub_keys = set(record.get("stub_keys", ()))
+        self._indexed = (0, -1)
 
     # ------------------------------------------------------------------ stubs
     def _name_of(self, block_ids: Sequence[int]) -> str:
@@ -194,16 +223,11 @@ class Compactor:
         return [left] + self.tokens.encode(f"[evicted {label}: {n} results, {tokens} tokens]") + [right]
 
     # ----------------------------------------------------------------- gaps
-    def _wrappers(self) -> _Wrappers:
+    def _wrappers(self) -> Wrappers:
         if self._wrap is None:
-            from .layout import Layout
-
-            lay = Layout(self.tokens)
-            fmt = lay.fmt
-            self._wrap = _Wrappers(sep=lay._enc("\n"), tool_pre=lay._enc(fmt.prefix["tool"]),
-                                   tool_suf=lay._enc(fmt.suffix["tool"]), gen=lay.generation_prompt(),
-                                   ast_suf=lay._enc(fmt.suffix["assistant"]), user_pre=lay._enc(fmt.prefix["user"]),
-                                   tool_format=lay.tool_format)
+            if self.wrappers is None:
+                raise LookupError("no role wrappers given: runs of blocks are not merged")
+            self._wrap = self.wrappers if isinstance(self.wrappers, Wrappers) else self.wrappers()
         return self._wrap
 
     def _mergeable(self, gap: Sequence[int]) -> bool:

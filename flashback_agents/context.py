@@ -8,163 +8,22 @@ never pays an extra forward for it). ``next_token_logits()`` equals a full recom
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from . import kvcache
+from .compaction import Compactor, Wrappers, find_blocks
+from .contextbase import (ContextConfig, ContextError, ContextLoadError, ContextOverflowError,  # noqa: F401
+                          ContextState, ContextStats, DecodeCounts, SyncResult, _ContextFileNotFound, _ContextSaveError,
+                          _ContextTypeError, check_ids, check_text, common_prefix)
+from .contextfile import check_save_path, load_state, write_state
 from .errors import FlashBackError
+from .layout import Layout
 from .models import LoadedModel
-
-_FORMAT = "flashback-context-v2"
-_FORMATS = ("flashback-context-v1", _FORMAT)  # v1: no on_overflow / low_water / prefill_chunk / evictions
-
-
-class ContextOverflowError(RuntimeError, FlashBackError):
-    """The context would exceed its token budget; nothing was changed."""
-
-    def __init__(self, needed: int, limit: int, what: str = "append", compacting: bool = False):
-        self.needed, self.limit, self.over = needed, limit, needed - limit
-        advice = ("even after evicting every older tool result and evidence block, the system block, "
-                  "messages and assistant turns alone are too long. Shorten them or raise max_context_tokens."
-                  if compacting else
-                  "Shorten the input, roll back or start a new context, or use on_overflow='evict' to drop "
-                  "the oldest tool results and evidence automatically.")
-        super().__init__(
-            f"Context overflow: this {what} needs {needed} tokens but the limit is {limit} "
-            f"({needed - limit} too many). Nothing was changed: {advice}"
-        )
-
-
-class ContextError(ValueError, FlashBackError):
-    """A call a context cannot honour (bad token ids, bad counts, bad settings); nothing was changed."""
-
-
-class _ContextTypeError(ContextError, TypeError):
-    """A :class:`ContextError` for a value of the wrong type (also a ``TypeError``)."""
-
-
-class ContextLoadError(ContextError):
-    """A saved context that cannot be used with this model (other weights, tokenizer or format, or a
-    file that is corrupt or was not written by :meth:`CachedContext.save`)."""
-
-
-class _ContextFileNotFound(ContextLoadError, FileNotFoundError):
-    """No file at the path given to :meth:`CachedContext.load` (also a ``FileNotFoundError``)."""
-
-
-class _ContextSaveError(ContextError, OSError):
-    """:meth:`CachedContext.save` could not write its file (also an ``OSError``, with the ``errno`` of the
-    failure: ``EFBIG``, ``ENOSPC``, ``EACCES``, ...)."""
-
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.errno = getattr(cause, "errno", None)
-        self.filename = getattr(cause, "filename", None)
-
-    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ..." form
-        return str(self.args[0]) if self.args else ""
-
-
-@dataclass(frozen=True)
-class ContextConfig:
-    """How a context keeps its budget: ``max_context_tokens`` (None: the model's window), what to do
-    past it (``on_overflow``: "error", "evict" or "shift"), the fraction compaction shrinks to
-    (``low_water``) and the prefill chunk size. Checked once, here (:class:`ContextError`);
-    :meth:`budget_for` adds the checks that depend on the model."""
-
-    max_context_tokens: int | None = None
-    on_overflow: str = "error"
-    low_water: float = 0.75
-    prefill_chunk: int = 512
-
-    def __post_init__(self) -> None:
-        from .compaction import ON_OVERFLOW
-
-        on_overflow, low_water, budget = self.on_overflow, self.low_water, self.max_context_tokens
-        if on_overflow not in ON_OVERFLOW:
-            raise ContextError(f"on_overflow must be one of {ON_OVERFLOW}, got {on_overflow!r}")
-        if isinstance(low_water, bool) or not isinstance(low_water, (int, float)) or not 0 < low_water <= 1:
-            raise ContextError(f"low_water must be a fraction in (0, 1] of the budget, got {low_water!r}")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise ContextError(f"max_context_tokens must be a positive integer or None, got {budget!r}")
-        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
-            raise ContextError(f"prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}")
-
-    @classmethod
-    def of(cls, config: "ContextConfig | None" = None, **loose: Any) -> "ContextConfig":
-        """``config``, or one built from loose keyword arguments (the older way to pass the settings).
-
-        Loose arguments that differ from their defaults conflict with ``config``: pass one or the other."""
-        if config is None:
-            return cls(**loose)
-        if not isinstance(config, ContextConfig):
-            raise _ContextTypeError(f"config must be a ContextConfig, got {type(config).__name__}")
-        defaults = {f.name: f.default for f in fields(cls)}
-        given = [k for k, v in loose.items() if not (type(v) is type(defaults[k]) and v == defaults[k])]
-        if given:
-            raise ContextError(f"pass either config= or {', '.join(given)}, not both")
-        return config
-
-    def budget_for(self, lm: Any) -> int:
-        """The token budget on ``lm`` (``max_context_tokens`` capped at its window), once the settings are
-        known to work with it (``shift`` needs rotary embeddings; compaction needs room for stubs)."""
-        budget = min(self.max_context_tokens or lm.max_positions, lm.max_positions)
-        if self.on_overflow == "shift" and kvcache.shift_unsupported_reason(lm.model):
-            raise ContextError(f"on_overflow='shift' does not work with this model: "
-                               f"{kvcache.shift_unsupported_reason(lm.model)}. Use on_overflow='evict' "
-                               "(recomputes the tail after an evicted block) or 'error'.")
-        if self.on_overflow != "error" and budget < 16:
-            raise ContextError(f"on_overflow={self.on_overflow!r} needs max_context_tokens >= 16 (room for stubs), "
-                               f"got {budget}; raise it or use on_overflow='error'.")
-        return budget
-
-
-@dataclass
-class ContextStats:
-    """Counters for what the context computed vs reused (cumulative)."""
-
-    tokens_computed: int = 0
-    tokens_reused: int = 0
-    compactions: int = 0
-    tokens_evicted: int = 0
-    tokens_recomputed: int = 0  # tail tokens recomputed because of compactions
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    decoded_tokens: int = 0
-    forwards: int = 0  # model forwards run while decoding (one per token, fewer with speculation)
-    drafted: int = 0  # draft tokens verified (prompt lookup + grammar jump-forward; see speculation.py)
-    accepted: int = 0  # drafts kept (they equalled the token plain decoding chose)
-    forced: int = 0  # accepted drafts that came from grammar jump-forward
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class SyncResult:
-    """What one append/sync did: tokens reused from the cache and tokens newly computed."""
-
-    reused: int
-    computed: int
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two id sequences."""
-    n = min(len(a), len(b))
-    if list(a[:n]) == list(b[:n]):
-        return n
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class CachedContext:
@@ -222,9 +81,7 @@ class CachedContext:
         return self._cache
 
     @property
-    def layout(self):
-        from .layout import Layout
-
+    def layout(self) -> Layout:
         if self._layout is None:
             self._layout = Layout(self.lm)
         return self._layout
@@ -232,10 +89,9 @@ class CachedContext:
     @property
     def compactor(self):
         """The context's :class:`~flashback_agents.compaction.Compactor` (remembers evicted blocks)."""
-        from .compaction import Compactor
-
         if self._compactor is None:
-            self._compactor = Compactor(self.lm, self.max_context_tokens, self.low_water)
+            self._compactor = Compactor(self.lm, self.max_context_tokens, self.low_water,
+                                        wrappers=lambda lm=self.lm: Wrappers.from_layout(Layout(lm)))
         return self._compactor
 
     def view_of(self, ids: Sequence[int]) -> list[int]:
@@ -246,35 +102,12 @@ class CachedContext:
         return self.lm.decode(self._ids)
 
     # -------------------------------------------------------------- compute
+    def _validate_ids(self, ids: Sequence[int]) -> list[int]:
+        return check_ids(ids, self.lm.model.get_input_embeddings().weight.shape[0])
+
     def _check_room(self, total: int, what: str) -> None:
         if total > self.max_context_tokens:
             raise ContextOverflowError(total, self.max_context_tokens, what, self.on_overflow != "error")
-
-    def _validate_ids(self, ids: Sequence[int]) -> list[int]:
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise _ContextTypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}; "
-                                    "pass text as a str to append() or encode it with lm.encode first.")
-        vocab = self.lm.model.get_input_embeddings().weight.shape[0]
-        out = []
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, (int,)) and not (hasattr(t, "__index__")):
-                raise _ContextTypeError(f"token ids must be integers, got {type(t).__name__}")
-            t = int(t)
-            if t < 0 or t >= vocab:
-                raise ContextError(f"token id {t} is outside the model's vocabulary (0..{vocab - 1}); "
-                                   "encode text with this model's tokenizer (lm.encode).")
-            out.append(t)
-        return out
-
-    def _encode(self, text: str) -> list[int]:
-        """Tokenize ``text``; text the tokenizer cannot take (a lone surrogate) is our error, not its."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ContextError(f"the text contains a character that is not valid Unicode ({exc.reason} at "
-                               f"position {exc.start}: {text[exc.start:exc.end]!r}); decode the input with "
-                               "errors='replace' or remove the lone surrogate.") from exc
-        return self.lm.encode(text)
 
     @torch.inference_mode()
     def _run(self, ids: list[int], decode: bool = False, keep: int = 1) -> torch.Tensor:
@@ -356,7 +189,7 @@ class CachedContext:
     def append(self, text_or_ids: str | Sequence[int]) -> SyncResult:
         """Append text (tokenized without special tokens) or ids; compute only those tokens."""
         with self.lock:
-            ids = self._encode(text_or_ids) if isinstance(text_or_ids, str) else self._validate_ids(text_or_ids)
+            ids = self.lm.encode(check_text(text_or_ids)) if isinstance(text_or_ids, str) else self._validate_ids(text_or_ids)
             if self.on_overflow != "error" and len(self._ids) + len(ids) > self.max_context_tokens:
                 return self.sync(self._ids + ids)
             self.last_compaction = None
@@ -373,7 +206,7 @@ class CachedContext:
             if value is not None and not isinstance(value, str):
                 raise _ContextTypeError(f"evidence {name} must be a str, got {type(value).__name__}")
             if value is not None:
-                self._encode(value)  # a clear error for text the tokenizer cannot take
+                self.lm.encode(check_text(value))  # a clear error for text the tokenizer cannot take
         return self.append(self.layout.evidence(text, source))
 
     def sync(self, ids: Sequence[int], reserve: int = 0) -> SyncResult:
@@ -421,8 +254,6 @@ class CachedContext:
     def _shift_to(self, target: list[int]) -> None:
         """Turn the cached ``self._ids`` into ``target`` (same ids with blocks replaced by stubs) by
         computing only the stubs and rotating the keys after each one (``on_overflow='shift'``)."""
-        from .compaction import find_blocks
-
         self.flush()
         old = self._ids
         if old == target:
@@ -434,11 +265,7 @@ class CachedContext:
         changes = [(o, n) for o, n in zip(old_blocks, new_blocks) if old[o.start:o.end] != target[n.start:n.end]]
         for o, n in reversed(changes):  # last first: earlier indices stay valid
             stub = target[n.start:n.end]
-
-            def compute(stub=stub) -> None:
-                self._run(stub)
-
-            kvcache.replace_span_shifted(self.lm.model, self._cache, o.start, o.end, compute, len(stub))
+            kvcache.replace_span_shifted(self.lm.model, self._cache, o.start, o.end, stub, self._run)
             self.stats.tokens_recomputed += len(stub)
             self.stats.tokens_computed += len(stub)
             self._ids = self._ids[:o.start] + stub + self._ids[o.end:]
@@ -492,9 +319,15 @@ class CachedContext:
             self._logits = None
             self.stats.decoded_tokens += 1
 
-    def _verify_forward(self, drafts: list[int]) -> torch.Tensor:
+    @property
+    def logits_known(self) -> bool:
+        """Whether the next-token logits after ``token_ids`` are at hand (:meth:`next_token_logits` then
+        runs no forward: the first token after a prompt)."""
+        return self._logits is not None
+
+    def verify_forward(self, drafts: list[int]) -> torch.Tensor:
         """Run the pending token and ``drafts`` in one forward; the cache then covers them all (the
-        caller restores the invariant with :meth:`_accept_verified`, under the same lock hold).
+        caller restores the invariant with :meth:`accept_verified`, under the same lock hold).
 
         Returns logits [len(drafts) + 1, vocab]: row ``i`` is the next-token distribution after
         ``token_ids + drafts[:i]``. Plain attention caches only (see ``speculation.plan``).
@@ -512,8 +345,8 @@ class CachedContext:
             rows = self._run(list(drafts), decode=True, keep=len(drafts))
             return torch.cat([self._logits.unsqueeze(0), rows.reshape(len(drafts), -1)])
 
-    def _accept_verified(self, drafts: list[int], n_ok: int, last: int) -> None:
-        """After :meth:`_verify_forward`: keep ``drafts[:n_ok]`` (cached), drop the rest of the drafts
+    def accept_verified(self, drafts: list[int], n_ok: int, last: int) -> None:
+        """After :meth:`verify_forward`: keep ``drafts[:n_ok]`` (cached), drop the rest of the drafts
         from the cache, and push ``last`` (the token chosen after them) as pending."""
         with self.lock:
             base = len(self._ids)
@@ -556,32 +389,45 @@ class CachedContext:
                 other._compactor = self._compactor.copy()
             return other
 
+    # ----------------------------------------------------------- state
+    def state(self) -> ContextState:
+        """What the context holds, as one record: its ids, its cache (live, not a copy: hold :attr:`lock`),
+        its settings and its compactor's record of evicted blocks."""
+        with self.lock:
+            record = self._compactor.record() if self._compactor is not None else None
+            return ContextState(list(self._ids), self._cache, self.config, record)
+
+    def install(self, ids: Sequence[int], cache=None) -> None:
+        """Hold ``ids`` with ``cache``, the keys and values of a prefix of them (normally all; None: an
+        empty cache): the tokens past the cache are recomputed when next used (and counted)."""
+        with self.lock:
+            cache = cache if cache is not None else kvcache.new_cache(self.lm.model)
+            if kvcache.cache_len(cache) > len(ids):
+                raise ContextError(f"the cache holds {kvcache.cache_len(cache)} tokens but only {len(ids)} ids were given")
+            self._ids, self._cache, self._logits = [int(t) for t in ids], cache, None
+            self.stats.tokens_recomputed += len(self._ids) - kvcache.cache_len(cache)
+
+    @classmethod
+    def from_state(cls, lm: LoadedModel, state: ContextState) -> "CachedContext":
+        """A context on ``lm`` holding ``state`` (its cache is taken, not copied)."""
+        ctx = cls(lm, config=state.config)
+        if state.evicted and ctx.on_overflow != "error":
+            ctx.compactor.restore(state.evicted)
+        ctx.install(state.ids, state.cache)
+        return ctx
+
     # ----------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
         """Save token ids, KV tensors, the model fingerprint and every setting that decides what the
         context does next (budget, ``on_overflow``, ``low_water``, ``prefill_chunk``, the blocks it
-        evicted), atomically, in the format of the disk KV store (:mod:`flashback_agents.kvstore`:
+        evicted), atomically, in the one saved-context format (:mod:`flashback_agents.contextfile`:
         safetensors + JSON metadata, nothing pickled)."""
-        from .kvstore import write_context
-
-        if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-            raise _ContextTypeError(f"save takes a file path, got {type(path).__name__} {path!r:.60}; pass e.g. "
-                                    "ctx.save('conversation.safetensors').")
-        target = Path(os.path.expanduser(str(path)))
-        if target.is_dir():
-            raise ContextError(f"{target} is a directory; save takes a file path: pass e.g. "
-                               f"ctx.save('{target / 'context.safetensors'}').")
-        for parent in target.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ContextError(f"{target} lies under {parent}, which is a file, not a directory; pass a path "
-                                       "in a directory (missing directories are created).")
-                break
+        target = check_save_path(path)
         with self.lock:
             self.flush()
             # A hybrid model's recurrent state is not saved: its ids are recomputed on load (counted).
             try:
-                write_context(self, target)
+                write_state(self.lm, self.state(), target)
             except FlashBackError:
                 raise
             except OSError as exc:
@@ -598,142 +444,4 @@ class CachedContext:
         type, dtype, shape, id range and length is checked before anything is built, so a corrupt or
         crafted file raises :class:`ContextLoadError` here instead of failing later inside torch.
         """
-        from .kvstore import is_v3_file, read_context
-
-        path = Path(path)
-        if not path.is_file():
-            raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save wrote.")
-        if is_v3_file(path):
-            try:
-                return read_context(lm, path)
-            except FileNotFoundError:
-                raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save "
-                                           "wrote.") from None
-        try:  # format v1/v2 (torch zip, read with weights_only=True): still loaded
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ContextLoadError(f"{path} is not a saved flashback-agents context ({exc.__class__.__name__}); "
-                                   "pass a file written by CachedContext.save, or rebuild the context.") from exc
-        return cls._from_payload(lm, payload, path)
-
-    @classmethod
-    def _from_payload(cls, lm: LoadedModel, payload: object, path: Path) -> "CachedContext":
-        def bad(what: str) -> ContextLoadError:
-            return ContextLoadError(f"{path} is corrupt or not a saved context: {what}. Rebuild the context "
-                                    "(or save it again) with CachedContext.save.")
-
-        if not isinstance(payload, dict) or payload.get("format") not in _FORMATS:
-            raise ContextLoadError(f"{path} is not a saved flashback-agents context (format {_FORMAT}); pass a "
-                                   "file written by CachedContext.save.")
-        v2 = payload["format"] == _FORMAT
-        required = ("fingerprint", "token_ids", "kv", "max_context_tokens") + (
-            ("on_overflow", "low_water", "prefill_chunk", "evicted", "checksum") if v2 else ())
-        missing = [k for k in required if k not in payload]
-        if missing:
-            raise bad(f"missing {missing}")
-        if not isinstance(payload["fingerprint"], str):
-            raise bad("the model fingerprint is not a string")
-        if payload["fingerprint"] != lm.fingerprint:
-            raise ContextLoadError(
-                f"{path} was saved with another model or tokenizer ({payload.get('model')!r}, fingerprint "
-                f"{payload['fingerprint']}); this one is {lm.name!r} ({lm.fingerprint}). Rebuild the context "
-                "with this model instead.")
-        ids = payload["token_ids"]
-        if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-            raise bad("token_ids is not a list of integers")
-        vocab = lm.model.get_input_embeddings().weight.shape[0]
-        if any(t < 0 or t >= vocab for t in ids):
-            raise bad(f"token ids outside this model's vocabulary (0..{vocab - 1})")
-        budget = payload["max_context_tokens"]
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise bad(f"max_context_tokens is {budget!r}")
-        held = min(budget or lm.max_positions, lm.max_positions)
-        if len(ids) > held:
-            raise bad(f"it holds {len(ids)} tokens but its budget (max_context_tokens, capped at the model's "
-                      f"window) is {held}")
-        settings = {"on_overflow": payload.get("on_overflow", "error"), "low_water": payload.get("low_water", 0.75),
-                    "prefill_chunk": payload.get("prefill_chunk", 512)}
-        try:
-            ctx = cls(lm, max_context_tokens=budget, **settings)
-            if settings["on_overflow"] != "error":
-                ctx.compactor  # noqa: B018 - builds it now, so a bad budget/low_water raises here
-        except (ContextError, ValueError) as exc:
-            raise bad(f"settings {settings} with max_context_tokens={budget!r} ({exc})") from exc
-        evicted = payload.get("evicted")
-        if evicted is not None:
-            stubs = evicted.get("stubs") if isinstance(evicted, dict) else None
-            keys = evicted.get("stub_keys") if isinstance(evicted, dict) else None
-            if not isinstance(stubs, dict) or not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-                raise bad("the record of evicted blocks is malformed")
-            for k, stub in stubs.items():
-                if not isinstance(k, str) or not isinstance(stub, list) or any(
-                        isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in stub):
-                    raise bad("an evicted block's stub is not a list of valid token ids")
-            if settings["on_overflow"] == "error":
-                raise bad("it records evicted blocks but on_overflow is 'error'")
-            ctx.compactor._stubs = {k: list(v) for k, v in stubs.items()}
-            ctx.compactor._stub_keys = set(keys)
-        kv = payload["kv"]
-        if not ids:
-            _verify_checksum(payload, bad)
-            return ctx
-        if isinstance(kv, (list, tuple)) and not kv and not kvcache.is_plain(ctx._cache):
-            _verify_checksum(payload, bad)  # a hybrid model: ids only, recomputed when next used
-            ctx._ids = list(ids)
-            ctx.stats.tokens_recomputed += len(ids)
-            return ctx
-        n_layers = len(kvcache.new_cache(lm.model).layers)
-        if not isinstance(kv, (list, tuple)) or len(kv) != n_layers:
-            raise bad(f"the cache has {len(kv) if isinstance(kv, (list, tuple)) else 'no'} layers, this model {n_layers}")
-        heads, head_dim = _kv_shape(lm)
-        tensors = []
-        for i, pair in enumerate(kv):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
-                raise bad(f"layer {i} is not a (keys, values) pair of tensors")
-            for name, t in zip(("keys", "values"), pair):
-                if not t.is_floating_point():
-                    raise bad(f"layer {i} {name} have dtype {t.dtype}, not a floating point type")
-                if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != len(ids):
-                    raise bad(f"layer {i} {name} have shape {tuple(t.shape)}; expected [1, heads, {len(ids)}, head_dim] "
-                              f"({len(ids)} ids)")
-                if (heads is not None and t.shape[1] != heads) or (head_dim is not None and t.shape[3] != head_dim):
-                    raise bad(f"layer {i} {name} have shape {tuple(t.shape)}; this model needs "
-                              f"[1, {heads}, {len(ids)}, {head_dim}]")
-                if not bool(torch.isfinite(t).all()):
-                    raise bad(f"layer {i} {name} hold NaN or infinite values")
-            tensors.append((pair[0].to(lm.device, lm.dtype), pair[1].to(lm.device, lm.dtype)))
-        _verify_checksum(payload, bad)
-        ctx._cache = kvcache.cache_from_tensors(lm.model, tensors)
-        ctx._ids = list(ids)
-        return ctx
-
-
-def _checksum(payload: dict) -> str:
-    """SHA-256 over every field and tensor byte of a saved context: a file altered after ``save``
-    (a flipped byte in a key tensor loads as valid floats) is refused instead of silently diverging."""
-    h = hashlib.sha256()
-    meta = {k: payload[k] for k in sorted(payload) if k not in ("kv", "checksum")}
-    h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
-    for pair in payload["kv"]:
-        for t in pair:
-            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _verify_checksum(payload: dict, bad) -> None:
-    if "checksum" not in payload:  # format v1 had none
-        return
-    if not isinstance(payload["checksum"], str) or payload["checksum"] != _checksum(payload):
-        raise bad("its checksum does not match its contents (the file was altered or damaged after it was saved)")
-
-
-def _kv_shape(lm: LoadedModel) -> tuple[int | None, int | None]:
-    """(kv heads, head size) the model's cache layers have, from its config (None where it does not say)."""
-    cfg = lm.model.config
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None)
-    head_dim = getattr(cfg, "head_dim", None)
-    if head_dim is None and getattr(cfg, "hidden_size", None) and getattr(cfg, "num_attention_heads", None):
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return (int(heads) if heads else None), (int(head_dim) if head_dim else None)
+        return cls.from_state(lm, load_state(lm, path))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence, get_args
 
 import torch
 
-from .context import CachedContext
+from .context import CachedContext, DecodeCounts
 from .errors import FlashBackError
 
 LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
@@ -161,16 +161,12 @@ class GenerationConfig:
 
 
 @dataclass
-class GenerationResult:
+class GenerationResult(DecodeCounts):  # forwards/drafted/accepted/forced: this generation's
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (stop string or EOS), "length" (max_new_tokens), "context" (window full)
     seconds: float = 0.0
     stop_string: str | None = None
-    forwards: int = 0  # model forwards this generation ran (the first token's logits come with the prompt)
-    drafted: int = 0  # draft tokens verified (speculation + jump-forward)
-    accepted: int = 0  # drafts kept
-    forced: int = 0  # kept drafts that the grammar forced (jump-forward)
     #: tokens the budget guard wrote to close a required call / JSON reply the budget would have cut
     #: (flashback_agents.constrained.CloseGuard; 0: the model closed it itself)
     forced_close: int = 0
@@ -251,7 +247,7 @@ class _Run:
         finish, stop_hit = "length", None
         t0 = time.perf_counter()
         st = ctx.stats
-        before = (st.forwards, st.drafted, st.accepted, st.forced)
+        before = st.decode_counts()
         with ctx.lock:
             spec, jump, grammar = speculation.plan(ctx, cfg, self.processors, self.on_token)
             decoder = speculation.Decoder(ctx, cfg, sample, eos, spec, jump, grammar) if spec or jump else None
@@ -324,9 +320,7 @@ class _Run:
         all_ids = gen + ([held[-1]] if finish == "stop" and stop_hit is None and held and held[-1] in eos else [])
         self.result = GenerationResult(text=text, token_ids=all_ids, finish_reason=finish,
                                        seconds=time.perf_counter() - t0, stop_string=stop_hit,
-                                       forwards=st.forwards - before[0], drafted=st.drafted - before[1],
-                                       accepted=st.accepted - before[2], forced=st.forced - before[3],
-                                       forced_close=forced_close)
+                                       forced_close=forced_close, **st.since(before).as_dict())
 
 
 def _push_forced(ctx: CachedContext, toks: list[int]) -> None:
@@ -335,8 +329,8 @@ def _push_forced(ctx: CachedContext, toks: list[int]) -> None:
     from . import kvcache
 
     if len(toks) > 1 and not kvcache.has_state_layers(ctx.cache):
-        ctx._verify_forward(toks[:-1])
-        ctx._accept_verified(toks[:-1], len(toks) - 1, toks[-1])
+        ctx.verify_forward(toks[:-1])
+        ctx.accept_verified(toks[:-1], len(toks) - 1, toks[-1])
     else:
         for t in toks:
             ctx.push_generated(t)

@@ -367,16 +367,16 @@ def rope_shift_keys(model: Any, keys: torch.Tensor, delta: int, layer_idx: int =
 
 
 def replace_span_shifted(model: Any, cache: DynamicCache, start: int, end: int,
-                         compute: Any, new_len: int) -> None:
-    """Replace cached tokens [start, end) by ``new_len`` tokens without recomputing what follows.
+                         ids: list[int], run: Any) -> None:
+    """Replace cached tokens [start, end) by ``ids`` without recomputing what follows.
 
-    ``compute()`` runs the replacement tokens (appending them to the cache at ``start``); the keys of
-    the tokens after ``end`` are rotated back by the removed length and re-appended as they were.
+    ``run(ids)`` is the caller's forward: it runs ``ids`` appended to ``cache`` (here at ``start``); the
+    keys of the tokens after ``end`` are rotated back by the removed length and re-appended as they were.
     """
     tail = [(k[..., end:, :].clone(), v[..., end:, :].clone()) for k, v in layer_tensors(cache)]
     crop_to(cache, start)
-    compute()
-    delta = new_len - (end - start)
+    run(list(ids))
+    delta = len(ids) - (end - start)
     for i, (layer, (k, v)) in enumerate(zip(cache.layers, tail)):
         if k.shape[-2]:
             layer.update(rope_shift_keys(model, k, delta, i) if delta else k, v)

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import threading
 import time
 import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from .context import CachedContext, ContextConfig, ContextError, SyncResult, common_prefix
 from .errors import FlashBackError
+from .kvstore import DiskKVStore, KVStoreWarning
 from .models import LoadedModel
-
-if TYPE_CHECKING:
-    from .kvstore import DiskKVStore
 
 logger = logging.getLogger("flashback_agents")
 
@@ -64,8 +63,6 @@ def check_engine_args(*, max_cached_bytes: object = None, max_context_tokens: ob
     """The checks of :class:`~flashback_agents.chat.ChatEngine`'s settings that must run before the
     engine touches what it shares with the model's other engines (the byte budget) or applies a
     default (``max_context_tokens=0`` is an error, not "the model's window")."""
-    import math
-
     check_byte_budget(max_cached_bytes, optional=True)
     if max_context_tokens is not None and (isinstance(max_context_tokens, bool) or
                                            not isinstance(max_context_tokens, int) or max_context_tokens < 1):
@@ -312,8 +309,6 @@ def _persist(items: list[tuple[ContextPool, CachedContext]]) -> int:
     """Write contexts to their pool's disk tier (no pool lock held); a failure warns, never raises."""
     if not items:
         return 0
-    from .kvstore import KVStoreWarning
-
     written = 0
     for pool, ctx in items:
         if pool.store is None or not pool.store.storable(ctx):

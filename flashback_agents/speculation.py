@@ -15,7 +15,7 @@ returns the logits at every position; then, position by position, the token is c
 plain decoding would choose it (EOS mask for ``min_new_tokens``, grammar bitmask, argmax or the
 seeded sampler) and kept; the walk stops at the first chosen token that differs from its draft (that
 token is still kept: it was computed from correct logits). The cache is then cropped back past the
-rejected drafts (:meth:`CachedContext._accept_verified`). So the output is *token-for-token the output
+rejected drafts (:meth:`CachedContext.accept_verified`). So the output is *token-for-token the output
 of plain decoding* (greedy, and also seeded sampling: the sampler draws once per kept token, in the
 same order), up to float rounding of a batched vs a one-token forward (a near-tie could flip).
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+
+from . import kvcache
 
 
 def grammar_of(processor: Any) -> Any | None:
@@ -53,8 +55,6 @@ def plan(ctx: Any, config: Any, processors: Sequence[Any], on_token: Any) -> tup
     plain attention cache (hybrid recurrent/conv caches cannot be cropped back token by token).
     ``speculate=None`` means on for greedy decoding only.
     """
-    from . import kvcache
-
     speculate = config.speculate if config.speculate is not None else config.temperature == 0
     jump = bool(config.jump_forward)
     grammar = None
@@ -209,14 +209,14 @@ class Decoder:
         ctx = self.ctx
         room = ctx.max_context_tokens - len(ctx) - 1  # drafts need positions; the last kept token pends
         # Logits already known (the first token after a prompt): that token costs no forward; draft after it.
-        drafts, n_forced = self._drafts(min(budget - 1, room, 64)) if ctx._logits is None else ([], 0)
+        drafts, n_forced = self._drafts(min(budget - 1, room, 64)) if not ctx.logits_known else ([], 0)
         if not drafts:
             tok = self._choose(ctx.next_token_logits(), n_generated)
             ctx.push_generated(tok)
             if self.index is not None:
                 self.index.extend([tok])
             return [tok]
-        rows = ctx._verify_forward(drafts)  # [len(drafts) + 1, vocab]: logits after each input
+        rows = ctx.verify_forward(drafts)  # [len(drafts) + 1, vocab]: logits after each input
         self.stats.drafted += len(drafts)
         kept: list[int] = []
         for i in range(len(drafts) + 1):
@@ -227,7 +227,7 @@ class Decoder:
         n_ok = len(kept) - 1  # drafts confirmed (the last kept token is new, or the bonus one)
         self.stats.accepted += n_ok
         self.stats.forced += min(n_ok, n_forced)
-        ctx._accept_verified(drafts, n_ok, kept[-1])
+        ctx.accept_verified(drafts, n_ok, kept[-1])
         if self.index is not None:
             self.index.extend(kept)
         return kept

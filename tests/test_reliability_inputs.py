@@ -109,7 +109,7 @@ _DELETE = object()
 def _v2_payload(ctx: CachedContext) -> dict:
     """A context as format v2 (torch zip) held it; ``CachedContext.save`` writes v3 since issue 19."""
     from flashback_agents import kvcache
-    from flashback_agents.context import _checksum
+    from flashback_agents.contextfile_legacy import _checksum
 
     kv = [(k.contiguous().clone(), v.contiguous().clone()) for k, v in kvcache.layer_tensors(ctx.cache)]
     payload = {"format": "flashback-context-v2", "fingerprint": ctx.lm.fingerprint, "model": ctx.lm.name,

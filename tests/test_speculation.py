@@ -86,13 +86,13 @@ def test_rejected_drafts_roll_the_cache_back_exactly(tiny_lm):
             ctx.push_generated(rng.randrange(3, 440))  # a pending token runs with the drafts
         drafts = [rng.randrange(3, 440) for _ in range(rng.randint(1, 8))]
         before = ctx.token_ids
-        rows = ctx._verify_forward(drafts)
+        rows = ctx.verify_forward(drafts)
         assert rows.shape[0] == len(drafts) + 1
         for i in range(len(drafts) + 1):  # row i: the logits after before + drafts[:i]
             assert (rows[i] - full_logits(tiny_lm, before + drafts[:i])).abs().max() < TOL
         n_ok = rng.randint(0, len(drafts))
         last = rng.randrange(3, 440)
-        ctx._accept_verified(drafts, n_ok, last)
+        ctx.accept_verified(drafts, n_ok, last)
         assert ctx.token_ids == before + drafts[:n_ok] + [last]
         assert cache_len(ctx.cache) == len(ctx) - 1  # the chosen token is pending
         assert (ctx.next_token_logits() - full_logits(tiny_lm, ctx.token_ids)).abs().max() < TOL

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ..contextbase import DecodeCounts
 from ..generation import GenerationConfig, GenerationResult
 
 
@@ -38,7 +39,7 @@ class Constraint:
 
 
 @dataclass
-class ChatUsage:
+class ChatUsage(DecodeCounts):  # + forwards/drafted/accepted/forced (local backend: multi-token decoding)
     """Token accounting of one call; ``cache_read`` = prompt tokens reused from the cache."""
 
     input_tokens: int = 0
@@ -51,12 +52,6 @@ class ChatUsage:
     tokens_evicted: int = 0  # tokens removed by that compaction
     tokens_recomputed: int = 0  # tail tokens recomputed because of it
     cache_restored: int = 0  # of ``cache_read``: tokens read back from the disk KV store (kv_store_dir)
-    #: multi-token decoding (local backend; see flashback_agents.speculation): model forwards run while
-    #: decoding, draft tokens verified, drafts kept, kept drafts the grammar forced (jump-forward)
-    forwards: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    forced: int = 0
     #: the repeat-call guard (``repeat_calls="forbid"``): calls of this reply that repeated a call already
     #: answered in the conversation and were forbidden, and the tokens of a reply decoded then replaced
     #: because of them (its decode time is in ``decode_seconds``)
