@@ -292,7 +292,7 @@ class CachedContext:
             if kvcache.cache_len(cache) != 0:
                 raise ContextError(f"use_cache needs an empty cache; this one holds {kvcache.cache_len(cache)} tokens")
             self._truncate(0)
-            self._cache = cache
+            self._cache = kvcache.adopt(cache)  # the same layers, in the class that owns crop and checkpoints
             self._logits = None
 
     def next_token_logits(self) -> torch.Tensor:

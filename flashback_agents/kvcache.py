@@ -1,10 +1,7 @@
-"""All direct KV-cache manipulation in one place: create, crop, copy a prefix, size, save, rebuild,
-and :func:`forward`, the one model call with a cache (``cache=`` or ``past_key_values=`` by version).
-
-``GrowingLayer`` replaces transformers' ``DynamicLayer`` for full-attention layers: it keeps keys and
-values in a buffer that grows by doubling and writes new tokens in place, instead of concatenating
-(copying) the whole cache on every forward. That copy costs ~14 ms per decoded token at 4k tokens of
-SmolLM2 context on a 2-core CPU, as much as the model's own compute.
+"""The free functions the engine calls on a KV cache (create, length, crop, copy a prefix, size, rebuild:
+thin delegates to :class:`~flashback_agents.flashcache.FlashBackCache`, which accept any ``DynamicCache``),
+:func:`forward`, the one model call with a cache (``cache=`` or ``past_key_values=`` by version), and the
+RoPE shift that moves cached keys to new positions (``on_overflow='shift'``).
 """
 
 from __future__ import annotations
@@ -13,77 +10,10 @@ import inspect
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache
 
-try:  # transformers >= 5.2x: recurrent / short-conv layers of hybrid models (Qwen3-Next, LFM2, Bamba, ...)
-    from transformers.cache_utils import LinearAttentionCacheLayerMixin
-except ImportError:  # pragma: no cover - older transformers have no such layers
-    class LinearAttentionCacheLayerMixin:  # type: ignore[no-redef]
-        pass
-
-_MIN_CAPACITY = 256
-MAX_STATE_CHECKPOINTS = 8  # per cache, newest kept: rollbacks and rewrites go back to recent messages
-
-
-class GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose storage grows by doubling; ``keys``/``values`` are views of the live part."""
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._kbuf: torch.Tensor | None = None
-        self._vbuf: torch.Tensor | None = None
-        self._len = 0
-
-    def _reserve(self, need: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
-        cap = 0 if self._kbuf is None else self._kbuf.shape[-2]
-        if need <= cap:
-            return
-        new_cap = max(need, 2 * cap, _MIN_CAPACITY)
-        kshape = list(like_k.shape)
-        vshape = list(like_v.shape)
-        kshape[-2] = vshape[-2] = new_cap
-        kbuf = like_k.new_empty(kshape)
-        vbuf = like_v.new_empty(vshape)
-        if self._len:
-            kbuf[..., : self._len, :] = self._kbuf[..., : self._len, :]
-            vbuf[..., : self._len, :] = self._vbuf[..., : self._len, :]
-        self._kbuf, self._vbuf = kbuf, vbuf
-
-    def _set_len(self, n: int) -> None:
-        self._len = n
-        self.keys = self._kbuf[..., :n, :]
-        self.values = self._vbuf[..., :n, :]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        self._reserve(self._len + n, key_states, value_states)
-        self._kbuf[..., self._len : self._len + n, :] = key_states
-        self._vbuf[..., self._len : self._len + n, :] = value_states
-        self._set_len(self._len + n)
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._len if self.is_initialized else 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count (tokens to remove)")
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        self._set_len(max(0, self._len + tokens_to_remove))
-
-    def reset(self) -> None:
-        self._kbuf = self._vbuf = None
-        self._len = 0
-        super().reset()
-
-    def nbytes(self) -> int:
-        if not self.is_initialized or self._kbuf is None:
-            return 0
-        return self._kbuf.numel() * self._kbuf.element_size() + self._vbuf.numel() * self._vbuf.element_size()
-
+from .flashcache import (MAX_STATE_CHECKPOINTS, FlashBackCache, GrowingLayer, StateCheckpoint,  # noqa: F401
+                         is_state_layer)
 
 _CACHE_KWARG: dict[type, str] = {}
 
@@ -108,33 +38,20 @@ def forward(model: Any, input_ids: torch.Tensor, cache: Any, **kw: Any) -> Any:
     return model(input_ids=input_ids, **kw)
 
 
-def new_cache(model: Any, growing: bool = True) -> DynamicCache:
-    """An empty cache for ``model``; full-attention layers grow by doubling when ``growing``.
-
-    Sliding-window layers (Mistral, Gemma 2/3, ...) get a full-length layer too: transformers'
-    ``DynamicSlidingWindowLayer`` keeps only the last window of keys, so once past the window it can
-    never be cropped back (a rollback or a rewritten last message would give wrong logits). The
-    attention mask still applies the window (it is built from the config, not from the cache), so
-    logits are unchanged; the cost is memory: those layers hold every token, like full layers.
-    Recurrent / conv layers of hybrid models are kept as they are (see :func:`checkpoint`).
-    """
-    cache = DynamicCache(config=model.config)
-    if growing:
-        cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
-                        for layer in cache.layers]
-    elif any(type(layer) is DynamicSlidingWindowLayer for layer in cache.layers):
-        cache.layers = [DynamicLayer() if type(layer) is DynamicSlidingWindowLayer else layer for layer in cache.layers]
-    cache.flashback_checkpoints = []  # type: ignore[attr-defined]  # StateCheckpoints, oldest first
-    return cache
+def new_cache(model: Any, growing: bool = True) -> FlashBackCache:
+    """An empty cache for ``model``; full-attention layers grow by doubling when ``growing`` (see
+    :class:`~flashback_agents.flashcache.FlashBackCache` for sliding-window and hybrid layers)."""
+    return FlashBackCache(config=model.config, growing=growing)
 
 
-def _is_state_layer(layer: Any) -> bool:
-    return isinstance(layer, LinearAttentionCacheLayerMixin)
+def adopt(cache: DynamicCache) -> FlashBackCache:
+    """``cache`` as a :class:`FlashBackCache` (itself, or one over its layers)."""
+    return FlashBackCache.adopt(cache)
 
 
 def has_state_layers(cache: DynamicCache) -> bool:
     """True when some layer keeps a recurrent/conv state that cannot be cropped to an earlier length."""
-    return any(_is_state_layer(layer) for layer in cache.layers)
+    return any(is_state_layer(layer) for layer in cache.layers)
 
 
 def is_plain(cache: DynamicCache) -> bool:
@@ -142,70 +59,18 @@ def is_plain(cache: DynamicCache) -> bool:
     return not has_state_layers(cache)
 
 
-class StateCheckpoint:
-    """The recurrent/conv state of every state layer after the first ``length`` tokens (a copy)."""
-
-    def __init__(self, length: int, states: dict[int, dict[str, Any]]):
-        self.length = length
-        self.states = states
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for st in self.states.values()
-                   for kind in ("conv_states", "recurrent_states") for t in st[kind].values()
-                   if isinstance(t, torch.Tensor))
-
-
-def _snapshot_layer(layer: Any) -> dict[str, Any]:
-    clone = {i: (t.clone() if isinstance(t, torch.Tensor) else t) for i, t in layer.conv_states.items()}
-    rec = {i: (t.clone() if isinstance(t, torch.Tensor) else t) for i, t in layer.recurrent_states.items()}
-    return {"conv_states": clone, "recurrent_states": rec,
-            "flags": {k: dict(getattr(layer, k)) for k in ("is_conv_states_initialized",
-                                                           "is_recurrent_states_initialized",
-                                                           "has_previous_state", "conv_kernel_size")}}
-
-
-def _restore_layer(layer: Any, state: dict[str, Any] | None) -> None:
-    """Put a state layer back as in ``state`` (None: as before any token)."""
-    if state is None:  # forget the state; the next forward initialises it again, as on a new cache
-        for i in range(layer.number_of_states):
-            layer.conv_states[i] = layer.recurrent_states[i] = None
-            layer.is_conv_states_initialized[i] = layer.is_recurrent_states_initialized[i] = False
-            layer.has_previous_state[i] = False
-        return
-    for kind in ("conv_states", "recurrent_states"):
-        for i, t in state[kind].items():
-            getattr(layer, kind)[i] = t.clone() if isinstance(t, torch.Tensor) else t
-    for k, v in state["flags"].items():
-        setattr(layer, k, dict(v))
-
-
 def checkpoint(cache: DynamicCache) -> StateCheckpoint | None:
-    """Remember the state layers' state at the cache's current length (hybrid models only; a no-op
-    for plain caches). Called at message boundaries, so a rollback, a rewrite of the last message or a
-    fork restarts from the nearest one instead of from token 0. Memory: :func:`checkpoint_nbytes`."""
-    if not has_state_layers(cache):
-        return None
-    n = cache_len(cache)
-    cps = _checkpoints(cache)
-    if n == 0:
-        return None
-    while cps and cps[-1].length >= n:
-        cps.pop()
-    cp = StateCheckpoint(n, {i: _snapshot_layer(layer) for i, layer in enumerate(cache.layers) if _is_state_layer(layer)})
-    cps.append(cp)
-    del cps[:-MAX_STATE_CHECKPOINTS]
-    return cp
+    """:meth:`FlashBackCache.checkpoint` (kept by a FlashBackCache only)."""
+    return adopt(cache).checkpoint()
 
 
 def _checkpoints(cache: DynamicCache) -> list[StateCheckpoint]:
-    if not hasattr(cache, "flashback_checkpoints"):
-        cache.flashback_checkpoints = []  # type: ignore[attr-defined]
-    return cache.flashback_checkpoints  # type: ignore[attr-defined]
+    return adopt(cache).checkpoints
 
 
 def checkpoint_nbytes(cache: DynamicCache) -> int:
     """Memory held by the state checkpoints of a hybrid model's cache."""
-    return sum(cp.nbytes() for cp in _checkpoints(cache))
+    return adopt(cache).checkpoint_nbytes()
 
 
 def cache_len(cache: DynamicCache) -> int:
@@ -213,99 +78,28 @@ def cache_len(cache: DynamicCache) -> int:
 
 
 def crop_to(cache: DynamicCache, n: int) -> int:
-    """Keep the first ``n`` tokens (transformers 5 only accepts negative crops: wrap it here).
-
-    Returns the length actually kept: ``n`` for plain caches; for hybrid models (recurrent or conv
-    state that cannot be cropped) the length of the nearest state checkpoint at or before ``n`` (0
-    if none): the caller must recompute the tokens between that and ``n``.
-    """
-    extra = cache_len(cache) - n
-    if extra < 0:
-        raise ValueError(f"cannot crop a cache of {cache_len(cache)} tokens to {n}")
-    if not has_state_layers(cache):
-        if extra:
-            for layer in cache.layers:
-                layer.crop(-extra)
-        return n
-    if not extra:
-        return n
-    cps = _checkpoints(cache)
-    while cps and cps[-1].length > n:
-        cps.pop()
-    cp = cps[-1] if cps else None
-    keep = cp.length if cp is not None else 0
-    drop = cache_len(cache) - keep
-    for i, layer in enumerate(cache.layers):
-        if _is_state_layer(layer):
-            _restore_layer(layer, cp.states.get(i) if cp is not None else None)
-        if isinstance(layer, GrowingLayer) and drop:
-            layer.crop(-drop)
-        elif isinstance(layer, DynamicLayer) and drop:  # e.g. a linear + attention layer: crop its keys only
-            DynamicLayer.crop(layer, -drop)
-    return keep
+    """Keep the first ``n`` tokens; returns the length kept (:meth:`FlashBackCache.crop_to`)."""
+    return adopt(cache).crop_to(n)
 
 
 def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The live (key, value) tensors of each layer, shape [batch, heads, tokens, head_dim]."""
-    out = []
-    for layer in cache.layers:
-        if not layer.is_initialized or layer.keys is None:
-            raise ValueError("cache layer not initialised")
-        out.append((layer.keys, layer.values))
-    return out
+    return adopt(cache).layer_tensors()
 
 
-def cache_from_tensors(model: Any, tensors: list[tuple[torch.Tensor, torch.Tensor]], copy: bool = True) -> DynamicCache:
-    """Rebuild a cache from per-layer (key, value) tensors (a copy is made; ``copy=False`` for tensors the
-    caller gives away: growing layers copy into their own buffer anyway, plain ones keep them)."""
-    cache = new_cache(model)
-    for layer, (k, v) in zip(cache.layers, tensors):
-        layer.update(k.clone() if copy else k, v.clone() if copy else v)
-    return cache
+def cache_from_tensors(model: Any, tensors: list[tuple[torch.Tensor, torch.Tensor]], copy: bool = True) -> FlashBackCache:
+    """Rebuild a cache from per-layer (key, value) tensors (:meth:`FlashBackCache.from_tensors`)."""
+    return FlashBackCache.from_tensors(model.config, tensors, copy)
 
 
-def copy_prefix(model: Any, cache: DynamicCache, n: int) -> DynamicCache:
-    """A new cache holding a copy of the first ``n`` tokens (cost proportional to ``n``, not to the cache).
-
-    For hybrid models the copy may be shorter than ``n`` (see :func:`crop_to`); its length says so.
-    """
-    if n == 0 or cache_len(cache) == 0:
-        return new_cache(model)
-    if not has_state_layers(cache):
-        return cache_from_tensors(model, [(k[..., :n, :], v[..., :n, :]) for k, v in layer_tensors(cache)])
-    out = new_cache(model)
-    held = cache_len(cache)
-    for src, dst in zip(cache.layers, out.layers):
-        if _is_state_layer(src):
-            _restore_layer(dst, _snapshot_layer(src))
-            for attr in ("device", "dtype", "record_past"):
-                setattr(dst, attr, getattr(src, attr, None))
-        if isinstance(src, DynamicLayer) and getattr(src, "is_initialized", False) and src.keys is not None:
-            dst.update(src.keys[..., :held, :].clone(), src.values[..., :held, :].clone())
-    out.flashback_checkpoints = [StateCheckpoint(cp.length, {i: _snapshot_layer_from(st) for i, st in cp.states.items()})
-                                 for cp in _checkpoints(cache)]
-    crop_to(out, n)
-    return out
-
-
-def _snapshot_layer_from(state: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of a snapshot (a fork must not share checkpoint tensors with its parent)."""
-    return {kind: ({i: (t.clone() if isinstance(t, torch.Tensor) else t) for i, t in state[kind].items()}
-                   if kind != "flags" else {k: dict(v) for k, v in state[kind].items()}) for kind in state}
+def copy_prefix(model: Any, cache: DynamicCache, n: int) -> FlashBackCache:
+    """A new cache holding a copy of the first ``n`` tokens (:meth:`FlashBackCache.copy_prefix`)."""
+    return adopt(cache).copy_prefix(n, model.config)
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
     """Memory held by the cache, counting reserved (not yet used) capacity."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, GrowingLayer):
-            total += layer.nbytes()
-        elif isinstance(layer, DynamicLayer) and layer.is_initialized and layer.keys is not None:
-            total += layer.keys.numel() * layer.keys.element_size() * 2
-        if _is_state_layer(layer):
-            total += sum(t.numel() * t.element_size() for d in (layer.conv_states, layer.recurrent_states)
-                         for t in d.values() if isinstance(t, torch.Tensor))
-    return total + checkpoint_nbytes(cache)
+    return adopt(cache).nbytes()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
