@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .modelbase import (_DEFAULT_ALIASES, ADAPTER_META, AUTO_ADAPTER, DEFAULT_MODEL, MARK_L, MARK_R,
+from .modelbase import (DEFAULT_ALIASES, ADAPTER_META, AUTO_ADAPTER, DEFAULT_MODEL, MARK_L, MARK_R,
                         SHIPPED_ADAPTERS, ModelLoadError, refuse_custom_code)
 
 
@@ -45,7 +45,7 @@ def add_marker_tokens(model: Any, tokenizer: Any) -> tuple[int, int]:
 
 def shipped_adapter(name: str) -> Path | None:
     """The FlashBack adapter shipped in the package for a base model name (or spec), or None."""
-    name = DEFAULT_MODEL if name.strip().lower() in _DEFAULT_ALIASES else name.strip()
+    name = DEFAULT_MODEL if name.strip().lower() in DEFAULT_ALIASES else name.strip()
     if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
     d = SHIPPED_ADAPTERS / name
@@ -209,7 +209,7 @@ def _check_adapter_weights(adapter: Path) -> list[str]:
     return names
 
 
-def _attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]:
+def attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]:
     """Load a FlashBack adapter (LoRA + marker rows) and merge it for full-speed inference.
 
     Every file is checked before peft reads it, so a damaged or crafted adapter is a

@@ -17,9 +17,9 @@ import torch
 
 from . import kvcache
 from .compaction import Compactor, Wrappers, find_blocks
-from .contextbase import (ContextConfig, ContextError, ContextLoadError, ContextOverflowError,  # noqa: F401
-                          ContextState, ContextStats, DecodeCounts, SyncResult, _ContextFileNotFound, _ContextSaveError,
-                          _ContextTypeError, check_ids, check_text, common_prefix)
+from .contextbase import (ContextConfig, ContextError, ContextFileNotFoundError, ContextLoadError,  # noqa: F401
+                          ContextOverflowError, ContextSaveError, ContextState, ContextStats, ContextTypeError,
+                          DecodeCounts, SyncResult, check_ids, check_text, common_prefix)
 from .contextfile import check_save_path, load_state, write_state
 from .errors import FlashBackError
 from .layout import Layout
@@ -189,7 +189,8 @@ class CachedContext:
     def append(self, text_or_ids: str | Sequence[int]) -> SyncResult:
         """Append text (tokenized without special tokens) or ids; compute only those tokens."""
         with self.lock:
-            ids = self.lm.encode(check_text(text_or_ids)) if isinstance(text_or_ids, str) else self._validate_ids(text_or_ids)
+            text = isinstance(text_or_ids, str)
+            ids = self.lm.encode(check_text(text_or_ids)) if text else self._validate_ids(text_or_ids)
             if self.on_overflow != "error" and len(self._ids) + len(ids) > self.max_context_tokens:
                 return self.sync(self._ids + ids)
             self.last_compaction = None
@@ -201,10 +202,10 @@ class CachedContext:
     def append_evidence(self, text: str, source: str | None = None) -> SyncResult:
         """Append ``<MARK_L> text <MARK_R>``: evidence after what is cached, so nothing is recomputed."""
         if not isinstance(text, str):
-            raise _ContextTypeError(f"evidence text must be a str, got {type(text).__name__}")
+            raise ContextTypeError(f"evidence text must be a str, got {type(text).__name__}")
         for name, value in (("text", text), ("source", source)):
             if value is not None and not isinstance(value, str):
-                raise _ContextTypeError(f"evidence {name} must be a str, got {type(value).__name__}")
+                raise ContextTypeError(f"evidence {name} must be a str, got {type(value).__name__}")
             if value is not None:
                 self.lm.encode(check_text(value))  # a clear error for text the tokenizer cannot take
         return self.append(self.layout.evidence(text, source))
@@ -370,8 +371,8 @@ class CachedContext:
         """An independent context holding a copy of the first ``n`` tokens of this one (all of them when
         ``n`` is at least its length)."""
         if isinstance(n, bool) or not isinstance(n, int):
-            raise _ContextTypeError(f"fork_prefix takes a token count (an int >= 0), got {type(n).__name__} {n!r:.40}; "
-                                    "pass e.g. fork_prefix(len(ctx)).")
+            raise ContextTypeError(f"fork_prefix takes a token count (an int >= 0), got {type(n).__name__} {n!r:.40}; "
+                                   "pass e.g. fork_prefix(len(ctx)).")
         if n < 0:
             raise ContextError(f"fork_prefix takes a token count >= 0, got {n}: pass the number of leading tokens to "
                                "keep (count from the start, not from the end).")
@@ -403,7 +404,8 @@ class CachedContext:
         with self.lock:
             cache = cache if cache is not None else kvcache.new_cache(self.lm.model)
             if kvcache.cache_len(cache) > len(ids):
-                raise ContextError(f"the cache holds {kvcache.cache_len(cache)} tokens but only {len(ids)} ids were given")
+                raise ContextError(f"the cache holds {kvcache.cache_len(cache)} tokens but only {len(ids)} ids were "
+                                   "given: pass the ids the cache was computed from")
             self._ids, self._cache, self._logits = [int(t) for t in ids], cache, None
             self.stats.tokens_recomputed += len(self._ids) - kvcache.cache_len(cache)
 
@@ -431,9 +433,9 @@ class CachedContext:
             except FlashBackError:
                 raise
             except OSError as exc:
-                raise _ContextSaveError(f"cannot save the context to {target} ({exc.strerror or exc}); pass a path "
-                                        "on a writable file system with room for it (nothing was written there).",
-                                        exc) from exc
+                raise ContextSaveError(f"cannot save the context to {target} ({exc.strerror or exc}); pass a path "
+                                       "on a writable file system with room for it (nothing was written there).",
+                                       exc) from exc
 
     @classmethod
     def load(cls, lm: LoadedModel, path: str | os.PathLike) -> "CachedContext":

@@ -32,7 +32,7 @@ class ContextError(ValueError, FlashBackError):
     """A call a context cannot honour (bad token ids, bad counts, bad settings); nothing was changed."""
 
 
-class _ContextTypeError(ContextError, TypeError):
+class ContextTypeError(ContextError, TypeError):
     """A :class:`ContextError` for a value of the wrong type (also a ``TypeError``)."""
 
 
@@ -41,11 +41,11 @@ class ContextLoadError(ContextError):
     file that is corrupt or was not written by :meth:`CachedContext.save`)."""
 
 
-class _ContextFileNotFound(ContextLoadError, FileNotFoundError):
+class ContextFileNotFoundError(ContextLoadError, FileNotFoundError):
     """No file at the path given to :meth:`CachedContext.load` (also a ``FileNotFoundError``)."""
 
 
-class _ContextSaveError(ContextError, OSError):
+class ContextSaveError(ContextError, OSError):
     """:meth:`CachedContext.save` could not write its file (also an ``OSError``, with the ``errno`` of the
     failure: ``EFBIG``, ``ENOSPC``, ``EACCES``, ...)."""
 
@@ -89,7 +89,7 @@ class ContextConfig:
         if config is None:
             return cls(**loose)
         if not isinstance(config, ContextConfig):
-            raise _ContextTypeError(f"config must be a ContextConfig, got {type(config).__name__}")
+            raise ContextTypeError(f"config must be a ContextConfig, got {type(config).__name__}")
         defaults = {f.name: f.default for f in fields(cls)}
         given = [k for k, v in loose.items() if not (type(v) is type(defaults[k]) and v == defaults[k])]
         if given:
@@ -186,12 +186,12 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def check_ids(ids: Sequence[int], vocab: int) -> list[int]:
     """``ids`` as a list of ints in ``0..vocab-1``, or :class:`ContextError` saying what is wrong."""
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-        raise _ContextTypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}; "
-                                "pass text as a str to append() or encode it with lm.encode first.")
+        raise ContextTypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}; "
+                               "pass text as a str to append() or encode it with lm.encode first.")
     out = []
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, (int,)) and not (hasattr(t, "__index__")):
-            raise _ContextTypeError(f"token ids must be integers, got {type(t).__name__}")
+            raise ContextTypeError(f"token ids must be integers, got {type(t).__name__}")
         t = int(t)
         if t < 0 or t >= vocab:
             raise ContextError(f"token id {t} is outside the model's vocabulary (0..{vocab - 1}); "

@@ -28,8 +28,8 @@ import torch
 from safetensors import safe_open
 
 from . import kvcache
-from .contextbase import (ContextConfig, ContextError, ContextLoadError, ContextState, _ContextFileNotFound,
-                          _ContextTypeError)
+from .contextbase import (ContextConfig, ContextError, ContextLoadError, ContextState, ContextFileNotFoundError,
+                          ContextTypeError)
 from .contextfile_legacy import kv_shape, read_payload
 
 
@@ -414,8 +414,8 @@ def check_save_path(path: Any) -> Path:
     """The file ``CachedContext.save(path)`` writes, or :class:`ContextError` for a path it cannot be (not a
     path, a directory, under a file)."""
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)) or not str(path).strip():
-        raise _ContextTypeError(f"save takes a file path, got {type(path).__name__} {path!r:.60}; pass e.g. "
-                                "ctx.save('conversation.safetensors').")
+        raise ContextTypeError(f"save takes a file path, got {type(path).__name__} {path!r:.60}; pass e.g. "
+                               "ctx.save('conversation.safetensors').")
     target = Path(os.path.expanduser(str(path)))
     if target.is_dir():
         raise ContextError(f"{target} is a directory; save takes a file path: pass e.g. "
@@ -435,13 +435,13 @@ def load_state(lm: Any, path: str | os.PathLike) -> ContextState:
     with other weights or another tokenizer, or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save wrote.")
+        raise ContextFileNotFoundError(f"No saved context at {path}: pass the path CachedContext.save wrote.")
     if is_v3_file(path):
         try:
             return read_state(lm, path)
         except FileNotFoundError:
-            raise _ContextFileNotFound(f"No saved context at {path}: pass the path CachedContext.save "
-                                       "wrote.") from None
+            raise ContextFileNotFoundError(f"No saved context at {path}: pass the path CachedContext.save "
+                                           "wrote.") from None
     try:  # format v1/v2 (torch zip, read with weights_only=True): still loaded
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

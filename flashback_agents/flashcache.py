@@ -268,7 +268,8 @@ class FlashBackCache(DynamicCache):
         if n == 0 or self.length() == 0:
             return FlashBackCache(config=config)
         if not self.has_state_layers():
-            return FlashBackCache.from_tensors(config, [(k[..., :n, :], v[..., :n, :]) for k, v in self.layer_tensors()])
+            prefix = [(k[..., :n, :], v[..., :n, :]) for k, v in self.layer_tensors()]
+            return FlashBackCache.from_tensors(config, prefix)
         out = FlashBackCache(config=config)
         held = self.length()
         for src, dst in zip(self.layers, out.layers):

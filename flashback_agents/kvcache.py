@@ -87,7 +87,8 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
     return adopt(cache).layer_tensors()
 
 
-def cache_from_tensors(model: Any, tensors: list[tuple[torch.Tensor, torch.Tensor]], copy: bool = True) -> FlashBackCache:
+def cache_from_tensors(model: Any, tensors: list[tuple[torch.Tensor, torch.Tensor]],
+                       copy: bool = True) -> FlashBackCache:
     """Rebuild a cache from per-layer (key, value) tensors (:meth:`FlashBackCache.from_tensors`)."""
     return FlashBackCache.from_tensors(model.config, tensors, copy)
 

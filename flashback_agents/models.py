@@ -28,17 +28,20 @@ from typing import Any
 
 import torch
 
-from .adapters import (_attach_adapter, add_marker_tokens, base_fingerprint, check_adapter_base,  # noqa: F401
+from .adapters import (attach_adapter, add_marker_tokens, base_fingerprint, check_adapter_base,  # noqa: F401
                        resolve_adapter, shipped_adapter)
 from .attention import use_flashback_attention
 from .gguf import check_gguf_file, convert_gguf  # noqa: F401
-from .modelbase import (_DEFAULT_ALIASES, ADAPTER_META, AUTO_ADAPTER, DEFAULT_ADAPTER,  # noqa: F401
+from .modelbase import (DEFAULT_ALIASES, ADAPTER_META, AUTO_ADAPTER, DEFAULT_ADAPTER,  # noqa: F401
                         DEFAULT_GGUF_FILE, DEFAULT_GGUF_PACKAGE, DEFAULT_MODEL, MARK_L, MARK_R, SHIPPED_ADAPTERS,
-                        _NO_CODE, ModelLoadError, _custom_code_error, cache_dir, default_gguf_path,
+                        NO_CODE, ModelLoadError, custom_code_error, cache_dir, default_gguf_path,
                         refuse_custom_code)
 from .specs import ResolvedSpec, is_default_spec, is_server_spec, resolve_spec, spec_gguf  # noqa: F401
 
 logger = logging.getLogger("flashback_agents")
+
+#: the names these had when they lived here (tests and the server tokenizer import them)
+_attach_adapter, _custom_code_error = attach_adapter, custom_code_error
 
 
 @dataclass
@@ -176,7 +179,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        custom = _custom_code_error(spec, exc)
+        custom = custom_code_error(spec, exc)
         if custom is not None:
             raise custom from None
         if local:
@@ -189,7 +192,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
         ) from exc
     if getattr(config, "auto_map", None):  # a Hub repo whose model_type is known here: refused all the same
         raise ModelLoadError(f"The model {spec!r} has an `auto_map` in its config.json (Python code shipped with "
-                             f"it). {_NO_CODE}. Use a model of an architecture transformers supports natively "
+                             f"it). {NO_CODE}. Use a model of an architecture transformers supports natively "
                              "(Llama, Qwen, Mistral, SmolLM, ...).")
     if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
@@ -199,7 +202,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
-        custom = _custom_code_error(spec, exc)
+        custom = custom_code_error(spec, exc)
         if custom is not None:
             raise custom from None
         if isinstance(exc, (ModelLoadError, MemoryError)) or "out of memory" in str(exc).lower():
@@ -211,7 +214,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer: several error types
-        custom = _custom_code_error(spec, exc, "tokenizer of")
+        custom = custom_code_error(spec, exc, "tokenizer of")
         if custom is not None:
             raise custom from None
         if isinstance(exc, (ModelLoadError, MemoryError)):
@@ -303,7 +306,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     if adapter_dir is not None:
         try:
             with quiet_loading():
-                model, tokenizer = _attach_adapter(model, tokenizer, adapter_dir)
+                model, tokenizer = attach_adapter(model, tokenizer, adapter_dir)
         except ModelLoadError as exc:
             if adapter != AUTO_ADAPTER:
                 raise

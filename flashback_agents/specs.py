@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .gguf import convert_gguf
-from .modelbase import _DEFAULT_ALIASES, DEFAULT_MODEL, ModelLoadError, default_gguf_path
+from .modelbase import DEFAULT_ALIASES, DEFAULT_MODEL, ModelLoadError, default_gguf_path
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -21,7 +21,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 def is_default_spec(spec: object) -> bool:
     """Whether a model spec names the embedded default model (``"default"``, ``"smollm2"``, ...; case and
     surrounding spaces ignored)."""
-    return isinstance(spec, str) and spec.strip().lower() in _DEFAULT_ALIASES
+    return isinstance(spec, str) and spec.strip().lower() in DEFAULT_ALIASES
 
 
 def is_server_spec(spec: Any) -> bool:
@@ -71,7 +71,7 @@ def resolve_spec(spec: Any) -> ResolvedSpec:
     if is_server_spec(spec):
         return ResolvedSpec("server", spec, spec)
     expanded = os.path.expanduser(spec)
-    if spec.lower() in _DEFAULT_ALIASES:
+    if spec.lower() in DEFAULT_ALIASES:
         return ResolvedSpec("default", spec, DEFAULT_MODEL, gguf=default_gguf_path())
     if expanded.lower().endswith(".gguf"):
         if not os.path.isfile(expanded):
