@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx  # transformers imports it: loaded with the package anyway
+
 from .models import ModelLoadError, check_gguf_file, spec_gguf
 
 
@@ -131,8 +133,6 @@ class ServerProcess:
         return f"http://{self.cfg.host}:{self.cfg.port}/v1"
 
     def start(self) -> str:
-        import httpx
-
         resolve_gguf(self.cfg.model)  # clear error now, not in the child
         cmd = [sys.executable, "-m", "flashback_agents.llamacpp", "--model", self.cfg.model, "--host", self.cfg.host,
                "--port", str(self.cfg.port), "--ctx-size", str(self.cfg.ctx_size),

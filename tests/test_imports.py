@@ -360,7 +360,7 @@ def _private_writes(path: Path) -> list[str]:
         else:
             yield node
 
-    bad = []
+    bad: list[tuple[int, str]] = []
     rel = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
@@ -373,7 +373,7 @@ def _private_writes(path: Path) -> list[str]:
             obj = node.args[0]
             if (private(node.args[1].value) and not (isinstance(obj, ast.Name) and obj.id in ("self", "cls"))
                     and node.args[1].value not in own):
-                bad.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+                bad.append((node.lineno, f"{rel}:{node.lineno}: {ast.unparse(node)}"))
             continue
         else:
             continue
@@ -381,8 +381,8 @@ def _private_writes(path: Path) -> list[str]:
             if (isinstance(t, ast.Attribute) and private(t.attr)
                     and not (isinstance(t.value, ast.Name) and t.value.id in ("self", "cls"))
                     and t.attr not in own):
-                bad.append(f"{rel}:{t.lineno}: {ast.unparse(t)} = ...")
-    return bad
+                bad.append((t.lineno, f"{rel}:{t.lineno}: {ast.unparse(t)} = ..."))
+    return [text for _, text in sorted(bad)]
 
 
 def test_the_private_write_check_finds_one(tmp_path):
