@@ -54,10 +54,10 @@ from .agent_report import METRICS, TARGETS, AgentEvalResult, aggregate, format_t
 from .agent_runners import RUNNERS, langchain_recursion_limit, run_langchain, run_llamaindex
 from .agent_scoring import MAX_STEPS, NO_CALL_CATEGORIES, RunRecord, answer_ok, args_match, numbers_in, score_run
 
-__all__ = ["AgentEvalError", "AgentEvalResult", "RunRecord", "FRAMEWORKS", "MAX_STEPS", "METRICS", "NO_CALL_CATEGORIES",
-           "RUNNERS", "TARGETS", "adapter_arg", "aggregate", "answer_ok", "args_match", "default_llm", "evaluate_agents",
-           "format_table", "langchain_recursion_limit", "must_show", "numbers_in", "run_langchain", "run_llamaindex",
-           "score_run", "select_questions"]
+__all__ = ["AgentEvalError", "AgentEvalResult", "RunRecord", "FRAMEWORKS", "MAX_STEPS", "METRICS",
+           "NO_CALL_CATEGORIES", "RUNNERS", "TARGETS", "adapter_arg", "aggregate", "answer_ok", "args_match",
+           "default_llm", "evaluate_agents", "format_table", "langchain_recursion_limit", "must_show", "numbers_in",
+           "run_langchain", "run_llamaindex", "score_run", "select_questions"]
 
 FRAMEWORKS = ("langchain", "llamaindex")
 
