@@ -20,8 +20,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from .errors import FlashBackError
-from .models import MARK_L, MARK_R, ModelLoadError, refuse_custom_code
+from .models import DEFAULT_MODEL, MARK_L, MARK_R, ModelLoadError, refuse_custom_code, spec_gguf
 
 _LLAMA_TYPES = {"llama"}
 _LAYER_MAP = {
@@ -56,11 +60,7 @@ def _field_value(field: Any) -> Any:
 def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf: str | os.PathLike,
                 dtype: str = "f16") -> Path:
     """Write ``out`` (GGUF) from a merged HF directory and the base model's GGUF (for the metadata)."""
-    import numpy as np
-    import torch
     from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, TokenType
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     merged_dir, out, base_gguf = Path(merged_dir), Path(out), Path(base_gguf)
     if dtype not in ("f16", "f32"):
         raise GGUFExportError(f"dtype must be 'f16' or 'f32', got {dtype!r}")
@@ -153,8 +153,6 @@ def export_gguf(merged_dir: str | os.PathLike, out: str | os.PathLike, base_gguf
 
 def base_gguf_for(spec: str | None) -> Path:
     """The GGUF a base model spec came from (the default model, or a .gguf spec)."""
-    from .models import DEFAULT_MODEL, spec_gguf
-
     gguf = spec_gguf(DEFAULT_MODEL if spec is None else spec)
     if gguf is not None:
         return gguf

@@ -28,6 +28,19 @@ ROLES = ("system", "user", "assistant", "tool", "evidence")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
+#: key of a framework message's extra fields (LangChain ``HumanMessage.additional_kwargs``, LlamaIndex
+#: ``ChatMessage.additional_kwargs``) that holds the retrieved texts of :attr:`Message.documents`
+DOCUMENTS_KEY = "documents"
+#: other formats' role names -> :data:`ROLES`: OpenAI chat messages, LlamaIndex ``MessageRole``,
+#: LangChain ``ChatMessage.role`` and LangChain message types (``BaseMessage.type``; None: no role)
+OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                "tool": "tool", "function": "tool"}
+LLAMAINDEX_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                    "chatbot": "assistant", "model": "assistant", "tool": "tool", "function": "tool"}
+LANGCHAIN_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+                   "assistant": "assistant", "ai": "assistant", "tool": "tool"}
+LANGCHAIN_TYPES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool",
+                   "function": "tool", "chat": None, "HumanMessageChunk": "user", "AIMessageChunk": "assistant"}
 
 
 class LayoutError(ValueError, FlashBackError):

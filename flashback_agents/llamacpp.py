@@ -8,6 +8,7 @@ a child process (tests, benchmarks) and always stops it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .models import ModelLoadError
+import httpx  # transformers imports it: loaded with the package anyway
+
+from .models import ModelLoadError, check_gguf_file, spec_gguf
 
 
 @dataclass
@@ -40,8 +43,6 @@ class ServeConfig:
 
 def resolve_gguf(model: str) -> Path:
     """The GGUF file for ``model`` (a path, or the default model's name)."""
-    from .models import spec_gguf
-
     gguf = spec_gguf(model)
     if gguf is not None:
         return gguf
@@ -65,8 +66,6 @@ def build_params(cfg: ServeConfig) -> Any:
     import xllamacpp as xlc
 
     params = xlc.CommonParams()
-    from .models import check_gguf_file
-
     params.model.path = str(check_gguf_file(resolve_gguf(cfg.model)))  # garbage never reaches llama.cpp
     params.hostnames = [cfg.host]
     params.port = int(cfg.port)
@@ -134,8 +133,6 @@ class ServerProcess:
         return f"http://{self.cfg.host}:{self.cfg.port}/v1"
 
     def start(self) -> str:
-        import httpx
-
         resolve_gguf(self.cfg.model)  # clear error now, not in the child
         cmd = [sys.executable, "-m", "flashback_agents.llamacpp", "--model", self.cfg.model, "--host", self.cfg.host,
                "--port", str(self.cfg.port), "--ctx-size", str(self.cfg.ctx_size),
@@ -183,8 +180,6 @@ class ServerProcess:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m flashback_agents.llamacpp`` (what :class:`ServerProcess` runs)."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m flashback_agents.llamacpp")
     ap.add_argument("--model", default=ServeConfig.model)
     ap.add_argument("--host", default="127.0.0.1")

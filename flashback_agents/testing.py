@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .kvcache import cache_len
+from .models import refuse_custom_code
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. ERROR INFO WARN DEBUG level component.",
     "def main(): return 0  # python code with numbers 0123456789 and symbols {}[]()<>:;,.\"'",
@@ -18,9 +26,6 @@ CHATML_TEMPLATE = (
 
 def _tiny_tokenizer(path: Path, vocab_size: int):
     """A byte-level BPE tokenizer trained on a few lines, with the ChatML template, saved to ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -38,9 +43,6 @@ def _tiny_tokenizer(path: Path, vocab_size: int):
 def build_tiny_model_dir(path: str | Path, *, vocab_size: int = 512, hidden: int = 64, layers: int = 2,
                          heads: int = 4, kv_heads: int = 2, max_positions: int = 512, seed: int = 0) -> Path:
     """Write a tiny random Llama + byte-level BPE tokenizer (ChatML template) to ``path``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fast = _tiny_tokenizer(path, vocab_size)
@@ -89,9 +91,6 @@ def build_tiny_arch_dir(path: str | Path, arch: str, *, vocab_size: int = 512, m
                         seed: int = 0) -> Path:
     """Write a tiny random model of architecture ``arch`` (a key of :data:`TINY_ARCHS`) with the tiny
     tokenizer to ``path``: built from the config class in seconds, no download."""
-    import torch
-    import transformers
-
     if arch not in TINY_ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(TINY_ARCHS)}")
     path = Path(path)
@@ -114,11 +113,6 @@ def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidde
                            device: str = "cpu", seed: int = 0) -> Path:
     """A randomly initialised Llama of a given shape with a real tokenizer: for *speed* benchmarks of
     model sizes whose weights cannot be downloaded here (timings do not depend on weight values)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from .models import refuse_custom_code
-
     path = Path(path)
     refuse_custom_code(tokenizer_dir, "tokenizer")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
@@ -136,16 +130,12 @@ def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidde
 
 def full_logits(lm, ids):
     """Next-token logits of a full recompute of ``ids`` (no cache): what a cached context must equal."""
-    import torch
-
     with torch.no_grad():
         return lm.model(torch.tensor([list(ids)])).logits[0, -1].float()
 
 
 def assert_cache_matches_recompute(ctx, tol: float = 1e-4) -> None:
     """The engine's invariant: the cache holds exactly ``ctx.token_ids`` and its logits equal a recompute."""
-    from .kvcache import cache_len
-
     ctx.flush()
     assert cache_len(ctx.cache) == len(ctx.token_ids)
     diff = (ctx.next_token_logits() - full_logits(ctx.lm, ctx.token_ids)).abs().max().item()

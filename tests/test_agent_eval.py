@@ -125,7 +125,7 @@ def test_expected_calls_run_and_the_answer_follows_from_the_results():
 
 
 def test_unknown_keys_are_an_error_string_not_an_exception():
-    from flashback_agents.evaluation import agent_questions as aq
+    from flashback_agents.evaluation import agent_tools as aq
 
     assert "unknown ticker" in aq.get_stock_quote("XXXX")["error"]
     assert aq.get_utc_offset("Atlantis").startswith("Error")

@@ -59,6 +59,38 @@ def test_pending_list_is_current():
     assert not stale, f"remove from PENDING (gone, or a FlashBackError now): {stale}"
 
 
+#: the integration packages (under integrations/): their errors join the root too
+INTEGRATIONS = ("langchain_flashback", "llama_index.llms.flashback")
+
+
+def _integration_modules():
+    for name in INTEGRATIONS:
+        try:
+            pkg = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(("flashback_agents", *INTEGRATIONS)):
+                raise
+            continue  # its framework (an optional extra) is not installed
+        yield pkg
+        for info in pkgutil.walk_packages(pkg.__path__, name + "."):
+            yield importlib.import_module(info.name)
+
+
+def test_every_error_class_defined_anywhere_is_a_flashback_error():
+    """Private error classes too (``_ContextFileNotFound``, ``_WriteError``, ...) and the integrations'
+    (``_PromptTypeError``, ...): whatever the package or an integration defines and raises is one."""
+    found = {}
+    for mod in [*_modules(), *_integration_modules()]:
+        for name, obj in vars(mod).items():
+            if (inspect.isclass(obj) and issubclass(obj, BaseException) and not issubclass(obj, Warning)
+                    and obj.__module__ == mod.__name__):
+                found[f"{mod.__name__}.{name}"] = obj
+    assert len(found) >= 25, sorted(found)
+    assert any(q.startswith(INTEGRATIONS) for q in found), sorted(found)
+    outside = sorted(q for q, cls in found.items() if not issubclass(cls, FlashBackError) and q not in NOT_OURS)
+    assert not outside, f"error classes not under FlashBackError (add it as a base): {outside}"
+
+
 @pytest.mark.parametrize("qualname, builtin", [
     ("flashback_agents.context.ContextError", ValueError),
     ("flashback_agents.context.ContextLoadError", ValueError),

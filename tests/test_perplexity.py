@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flashback_agents.evaluation import perplexity as P
+from flashback_agents.evaluation import ppl_adapter, ppl_data
 
 WORDS = ("river castle engine orbit violin harbor glacier lantern meadow saddle copper falcon tunnel "
          "quartz signal monsoon ember ledger prism canyon").split()
@@ -202,7 +203,8 @@ def test_cli_bad_data_errors_clearly():
 def test_cli_runs_on_tiny_model(tiny_model_dir, corpus_dir, monkeypatch, tmp_path):
     import json
 
-    monkeypatch.setattr(P, "shared_data_dir", lambda: corpus_dir)
+    for module in (ppl_data, ppl_adapter):  # where the data and the adapter's training text are read
+        monkeypatch.setattr(module, "shared_data_dir", lambda: corpus_dir)
     plot = tmp_path / "ppl.png"
     res = _cli(["eval", "ppl", "--model", str(tiny_model_dir), "--tokens", "48", "--window", "64",
                 "--top-k", "1", "--train-adapter-steps", "0", "--json", "--no-progress", "--plot", str(plot)])
@@ -253,7 +255,8 @@ def test_settings_run_only_the_rows_asked_for(tiny_model_dir, corpus_dir, monkey
     rows; the values equal those of the full table (same tokens, same retrievals)."""
     import json
 
-    monkeypatch.setattr(P, "shared_data_dir", lambda: corpus_dir)
+    for module in (ppl_data, ppl_adapter):  # where the data and the adapter's training text are read
+        monkeypatch.setattr(module, "shared_data_dir", lambda: corpus_dir)
     args = ["eval", "ppl", "--model", str(tiny_model_dir), "--tokens", "48", "--window", "64", "--top-k", "1",
             "--train-adapter-steps", "0", "--json", "--no-progress"]
     full = json.loads((r := _cli(args)).output[r.output.index("{"):])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashback_agents import CachedContext, GenerationConfig, Layout
-from flashback_agents.evaluation import perplexity
+from flashback_agents.evaluation import ppl_scoring
 from flashback_agents.ralm import RetrievalLoop
 from flashback_agents.ralm_layout import RESTATE_TOKENS, accumulated_ids, evidence_ids, placed_ids, step_ids
 from flashback_agents.retrieval import Document
@@ -86,16 +86,16 @@ def test_training_evaluation_and_inference_lay_out_identical_ids(tiny_lm, monkey
 
     # evaluation: the ids score_append feeds after the cached text, and the tokens it scores
     fed: list[list[int]] = []
-    real_forward = perplexity._forward
+    real_forward = ppl_scoring._forward
 
     def spy(lm_, ids, cache, keep):
         fed.append(list(ids))
         return real_forward(lm_, ids, cache, keep)
 
-    monkeypatch.setattr(perplexity, "_forward", spy)
+    monkeypatch.setattr(ppl_scoring, "_forward", spy)
     block = text[:points[-1] + stride]
     ev_fn = lambda b, i: evidence.get(i, [])  # noqa: E731
-    perplexity.score_append(lm, [block], stride, ev_fn)
+    ppl_scoring.score_append(lm, [block], stride, ev_fn)
     for p in points:
         ids = train[p].input_ids
         assert ids[p:-1] in fed, f"eval fed something else at point {p}"

@@ -77,7 +77,8 @@ def test_no_pickle_or_eval_anywhere_in_the_package():
 
 
 def test_crafted_training_checkpoint_runs_no_code(tmp_path):
-    from flashback_agents.training.trainer import _STATE_FILE, TrainConfig, TrainError, _load_checkpoint
+    from flashback_agents.training.checkpoint import _STATE_FILE, load_checkpoint
+    from flashback_agents.training.config import TrainConfig, TrainError
 
     ckpt = tmp_path / "checkpoints" / "step-000001"
     ckpt.mkdir(parents=True)
@@ -89,7 +90,7 @@ def test_crafted_training_checkpoint_runs_no_code(tmp_path):
         process_index = 0
 
     with pytest.raises(TrainError, match="weights_only=True.*without --resume"):
-        _load_checkpoint(ckpt, None, None, None, TrainConfig(), Acc(), {})
+        load_checkpoint(ckpt, None, None, None, TrainConfig(), Acc(), {})
     assert not marker.exists()
 
 
@@ -98,7 +99,7 @@ def test_rng_state_round_trips_through_a_safe_load(tmp_path):
 
     import numpy as np
 
-    from flashback_agents.training.trainer import _rng_state, _safe_load, _set_rng_state
+    from flashback_agents.training.checkpoint import _rng_state, _safe_load, _set_rng_state
 
     random.seed(3), np.random.seed(4), torch.manual_seed(5)
     torch.save(_rng_state(), tmp_path / "rng.pt")

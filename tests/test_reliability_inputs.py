@@ -17,21 +17,14 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from flashback_agents import CachedContext, GenerationConfig, generate
-from flashback_agents.backends.server import ServerError
+from flashback_agents import CachedContext, FlashBackError, GenerationConfig, generate
 from flashback_agents.chat import ChatEngine
-from flashback_agents.constrained import ConstraintError
-from flashback_agents.context import ContextError, ContextOverflowError
-from flashback_agents.generation import GenerationConfigError
-from flashback_agents.layout import LayoutError, Message, ToolCall
-from flashback_agents.models import ModelLoadError
-from flashback_agents.pool import ContextPool, PoolTimeoutError
-from flashback_agents.retrieval import RetrievalError
-from flashback_agents.training.trainer import TrainError
-from flashback_agents.training.transcripts import TranscriptError, parse_conversation, read_transcripts
+from flashback_agents.layout import Message, ToolCall
+from flashback_agents.pool import ContextPool
+from flashback_agents.training.transcripts import parse_conversation, read_transcripts
 
-OUR_ERRORS = (ContextError, ContextOverflowError, LayoutError, ConstraintError, GenerationConfigError,
-              PoolTimeoutError, TranscriptError, TrainError, RetrievalError, ServerError, ModelLoadError)
+#: what the library raises on purpose: every such error is a FlashBackError (tests/test_errors.py)
+OUR_ERRORS = FlashBackError
 
 #: a message "says what to do": it names an action or the accepted values
 ADVICE = re.compile(r"\b(pass|use|re-?create|rebuild|remove|decode|convert|start|shorten|raise|set|check|create|"
@@ -141,7 +134,8 @@ def _pwn_file(env: Env) -> Path:
 
 
 def _train_resume(env: Env, state: bytes | None = None, obj: Any = None) -> Any:
-    from flashback_agents.training.trainer import TrainConfig, _load_checkpoint
+    from flashback_agents.training.checkpoint import load_checkpoint
+    from flashback_agents.training.config import TrainConfig
 
     d = env.tmp / f"ckpt{env.n}"
     env.n += 1
@@ -153,7 +147,7 @@ def _train_resume(env: Env, state: bytes | None = None, obj: Any = None) -> Any:
 
     class Acc:
         process_index = 0
-    return _load_checkpoint(d, None, None, None, TrainConfig(), Acc(), {})
+    return load_checkpoint(d, None, None, None, TrainConfig(), Acc(), {})
 
 
 def _bad_pool_size(env: Env) -> Any:

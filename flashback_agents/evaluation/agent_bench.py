@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+import transformers
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache
 
 from ..kvcache import forward
+from ..layout import Layout, Message
 from .common import filler_ids
 
 TOOLS = [
@@ -107,10 +110,6 @@ def _spec_fields(rec: StepRecord, meta: dict | None) -> None:
 def run_ideal(lm, scenario: Scenario, results: list[str], gen_per_step: list[int] | None = None) -> SystemRun:
     """The floor: one DynamicCache, prefill only the new tokens, G greedy decode steps (``gen_per_step``:
     tokens per step, ours' reply lengths in ``--tool-calls`` mode)."""
-    from transformers.cache_utils import DynamicCache
-
-    from ..layout import Layout, Message
-
     lay = Layout(lm)
     model = lm.model
     cache = DynamicCache(config=model.config)
@@ -242,9 +241,7 @@ def build_systems(lm, spec: str, scenario: Scenario, only: list[str] | None = No
 
     def chat_hf() -> SystemRun:
         from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
-        from transformers import pipeline
-
-        pipe = pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=G,
+        pipe = transformers.pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=G,
                         min_new_tokens=G, do_sample=False, return_full_text=False)
         chat = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=lm.tokenizer)
 
@@ -343,10 +340,8 @@ def build_tool_call_systems(lm, spec: str, scenario: Scenario, only: list[str] |
 
     def chat_hf() -> SystemRun:
         from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
-        from transformers import pipeline
-
         gen = lengths or [scenario.generate] * scenario.steps
-        pipe = pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=gen[0],
+        pipe = transformers.pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=gen[0],
                         do_sample=False, return_full_text=False)
         chat = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=lm.tokenizer)
 

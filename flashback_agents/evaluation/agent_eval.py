@@ -31,363 +31,41 @@ Scores per run (``None``: does not apply to the category):
 
 The three must-show figures per framework: runs ended, final answers right, and no call over the
 ``no_tool_needed`` + ``no_fit`` questions.
+
+This module checks the options and runs the evaluation (:func:`evaluate_agents`); its parts are
+``agent_scoring`` (records, scores), ``agent_runners`` (the two agent loops) and ``agent_report``
+(aggregation, table). Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
-import re
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+import torch
+from tqdm.auto import tqdm
+
+from ..chat import release_engines
 from ..errors import FlashBackError
 from ..models import DEFAULT_MODEL, resolve_adapter
-from .agent_questions import CATEGORIES, QUESTIONS, TOOLS, Question, tool_functions, tool_signature
+from .agent_questions import CATEGORIES, QUESTIONS, Question
+from .agent_report import METRICS, TARGETS, AgentEvalResult, aggregate, format_table, must_show
+from .agent_runners import RUNNERS, langchain_recursion_limit, run_langchain, run_llamaindex
+from .agent_scoring import MAX_STEPS, NO_CALL_CATEGORIES, RunRecord, answer_ok, args_match, numbers_in, score_run
 
-__all__ = ["AgentEvalError", "AgentEvalResult", "RunRecord", "FRAMEWORKS", "MAX_STEPS", "METRICS", "TARGETS",
-           "aggregate", "answer_ok", "args_match", "evaluate_agents", "format_table", "langchain_recursion_limit",
-           "numbers_in", "run_langchain", "run_llamaindex", "score_run", "select_questions"]
+__all__ = ["AgentEvalError", "AgentEvalResult", "RunRecord", "FRAMEWORKS", "MAX_STEPS", "METRICS",
+           "NO_CALL_CATEGORIES", "RUNNERS", "TARGETS", "adapter_arg", "aggregate", "answer_ok", "args_match",
+           "default_llm", "evaluate_agents", "format_table", "langchain_recursion_limit", "must_show", "numbers_in",
+           "run_langchain", "run_llamaindex", "score_run", "select_questions"]
 
 FRAMEWORKS = ("langchain", "llamaindex")
-MAX_STEPS = 6
-#: score keys, in table order, with their column titles
-METRICS = {"tool": "right tool", "args": "args right", "no_call": "no call", "answer": "answer right",
-           "ended": f"ended <= {MAX_STEPS}"}
-#: the must-show targets: share of runs ended, of answers right, of no-call runs where none fits
-TARGETS = {"ended": 0.90, "answer": 0.70, "no_call": 0.80}
-NO_CALL_CATEGORIES = ("no_tool_needed", "no_fit")
 
 
 class AgentEvalError(ValueError, FlashBackError):
     """Bad options for the agent evaluation (the message says which)."""
 
 
-# ---------------------------------------------------------------------------- checks
-_NUMBER = re.compile(r"(?<![\w.])(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d])")
-
-
-def numbers_in(text: str) -> list[float]:
-    """Every number written in ``text``: ``1,234.50`` is 1234.5; a number glued to letters (``QX418``)
-    or a minus after a letter (``UTC-5``) is not read as a (signed) number."""
-    out = []
-    for m in _NUMBER.finditer(text.replace("\u2212", "-")):
-        try:
-            out.append(float(m.group(1).replace(",", "")))
-        except ValueError:  # pragma: no cover - the pattern only matches numbers
-            continue
-    return out
-
-
-def _number_close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.005)
-
-
-def _text_in(needle: str, text: str) -> bool:
-    """Case-insensitive; whole words at an end that is a letter or digit (``ff`` is not in ``off``)."""
-    needle = needle.strip()
-    if not needle:
-        return True
-    left = r"(?<!\w)" if needle[0].isalnum() else ""
-    right = r"(?!\w)" if needle[-1].isalnum() else ""
-    return re.search(left + re.escape(needle) + right, text.replace("\u2212", "-"), re.IGNORECASE) is not None
-
-
-def _accepts(item: Any, text: str, numbers: list[float]) -> bool:
-    if isinstance(item, tuple):
-        return any(_accepts(alt, text, numbers) for alt in item)
-    if isinstance(item, bool):  # pragma: no cover - not a number here
-        raise TypeError("a bool is not an answer check")
-    if isinstance(item, (int, float)):
-        return any(_number_close(n, float(item)) for n in numbers)
-    return _text_in(str(item), text)
-
-
-def answer_ok(question: Question, answer: str, calls: Sequence[dict] = ()) -> bool:
-    """The question's answer check on a final answer (``no_fit``: no call and a non-empty answer)."""
-    text = (answer or "").strip()
-    if not text:
-        return False
-    if question.category == "no_fit":
-        return not calls
-    numbers = numbers_in(text)
-    return all(_accepts(item, text, numbers) for item in question.answer)
-
-
-def _value_match(expected: Any, got: Any) -> bool:
-    if isinstance(expected, bool) or isinstance(got, bool):
-        return expected == got
-    if isinstance(expected, (int, float)):
-        try:
-            return _number_close(float(str(got).replace(",", "").strip()), float(expected))
-        except (TypeError, ValueError):
-            return False
-    if isinstance(got, (dict, list)):
-        return False
-    return " ".join(str(expected).split()).casefold() == " ".join(str(got).split()).casefold()
-
-
-def args_match(name: str, expected: dict, got: Any) -> bool:
-    """Whether a call's arguments are the expected ones (see the module docstring)."""
-    if not isinstance(got, dict):
-        return False
-    params = tool_signature(name).parameters if name in TOOLS else {}
-    extra = set(got) - set(expected)
-    for key in extra:
-        p = params.get(key)
-        if p is None or p.default is p.empty or not _value_match(p.default, got[key]):
-            return False
-    return all(key in got and _value_match(value, got[key]) for key, value in expected.items())
-
-
-def _all_expected_made(question: Question, calls: Sequence[dict]) -> bool:
-    free = list(calls)
-    for exp in question.calls:
-        hit = next((i for i, c in enumerate(free)
-                    if c.get("name") == exp.name and args_match(exp.name, exp.args, c.get("args"))), None)
-        if hit is None:
-            return False
-        free.pop(hit)
-    return True
-
-
-def score_run(question: Question, run: "RunRecord") -> dict[str, bool | None]:
-    """The five scores of one run (``None`` where a score does not apply to the question's category)."""
-    expects = question.expects_call
-    first = run.calls[0]["name"] if run.calls else None
-    return {
-        "tool": (first == question.calls[0].name) if expects else None,
-        "args": _all_expected_made(question, run.calls) if expects else None,
-        "no_call": (not run.calls) if question.category in NO_CALL_CATEGORIES else None,
-        "answer": bool(run.ended) and answer_ok(question, run.answer, run.calls),
-        "ended": bool(run.ended),
-    }
-
-
-# ---------------------------------------------------------------------------- records
-@dataclass
-class RunRecord:
-    """One question through one framework with one adapter."""
-    question: str
-    category: str
-    framework: str
-    adapter: str
-    calls: list[dict] = field(default_factory=list)  # {"name", "args"} in the order the model made them
-    steps: int = 0           # model calls
-    ended: bool = False      # a reply without tool calls within max_steps model calls
-    answer: str = ""         # the last reply's text (the final answer if the run ended; scored only then)
-    error: str | None = None
-    seconds: float = 0.0
-    scores: dict = field(default_factory=dict)
-
-
-def _call(name: Any, args: Any) -> dict:
-    return {"name": str(name), "args": dict(args) if isinstance(args, dict) else args}
-
-
-def langchain_recursion_limit(max_steps: int = MAX_STEPS) -> int:
-    """LangGraph ``recursion_limit`` for at most ``max_steps`` model calls (model, tools, ..., model):
-    the last model step may end the run, a call it makes raises ``GraphRecursionError``."""
-    return 2 * max_steps
-
-
-def run_langchain(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, system_prompt: str | None = None,
-                  adapter_label: str = "") -> RunRecord:
-    """``question`` through ``langchain.agents.create_agent(llm, tools)``."""
-    from langchain.agents import create_agent
-    from langchain_core.messages import AIMessage
-    from langchain_core.tools import tool as as_tool
-    from langgraph.errors import GraphRecursionError
-
-    rec = RunRecord(question.id, question.category, "langchain", adapter_label)
-    t0 = time.perf_counter()
-    state: dict = {}
-    limited = False
-    try:
-        agent = create_agent(llm, [as_tool(fn) for fn in tool_functions(question.tools)],
-                             system_prompt=system_prompt)
-        for state in agent.stream({"messages": [("user", question.text)]},
-                                  {"recursion_limit": langchain_recursion_limit(max_steps)}, stream_mode="values"):
-            pass
-    except GraphRecursionError:
-        limited = True
-    except Exception as exc:  # noqa: BLE001 - a failed run is a result, not a crash of the evaluation
-        rec.error = f"{type(exc).__name__}: {exc}"
-    rec.seconds = time.perf_counter() - t0
-    replies = [m for m in (state or {}).get("messages", []) if isinstance(m, AIMessage)]
-    rec.steps = len(replies)
-    rec.calls = [_call(tc["name"], tc["args"]) for m in replies for tc in m.tool_calls]
-    rec.calls += [_call(tc.get("name"), tc.get("args")) for m in replies for tc in m.invalid_tool_calls]
-    last = replies[-1] if replies else None
-    rec.ended = (not limited and rec.error is None and last is not None and not last.tool_calls
-                 and not last.invalid_tool_calls and rec.steps <= max_steps)
-    if limited:
-        rec.error = f"no final answer within {max_steps} model calls (GraphRecursionError)"
-    if last is not None:
-        rec.answer = last.text if isinstance(last.text, str) else str(last.text)
-    return rec
-
-
-async def _llamaindex_run(question: Question, llm: Any, max_steps: int, system_prompt: str | None,
-                          rec: RunRecord) -> None:
-    from llama_index.core.agent.workflow import AgentOutput, FunctionAgent
-    from llama_index.core.base.llms.types import ChatResponse
-    from llama_index.core.tools import FunctionTool
-
-    steps: list[list[Any]] = []  # the calls of each model reply
-    last_text = ""
-    limited = False
-    try:
-        agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn) for fn in tool_functions(question.tools)],
-                              llm=llm, system_prompt=system_prompt)
-        handler = agent.run(user_msg=question.text, max_iterations=max_steps)
-        try:
-            async for ev in handler.stream_events():
-                if isinstance(ev, AgentOutput):
-                    # read the calls off the reply message: the agent later appends the run's earlier
-                    # calls to the final AgentOutput's tool_calls (the same object as the streamed one)
-                    steps.append(list(llm.get_tool_calls_from_response(ChatResponse(message=ev.response),
-                                                                       error_on_no_tool_call=False) or []))
-                    last_text = ev.response.content or ""
-            await handler
-        except Exception as exc:  # WorkflowRuntimeError("Max iterations of N reached! ...")
-            if "Max iterations" not in str(exc):
-                raise
-            limited = True
-    except Exception as exc:  # noqa: BLE001 - a failed run is a result
-        rec.error = f"{type(exc).__name__}: {exc}"
-    rec.steps = len(steps)
-    rec.calls = [_call(tc.tool_name, tc.tool_kwargs) for calls in steps for tc in calls]
-    # the limit is checked on the max_steps-th reply before it is read: a final reply there still ended
-    rec.ended = rec.error is None and bool(steps) and not steps[-1] and rec.steps <= max_steps
-    if limited and not rec.ended:
-        rec.error = f"no final answer within {max_steps} model calls (max_iterations)"
-    rec.answer = last_text
-
-
-def run_llamaindex(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, system_prompt: str | None = None,
-                   adapter_label: str = "") -> RunRecord:
-    """``question`` through LlamaIndex ``FunctionAgent(tools, llm).run(max_iterations=max_steps)``."""
-    rec = RunRecord(question.id, question.category, "llamaindex", adapter_label)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        # workflows lists an agent's methods with inspect.getmembers, which touches pydantic's deprecated
-        # attributes (PydanticDeprecatedSince20/211, attributed to inspect): not ours, and noise
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="inspect")
-        asyncio.run(_llamaindex_run(question, llm, max_steps, system_prompt, rec))
-    rec.seconds = time.perf_counter() - t0
-    return rec
-
-
-RUNNERS: dict[str, Callable[..., RunRecord]] = {"langchain": run_langchain, "llamaindex": run_llamaindex}
-
-
-# ---------------------------------------------------------------------------- aggregation
-def _rate(values: Iterable[bool | None]) -> dict:
-    vals = [v for v in values if v is not None]
-    right = sum(1 for v in vals if v)
-    return {"right": right, "of": len(vals), "rate": (right / len(vals)) if vals else None}
-
-
-def aggregate(runs: Sequence[RunRecord]) -> dict:
-    """``{adapter: {framework: {category | "all": {"n": runs, metric: {"right", "of", "rate"}}}}}``."""
-    out: dict = {}
-    for run in runs:
-        out.setdefault(run.adapter, {}).setdefault(run.framework, {})
-    for adapter, fws in out.items():
-        for fw in fws:
-            mine = [r for r in runs if r.adapter == adapter and r.framework == fw]
-            rows: dict = {}
-            for cat in (*CATEGORIES, "all"):
-                sel = [r for r in mine if cat == "all" or r.category == cat]
-                if sel:
-                    rows[cat] = {"n": len(sel), **{m: _rate(r.scores.get(m) for r in sel) for m in METRICS}}
-            fws[fw] = rows
-    return out
-
-
-def must_show(runs: Sequence[RunRecord]) -> dict:
-    """Per adapter and framework: ended, answer right, no call (no_tool_needed + no_fit), with the targets."""
-    out: dict = {}
-    for run in runs:
-        out.setdefault(run.adapter, {}).setdefault(run.framework, None)
-    for adapter, fws in out.items():
-        for fw in fws:
-            mine = [r for r in runs if r.adapter == adapter and r.framework == fw]
-            figs = {"ended": _rate(r.scores["ended"] for r in mine),
-                    "answer": _rate(r.scores["answer"] for r in mine),
-                    "no_call": _rate(r.scores["no_call"] for r in mine if r.category in NO_CALL_CATEGORIES)}
-            for k, fig in figs.items():
-                fig["target"] = TARGETS[k]
-                fig["met"] = fig["rate"] is not None and fig["rate"] >= TARGETS[k]
-            fws[fw] = figs
-    return out
-
-
-@dataclass
-class AgentEvalResult:
-    model: str
-    adapters: list[dict]          # {"label", "adapter" (as passed to the LLM classes), "path"}
-    frameworks: list[str]
-    max_steps: int
-    max_tokens: int
-    extra: dict
-    system_prompt: str | None
-    threads: int | None
-    questions: list[str]
-    runs: list[RunRecord] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def summary(self) -> dict:
-        return aggregate(self.runs)
-
-    @property
-    def must_show(self) -> dict:
-        return must_show(self.runs)
-
-    def as_dict(self) -> dict:
-        return {"model": self.model, "adapters": self.adapters, "frameworks": self.frameworks,
-                "max_steps": self.max_steps, "max_tokens": self.max_tokens, "extra": self.extra,
-                "system_prompt": self.system_prompt, "threads": self.threads,
-                "questions": len(self.questions), "seconds": round(self.seconds, 2),
-                "must_show": self.must_show, "summary": self.summary,
-                "runs": [asdict(r) for r in self.runs]}
-
-
-def _pct(cell: dict | None) -> str:
-    if not cell or cell["rate"] is None:
-        return "-"
-    return f"{100 * cell['rate']:.0f}% ({cell['right']}/{cell['of']})"
-
-
-def format_table(result: AgentEvalResult | dict) -> str:
-    """Markdown: per adapter, one table per framework (rows: categories and all; columns: the five
-    scores), then the must-show figures."""
-    data = result.as_dict() if isinstance(result, AgentEvalResult) else result
-    lines: list[str] = []
-    summary, figs = data["summary"], data["must_show"]
-    for adapter, fws in summary.items():
-        for fw, rows in fws.items():
-            lines.append(f"### adapter {adapter}, {fw}")
-            lines.append("")
-            lines.append("| category | n | " + " | ".join(METRICS.values()) + " |")
-            lines.append("|---|---:|" + "---:|" * len(METRICS))
-            for cat, row in rows.items():
-                name = f"**{cat}**" if cat == "all" else cat
-                lines.append(f"| {name} | {row['n']} | " + " | ".join(_pct(row[m]) for m in METRICS) + " |")
-            f = figs[adapter][fw]
-            lines.append("")
-            lines.append("must-show: " + ", ".join(
-                f"{label} {_pct(f[k])} (target {100 * TARGETS[k]:.0f}%: {'met' if f[k]['met'] else 'NOT met'})"
-                for k, label in (("ended", "ended"), ("answer", "answers right"), ("no_call", "no call"))))
-            lines.append("")
-    return "\n".join(lines).rstrip()
-
-
-# ---------------------------------------------------------------------------- the evaluation
 def select_questions(ids: Sequence[str] | None = None, limit: int | None = None,
                      categories: Sequence[str] | None = None) -> list[Question]:
     """Questions by id (in the given order), category, then the first ``limit``."""
@@ -418,8 +96,6 @@ def adapter_arg(spec: str | None) -> tuple[str, str | None]:
         return "none", None
     if str(spec).strip().lower() == "auto":
         return "auto", "auto"
-    from pathlib import Path
-
     path = Path(str(spec)).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise AgentEvalError(f"{spec} is not an adapter directory (no adapter_config.json); "
@@ -464,8 +140,6 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
     ``{"repeat_calls": "forbid"}``; checked to exist). ``llm_factory(framework, adapter)``: build the
     LLM yourself (tests); then ``model``, ``max_tokens`` and ``extra`` are not used.
     """
-    from tqdm.auto import tqdm
-
     qs = list(questions) if questions is not None else list(QUESTIONS)
     fws = list(dict.fromkeys(frameworks))
     bad = [f for f in fws if f not in FRAMEWORKS]
@@ -483,8 +157,6 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
     if threads is not None:
         if threads < 1:
             raise AgentEvalError(f"threads must be >= 1, got {threads}")
-        import torch
-
         torch.set_num_threads(threads)
     adapter_rows = []
     for label, arg in specs:
@@ -507,8 +179,6 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
                     result.runs.append(run)
                     bar.update(1)
             if llm_factory is None and len(specs) > 1:
-                from ..chat import release_engines
-
                 release_engines()
     finally:
         bar.close()

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 def shared_data_dir() -> Path:
     """``../shared/data`` next to the repository (where the project keeps its data): the one place it is computed."""
     return Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -30,8 +32,6 @@ def filler_ids(lm, n: int) -> list[int]:
 
 
 def _sync() -> None:
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

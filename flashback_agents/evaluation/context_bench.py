@@ -9,14 +9,20 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache
 
 from ..context import CachedContext
+from ..generation import GenerationConfig, generate
 from ..kvcache import new_cache
+from ..kvstore import DiskKVStore
 from .common import filler_ids, timed
 
 
@@ -79,14 +85,10 @@ def decode_ms_per_token(lm, context: int, tokens: int = 32, growing: bool = True
     """Steady-state decode cost at ``context`` tokens, with our cache or transformers' DynamicCache."""
     ctx = CachedContext(lm)
     if not growing:
-        from transformers.cache_utils import DynamicCache
-
         ctx.use_cache(DynamicCache(config=lm.model.config))
     else:
         ctx.use_cache(new_cache(lm.model))
     ctx.append(filler_ids(lm, context))
-    import time
-
     tok = int(torch.argmax(ctx.next_token_logits()))
     t0 = time.perf_counter()
     for _ in range(tokens):
@@ -98,10 +100,6 @@ def decode_ms_per_token(lm, context: int, tokens: int = 32, growing: bool = True
 def generate_ms_per_token(lm, context: int, tokens: int = 32, speculation: bool = True) -> dict:
     """``generate`` (greedy, ``tokens`` tokens, EOS masked) on ``context`` tokens of log text, with
     prompt-lookup speculation on or off: ms per token and the multi-token decoding counters."""
-    import time
-
-    from ..generation import GenerationConfig, generate
-
     ctx = CachedContext(lm)
     ctx.append(filler_ids(lm, context))
     cfg = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, speculate=speculation,
@@ -160,12 +158,6 @@ def bench_restore(lm, contexts: list[int], repeats: int = 3, store_dir: str | No
 
     The file is read right after it was written, so from the page cache: the restore time is the
     store's own cost (parsing, CRC checks, copying into the cache), not the disk's."""
-    import shutil
-    import tempfile
-    import time
-
-    from ..kvstore import DiskKVStore
-
     root = store_dir or tempfile.mkdtemp(prefix="flashback-restore-")
     points = []
     try:

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ..errors import FlashBackError
 from ..models import DEFAULT_MODEL, resolve_adapter
 
@@ -285,8 +287,6 @@ def run_doc_qa(llm_factory: Callable[[], Any] | None = None, *, model: str | Non
         raise ImportError("the document-QA check needs the llamaindex extra: "
                           "pip install 'flashback-agents[llamaindex]'") from exc
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     resolved = resolve_adapter(model, adapter_spec)
     path = str(resolved) if resolved is not None else None

@@ -8,13 +8,17 @@ trimmed by LangChain's ``trim_messages`` to the same budget and recomputes its w
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
-from .agent_bench import QUESTION, SYSTEM, Scenario, _fresh, _spec_kwargs, tool_results
+from ..context import CachedContext
+from ..layout import LANGCHAIN_TYPES, Layout, Message, ToolCall
+from .agent_bench import QUESTION, SYSTEM, TOOLS, Scenario, _fresh, _spec_kwargs, tool_results
 
 
 @dataclass
@@ -49,8 +53,6 @@ def run_flashback(spec: str, lm, scenario: Scenario, results: list[str], budget:
 
     from langchain_flashback import ChatFlashBack
 
-    from .agent_bench import TOOLS
-
     base = ChatFlashBack(model=spec, max_tokens=scenario.generate, max_context_tokens=budget,
                          on_overflow=on_overflow, **_spec_kwargs(speculation))
     _fresh(base.engine)  # a rerun (speculation off) must not start from the previous run's cache
@@ -81,19 +83,15 @@ def run_chathf_trim(lm, scenario: Scenario, results: list[str], budget: int,
     """``gen_per_step``: tokens to generate at each step (ours' reply lengths, so both decode the same)."""
     from langchain_core.messages import HumanMessage, SystemMessage, trim_messages
     from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
-    from transformers import pipeline
-
     G = scenario.generate
-    pipe = pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=G,
+    pipe = transformers.pipeline("text-generation", model=lm.model, tokenizer=lm.tokenizer, max_new_tokens=G,
                     min_new_tokens=G, do_sample=False, return_full_text=False)
     chat = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=pipe), tokenizer=lm.tokenizer)
-
-    roles = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool"}
 
     def count(msgs) -> int:  # tokens of the chat-templated prompt (what ChatHuggingFace will compute)
         if not msgs:
             return 0
-        text = lm.tokenizer.apply_chat_template([{"role": roles.get(m.type, "user"), "content": m.content}
+        text = lm.tokenizer.apply_chat_template([{"role": LANGCHAIN_TYPES.get(m.type) or "user", "content": m.content}
                                                  for m in msgs], tokenize=False, add_generation_prompt=True)
         return len(lm.encode(text))
 
@@ -169,9 +167,6 @@ def shift_drift(lm, steps: int = 10, tool_tokens: int = 200, budget: int = 1200,
     with the same budget; after the first compaction, the next-token logits are compared, and a
     probe text appended to both is scored (perplexity under each cache).
     """
-    from ..context import CachedContext
-    from ..layout import Layout, Message, ToolCall
-
     lay = Layout(lm)
     results = tool_results(lm, Scenario(steps, tool_tokens, 8))
     evict = CachedContext(lm, max_context_tokens=budget, on_overflow="evict")
@@ -202,8 +197,6 @@ def shift_drift(lm, steps: int = 10, tool_tokens: int = 200, budget: int = 1200,
             total -= float(torch.log_softmax(ctx.next_token_logits(), -1)[t])
             ctx.append([t])
         return total / len(probe)
-
-    import math
 
     return {"compacted_at_step": compacted_at, "context_tokens": len(evict), "budget": budget,
             "max_abs_logit_diff": float((le - ls).abs().max()), "kl_evict_to_shift": kl,

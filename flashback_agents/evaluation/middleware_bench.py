@@ -12,12 +12,14 @@ tokens, what came from the cache, what was computed, and whether an earlier mess
 
 from __future__ import annotations
 
+import asyncio
 import argparse
 import itertools
 import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..models import DEFAULT_MODEL, load_model
 from .agent_bench import QUESTION, SYSTEM, Scenario, tool_results
 
 
@@ -110,8 +112,6 @@ def run_langchain(name: str, llm, middleware: list, results: list[str], steps: i
 
 def run_llamaindex(lm, spec: str, results: list[str], turns: int, budget: int, token_limit: int,
                    flush: int) -> Run:
-    import asyncio
-
     from llama_index.core.agent.workflow import AgentInput, AgentOutput, FunctionAgent
     from llama_index.core.memory import Memory
     from llama_index.core.tools import FunctionTool
@@ -160,8 +160,6 @@ def main(argv: list[str] | None = None) -> dict:
         SummarizationMiddleware,
     )
     from langchain_flashback import ChatFlashBack
-
-    from ..models import DEFAULT_MODEL, load_model
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=24)

@@ -19,13 +19,14 @@ from typing import Any, Callable
 
 import torch
 
+from ..engines import release_engines
+from ..kvcache import forward, layer_tensors, new_cache
+from ..models import shared_model
 from .common import filler_ids
 
 
 def conversation_bytes(lm: Any, tokens: int) -> int:
     """KV bytes a conversation of ``tokens`` holds in the pool (buffers grow by doubling)."""
-    from ..kvcache import forward, layer_tensors, new_cache
-
     cache = new_cache(lm.model)
     with torch.inference_mode():
         forward(lm.model, torch.tensor([[1]], device=lm.device), cache, logits_to_keep=1)
@@ -80,9 +81,6 @@ def bench_pool(model: str, conversations: int = 32, steps: int = 12, tokens: int
         from langchain_flashback import ChatFlashBack
     except ImportError as exc:  # pragma: no cover - the langchain extra is not installed
         raise RuntimeError("bench pool drives ChatFlashBack: pip install 'flashback-agents[langchain]'") from exc
-    from ..engines import release_engines
-    from ..models import shared_model
-
     lm = shared_model(model, adapter=None)
     est_tokens = 64 + steps * (tokens + generate + 40)
     budget = hold * conversation_bytes(lm, est_tokens)

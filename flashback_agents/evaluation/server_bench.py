@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
+from ..engines import clear_server_engines, server_engine
 from ..generation import GenerationConfig
 from ..layout import Message
+from ..llamacpp import ServeConfig, ServerProcess, free_port
 from .agent_bench import QUESTION, SYSTEM, TOOLS, Scenario, tool_results
 
 
@@ -79,9 +81,6 @@ def _run(engine, scenario: Scenario, results: list[str], pattern: str, progress:
 def bench_server(url: str | None, scenario: Scenario, *, model: str = "smollm2-135m-instruct",
                  tokenizer: str | None = None, threads: int | None = None, progress: bool = True) -> dict:
     """Run the scenario in both layouts on one server (started here when ``url`` is None)."""
-    from ..engines import server_engine
-    from ..llamacpp import ServeConfig, ServerProcess, free_port
-
     proc = None
     if url is None:
         ctx = 512 + scenario.steps * (scenario.tool_tokens + scenario.generate + 64)
@@ -100,8 +99,6 @@ def bench_server(url: str | None, scenario: Scenario, *, model: str = "smollm2-1
                 "speedup_total": p["seconds_total"] / a["seconds_total"] if a["seconds_total"] else float("nan")}
     finally:
         if proc is not None:
-            from ..engines import clear_server_engines
-
             clear_server_engines()
             proc.stop()
 

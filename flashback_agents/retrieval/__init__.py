@@ -1,13 +1,14 @@
 """Retrieval for the FlashBack loop: a ``Retriever`` protocol, Chroma and BM25 backends, chunking, stores.
 
-Heavy libraries (chromadb, sentence-transformers, bm25s) are imported only when a backend is used.
+Heavy libraries (chromadb, sentence-transformers, bm25s) are imported only when a backend is used:
+the backend modules themselves import them inside the functions that need them.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from .base import Document, RetrievalError, Retriever
+from .bm25 import BM25Retriever
+from .chroma import ChromaRetriever
 from .chunking import Chunk, ChunkingConfig, chunk_text, load_tokenizer, read_text_file
 from .store import IndexReport, StoreManifest, index_paths, is_store, open_store
 
@@ -16,15 +17,3 @@ __all__ = [
     "read_text_file", "IndexReport", "StoreManifest", "index_paths", "is_store", "open_store",
     "BM25Retriever", "ChromaRetriever",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "BM25Retriever":
-        from .bm25 import BM25Retriever
-
-        return BM25Retriever
-    if name == "ChromaRetriever":
-        from .chroma import ChromaRetriever
-
-        return ChromaRetriever
-    raise AttributeError(name)

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm.auto import tqdm
+
 from .base import Document, RetrievalError
 from .chunking import Chunk
 
@@ -141,8 +143,6 @@ class ChromaRetriever:
         chunks = list(chunks)
         if not chunks:
             return 0
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(chunks), desc="Embedding chunks", unit="chunk", disable=not progress)
         try:
             for i in range(0, len(chunks), _BATCH):

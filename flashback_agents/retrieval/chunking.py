@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
+from ..models import DEFAULT_MODEL, refuse_custom_code, resolve_spec
 from .base import RetrievalError
 
 DEFAULT_CHUNK_TOKENS = 128
@@ -71,8 +74,6 @@ _TOKENIZERS: dict[str, Any] = {}
 
 def default_tokenizer_source() -> str:
     """Directory of the default model (tokenizer files only are read: no weights are loaded)."""
-    from ..models import DEFAULT_MODEL, resolve_spec
-
     return resolve_spec(DEFAULT_MODEL).source()
 
 
@@ -86,10 +87,6 @@ def load_tokenizer(spec: Any = None) -> Any:
     key = spec or "default"
     tok = _TOKENIZERS.get(key)
     if tok is None:
-        from transformers import AutoTokenizer
-
-        from ..models import refuse_custom_code
-
         source = default_tokenizer_source() if key in ("default", "smollm2-135m-instruct") else key
         refuse_custom_code(source, "tokenizer")  # a local directory's auto_map: ModelLoadError, nothing run
         try:

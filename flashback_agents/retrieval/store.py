@@ -14,7 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
 from .base import RetrievalError
+from .bm25 import BM25Retriever
+from .chroma import DEFAULT_COLLECTION, ChromaRetriever
 from .chunking import Chunk, ChunkingConfig, chunk_text, load_tokenizer, read_text_file, tokenizer_name
 
 MANIFEST = "flashback-store.json"
@@ -91,12 +95,8 @@ def is_store(path: str | os.PathLike) -> bool:
 
 def _make(path: Path, m: StoreManifest, embedding_model: str | None = None) -> Any:
     if m.retriever == "bm25":
-        from .bm25 import BM25Retriever
-
         return BM25Retriever(path)
     if m.retriever == "chroma":
-        from .chroma import DEFAULT_COLLECTION, ChromaRetriever
-
         return ChromaRetriever(path / "chroma" if not m.host else None, host=m.host, port=m.port or 8000,
                                collection=m.collection or DEFAULT_COLLECTION,
                                embedding_model=embedding_model or m.embedding_model)
@@ -137,8 +137,6 @@ def index_paths(paths: Sequence[str | os.PathLike], store: str | os.PathLike, re
     stale chunks of changed or deleted sources are removed. A named file that cannot be read as
     UTF-8 text is an error (nothing written); such files met in a directory walk are skipped.
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -227,8 +225,6 @@ def index_paths(paths: Sequence[str | os.PathLike], store: str | os.PathLike, re
     report.files = len(planned)
     report.chunks_total = r.count()
     if existing is None:
-        from .chroma import DEFAULT_COLLECTION
-
         m = StoreManifest(kind, cfg.chunk_tokens, cfg.overlap, tokenizer=tokenizer_name(tok_spec),
                           embedding_model=(embedding_model or getattr(r, "embedding_model", None)) if kind == "chroma" else None,
                           collection=DEFAULT_COLLECTION if kind == "chroma" else None, host=host, port=port)

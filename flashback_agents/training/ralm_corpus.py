@@ -16,7 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
 from ..errors import FlashBackError
+from ..retrieval.bm25 import BM25Retriever
+from ..retrieval.chunking import ChunkingConfig, chunk_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".log", ".text", ".py", ".json"}
 _TITLE = re.compile(r"^ ?= ([^=].*?) = ?$")
@@ -104,9 +107,6 @@ def chunk_retriever(tokenizer: Any, articles: Sequence[tuple[str, str]], chunk_t
                     overlap: int = 16) -> Any:
     """An in-memory BM25 retriever over ``chunk_tokens``-token chunks; each chunk's metadata
     ``source`` is its article's name (what :func:`..samples.ralm_samples` excludes)."""
-    from ..retrieval.bm25 import BM25Retriever
-    from ..retrieval.chunking import ChunkingConfig, chunk_text
-
     chunks = []
     for source, text in articles:
         chunks += chunk_text(text, source, tokenizer, ChunkingConfig(chunk_tokens, overlap))

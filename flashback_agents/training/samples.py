@@ -20,6 +20,9 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Protocol, Sequence
 
+import torch
+from tqdm.auto import tqdm
+
 from ..layout import Layout, Message
 from ..models import LoadedModel
 from ..ralm_layout import (RESTATE_TOKENS, RalmLayoutConfig, evidence_ids, placed_ids, query_text, retrieval_points,
@@ -276,7 +279,6 @@ def ralm_samples(lm: LoadedModel, texts: Iterable[str | tuple[str, str]], retrie
     items = [t if isinstance(t, tuple) else (f"text[{i}]", t) for i, t in enumerate(texts)]
     it: Iterable = items
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(items, desc="RALM samples", unit="text")
     for source, text in it:
         out += ralm_text_samples(layout, lm.encode(text), retriever, cfg, source=source,
@@ -316,8 +318,6 @@ def packed_attention_mask(samples: Sequence[Sample], width: int) -> Any:
     Plain samples get the causal mask; packed ones: clean text causal, a branch token sees the clean
     tokens before its point and its own branch causally. Padding attends to itself only (no NaNs).
     """
-    import torch
-
     mask = torch.zeros((len(samples), 1, width, width), dtype=torch.bool)
     eye = torch.eye(width, dtype=torch.bool)
     for r, s in enumerate(samples):
@@ -340,8 +340,6 @@ def packed_attention_mask(samples: Sequence[Sample], width: int) -> Any:
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding); with packed samples
     in the batch also position_ids and a 4-D attention mask (:func:`packed_attention_mask`)."""
-    import torch
-
     width = max(len(s) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)

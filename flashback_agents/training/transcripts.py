@@ -19,16 +19,11 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import FlashBackError
-from ..layout import LayoutError, Message, ToolCall, check_conversation
+from ..layout import (LANGCHAIN_TYPES, LLAMAINDEX_ROLES, OPENAI_ROLES, LayoutError, Message, ToolCall,
+                      check_conversation)
 
 FORMATS = ("auto", "openai", "langchain", "llamaindex")
 
-_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                 "tool": "tool", "function": "tool"}
-_LANGCHAIN_TYPES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool",
-                    "function": "tool", "chat": None, "HumanMessageChunk": "user", "AIMessageChunk": "assistant"}
-_LLAMAINDEX_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                     "chatbot": "assistant", "model": "assistant", "tool": "tool", "function": "tool"}
 
 
 class TranscriptError(ValueError, FlashBackError):
@@ -47,7 +42,7 @@ class _TranscriptFileNotFound(TranscriptError, FileNotFoundError):
     """A transcript path that does not exist (also a ``FileNotFoundError``)."""
 
 
-class _Bad(ValueError):
+class _Bad(ValueError, FlashBackError):
     """Internal: a reason without a location (the reader adds ``file:line``)."""
 
 
@@ -157,9 +152,9 @@ def _documents(docs: Any, what: str = "documents") -> list[str]:
 
 def _openai_message(m: dict, i: int) -> Message:
     role = m.get("role")
-    if role not in _OPENAI_ROLES:
-        raise _Bad(f"message {i} has role {role!r}; expected one of {sorted(_OPENAI_ROLES)}")
-    role = _OPENAI_ROLES[role]
+    if role not in OPENAI_ROLES:
+        raise _Bad(f"message {i} has role {role!r}; expected one of {sorted(OPENAI_ROLES)}")
+    role = OPENAI_ROLES[role]
     content = _text_of(m.get("content"), f"message {i} content")
     calls = _openai_tool_calls(m.get("tool_calls")) if role == "assistant" else []
     if role == "assistant" and m.get("function_call"):
@@ -179,9 +174,9 @@ def _langchain_message(m: dict, i: int) -> Message:
     data = m.get("data")
     if not isinstance(data, dict):
         raise _Bad(f"message {i} has no 'data' object (expected messages_to_dict output)")
-    role = _LANGCHAIN_TYPES.get(kind, "missing") if isinstance(kind, str) else "missing"
+    role = LANGCHAIN_TYPES.get(kind, "missing") if isinstance(kind, str) else "missing"
     if kind == "chat":
-        role = _OPENAI_ROLES.get(data.get("role"), "missing")
+        role = OPENAI_ROLES.get(data.get("role"), "missing")
     if role == "missing" or role is None:
         raise _Bad(f"message {i} has type {kind!r}; expected one of system/human/ai/tool")
     content = _text_of(data.get("content"), f"message {i} content")
@@ -206,9 +201,9 @@ def _langchain_message(m: dict, i: int) -> Message:
 
 def _llamaindex_message(m: dict, i: int) -> Message:
     raw_role = m.get("role")
-    role = _LLAMAINDEX_ROLES.get(str(raw_role).lower()) if raw_role is not None else None
+    role = LLAMAINDEX_ROLES.get(str(raw_role).lower()) if raw_role is not None else None
     if role is None:
-        raise _Bad(f"message {i} has role {raw_role!r}; expected one of {sorted(_LLAMAINDEX_ROLES)}")
+        raise _Bad(f"message {i} has role {raw_role!r}; expected one of {sorted(LLAMAINDEX_ROLES)}")
     kwargs = m.get("additional_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise _Bad(f"message {i} additional_kwargs must be an object")

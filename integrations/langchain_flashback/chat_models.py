@@ -31,13 +31,10 @@ from pydantic import BaseModel
 
 from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice
 from flashback_agents.generation import normalize_stop
-from flashback_agents.layout import LayoutError, Message, ToolCall
+from flashback_agents.layout import DOCUMENTS_KEY, LANGCHAIN_ROLES, LayoutError, Message, ToolCall
 
 from ._params import PROVIDER, FlashBackParams
-DOCUMENTS_KEY = "documents"  # HumanMessage.additional_kwargs key holding retrieved documents
-
-_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "human": "user",
-                 "assistant": "assistant", "ai": "assistant", "tool": "tool"}
+_ROLE_ALIASES = LANGCHAIN_ROLES  # ``ChatMessage.role`` -> Message role
 
 
 # --------------------------------------------------------------------------- message conversion

@@ -38,18 +38,10 @@ from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine, ChatReply
 from flashback_agents.generation import SETTING_EXAMPLES, GenerationConfig, check_field, normalize_stop
-from flashback_agents.layout import LayoutError, Message, ToolCall
+from flashback_agents.layout import DOCUMENTS_KEY, LLAMAINDEX_ROLES, LayoutError, Message, ToolCall
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
 
-DOCUMENTS_KEY = "documents"
-"""``ChatMessage.additional_kwargs`` key: retrieved texts appended (marked) after a user message."""
-
-_ROLE_MAP = {
-    "system": "system", "developer": "system",
-    "user": "user",
-    "assistant": "assistant", "chatbot": "assistant", "model": "assistant",
-    "tool": "tool", "function": "tool",
-}
+_ROLE_MAP = LLAMAINDEX_ROLES  # ``ChatMessage.role`` -> Message role
 
 
 # ---------------------------------------------------------------------------- conversion
