@@ -1,8 +1,8 @@
-"""Log-analysis agent: a LangChain tool loop over ChatFlashBack, offline on the default model.
+"""The full log-analysis agent behind the evaluation: a LangChain tool loop over ChatFlashBack.
 
-Run:  python examples/log_analysis_agent.py                     (the sample log in sample_data/app.log)
-      python examples/log_analysis_agent.py --log /var/log/syslog --question "Which component logs most?"
-      python examples/log_analysis_agent.py --eval ../shared/data/loghub --threads 1 --json eval.json
+``examples/log_analysis_agent.py`` is the short version to read; this one adds what the measured
+runs use (``python -m tools.log_agent_eval``, docs/benchmarks.md) and what the adapter's transcripts
+are recorded from (``tools/agent_transcripts.py``).
 
 Tools: ``search_logs`` (regex, numbered lines), ``count_lines`` (by level / component / time window),
 ``top_templates`` (similar lines grouped with Drain, drain3), ``semantic_search`` (log chunks in Chroma,
@@ -10,7 +10,7 @@ indexed on first use) and ``final_answer``. Every tool result goes back to the m
 which ChatFlashBack appends marker-wrapped at the end of the context (FlashBack append layout), so each
 step computes only the new tokens: the console shows tokens computed vs reused per step.
 
-The log's format is inferred from the log itself (``logformat.py``: timestamp, level, component,
+The log's format is inferred from the log itself (``tools/logformat.py``: timestamp, level, component,
 pid, ...); the first line printed says which format and how many lines fit it.
 
 How a weak model (SmolLM2-135M) is kept honest:
@@ -32,40 +32,31 @@ How a weak model (SmolLM2-135M) is kept honest:
   result, or a number no tool returned, the printed answer is *composed* from the result that
   answers the question. The printout says which source answered ("model" or "composed") and which
   tool result the answer rests on.
-
-``--eval DIR`` generates questions from every Loghub-style ``*_structured.csv`` under DIR (busiest
-component, the count at each level, the most frequent template), runs the agent on each and prints
-the share of answers that hold the truth: overall, for answers the model wrote, and for composed ones.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from logformat import SEVERITIES  # noqa: E402
-from logtools import (
+from tools.logformat import SEVERITIES  # noqa: E402
+from tools.logtools import (  # noqa: E402
     SAMPLE_LOG,
     LogError,
     LogFile,
     ReadLimits,
     SemanticIndex,
     ToolOutput,
-    component_column,
     count_lines,
     count_values,
     read_log,
-    read_structured,
     search_logs,
     top_templates,
 )
@@ -427,29 +418,6 @@ def _usage(ai: Any) -> tuple[int, int, int, int]:
     return inp, read, computed, int(u.get("output_tokens", 0))
 
 
-def _memo_entry(llm: Any, ai: Any) -> dict[str, list[int]]:
-    """The engine's remembered token ids for this reply (keyed as the engine keys them)."""
-    from langchain_flashback.chat_models import to_flashback_messages
-
-    try:
-        key = to_flashback_messages([ai])[0].key()
-        ids = llm.engine.layout.memo.get(key)
-    except Exception:
-        return {}
-    return {key: list(ids)} if ids else {}
-
-
-def _restore_memo(llm: Any, ai: Any, memo: dict[str, list[int]]) -> None:
-    from langchain_flashback.chat_models import to_flashback_messages
-
-    try:
-        key = to_flashback_messages([ai])[0].key()
-        if key in memo:
-            llm.engine.layout.memo.put(key, memo[key])
-    except Exception:
-        pass
-
-
 def _fmt_args(args: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in (args or {}).items())
 
@@ -483,7 +451,7 @@ def final_prompt(question: str, outputs: Sequence[tuple[str, dict, ToolOutput]],
 def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any = None) -> AgentResult:
     """Run the tool loop; ``out`` receives the console lines (``print`` by default).
 
-    ``llm``: the chat model (default: ChatFlashBack per ``cfg``); ``agent_transcripts.py`` passes a
+    ``llm``: the chat model (default: ChatFlashBack per ``cfg``); ``tools/agent_transcripts.py`` passes a
     scripted one to record the agent's own prompts as training data.
     """
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
@@ -508,7 +476,6 @@ def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any 
     calls_seen: dict[str, int] = {}
     repeated: int | None = None
     model_answer = ""
-    memo: dict[str, list[int]] = {}
     for step in range(1, cfg.max_steps + 1):
         forced = ""
         choice = "any"
@@ -543,9 +510,8 @@ def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any 
         key = f"{name}|{sorted(args.items())}"
         if key in calls_seen:
             # A repeated identical call is answered from the earlier result (not run again), and the next
-            # step asks for the final answer with that result in view. (The engine's reply memo is keyed
-            # by text: restore the first reply's token ids so the earlier turn stays a cache hit.)
-            _restore_memo(llm, ai, memo)
+            # step asks for the final answer with that result in view. (Both replies keep their own
+            # generated ids: the engine's reply memo is keyed by the ids a reply followed too.)
             first = calls_seen[key]
             earlier = next(s for s in steps if s.step == first)
             prev = outputs[earlier.result_index][2]
@@ -556,7 +522,6 @@ def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any 
             repeated = first
         else:
             calls_seen[key] = step
-            memo.update(_memo_entry(llm, ai))
             for extra in calls:  # the grammar allows one call; answer every call the message carries anyway
                 xargs = dict(extra.get("args") or {})
                 run_args, note = repair_args(extra["name"], xargs, cfg.question) if cfg.repair else (xargs, "")
@@ -596,213 +561,3 @@ def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any 
     say(f"total: {len(steps)} model calls, computed {result.tokens_computed} tokens, "
         f"reused {result.tokens_reused} from the cache, {result.seconds:.1f}s")
     return result
-
-
-# ------------------------------------------------------------------------------------ --eval
-@dataclass
-class EvalQuestion:
-    """A question whose answer a Loghub structured CSV gives exactly."""
-
-    system: str
-    log: str
-    kind: str  # busiest_component / level_count / top_template
-    question: str
-    truth: str  # the value the answer must hold (a name, a count, a template)
-    accept: list[str] = field(default_factory=list)  # other spellings that also hold it
-
-
-def _is_level_column(values: Sequence[str]) -> bool:
-    """A CSV 'Level' column that holds severities (Loghub's Linux 'Level' holds the host name)."""
-    from logformat import LETTER_LEVELS, is_severity
-
-    vals = [v for v in values if v]
-    ok = sum(1 for v in vals if is_severity(v) or v in LETTER_LEVELS)
-    return bool(vals) and ok >= 0.95 * len(vals)
-
-
-def eval_questions(root: str | os.PathLike, per_system: int | None = None) -> list[EvalQuestion]:
-    """Questions from every ``*_structured.csv`` under ``root`` whose raw log sits beside it.
-
-    Per system: the busiest component (when the CSV has a component column with 2+ values), the count
-    at each level present (when its Level column holds severities), the most frequent template
-    (EventTemplate, counted by EventId). ``per_system`` keeps the first N of each system's questions,
-    taking one of each kind first.
-    """
-    import collections
-
-    out: list[EvalQuestion] = []
-    for path in sorted(Path(root).rglob("*_structured.csv")):
-        log = path.with_name(path.name.replace("_structured.csv", ""))
-        if not log.is_file():
-            continue
-        rows = read_structured(path)
-        if not rows:
-            continue
-        system = path.name.split("_")[0]
-        qs: list[EvalQuestion] = []
-        col = component_column(rows)
-        if col:
-            c = collections.Counter(r[col] for r in rows)
-            (top, n), *rest = c.most_common()
-            if rest and n > rest[0][1]:  # a clear busiest component (no tie)
-                tail = top.rsplit(":", 1)[-1]  # Loghub's [thread:Class@line] split leaves the thread tail
-                qs.append(EvalQuestion(system, str(log), "busiest_component",
-                                       "Which component logs the most lines?", top, [tail] if tail != top else []))
-        if "Level" in rows[0] and _is_level_column([r["Level"] for r in rows]):
-            for level, n in sorted(collections.Counter(r["Level"] for r in rows).items(), key=lambda kv: -kv[1]):
-                qs.append(EvalQuestion(system, str(log), "level_count", f"How many lines have level {level}?", str(n)))
-        if "EventTemplate" in rows[0]:
-            key = "EventId" if "EventId" in rows[0] else "EventTemplate"
-            top_id = collections.Counter(r[key] for r in rows).most_common(1)[0][0]
-            template = next(r["EventTemplate"] for r in rows if r[key] == top_id)
-            qs.append(EvalQuestion(system, str(log), "top_template", "What is the most frequent message template?",
-                                   template))
-        if per_system is not None:
-            firsts = {q.kind: q for q in reversed(qs)}
-            order = [firsts[k] for k in ("busiest_component", "level_count", "top_template") if k in firsts]
-            qs = (order + [q for q in qs if q not in order])[:per_system]
-        out.extend(qs)
-    return out
-
-
-def _words(text: str) -> list[str]:
-    return [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9_$.-]*", text.replace("<*>", " "))]
-
-
-def holds_truth(q: EvalQuestion, answer: str) -> bool:
-    """Whether an answer holds the truth: the count as a number, the component's name, or the template
-    (60% of its fixed words; its count alone, "476 of 2000 lines, first L848", does not say which)."""
-    if q.kind == "level_count":  # the count is the answer's first number ("2000 lines ... FATAL: 2" is not it)
-        first = _NUM.search(answer or "")
-        return first is not None and first.group(0).replace(",", "") == q.truth
-    if q.kind == "busiest_component":
-        a = answer.lower()
-        return any(re.search(rf"(?<![\w.]){re.escape(t.lower())}(?![\w.])", a) for t in [q.truth, *q.accept] if t)
-    if q.kind == "top_template":
-        want = set(_words(q.truth))
-        got = set(_words(answer))
-        return bool(want) and len(want & got) >= 0.6 * len(want)
-    return False
-
-
-def _adapter_in_use(cfg: AgentConfig) -> str:
-    """The adapter the shared engine loaded (the core's default when none was asked for)."""
-    try:
-        lm = _llm(cfg).engine.lm
-        return str(getattr(lm, "adapter", None) or "none")
-    except Exception:
-        return str(cfg.adapter or ("none" if cfg.no_adapter else "default"))
-
-
-def run_eval(root: str, cfg: AgentConfig, per_system: int | None = None, json_out: str | None = None,
-             out=print) -> dict:
-    """Run the agent on every generated question; print and return the rates of answers holding the truth."""
-    import json
-
-    questions = eval_questions(root, per_system)
-    if not questions:
-        raise LogError(f"No Loghub-style *_structured.csv with its log beside it under {root}.")
-    records = []
-    logs: dict[str, LogFile] = {}
-    for i, q in enumerate(questions, 1):
-        log = logs.get(q.log) or read_log(q.log, ReadLimits(max_bytes=cfg.max_bytes, max_lines=cfg.max_lines))
-        logs[q.log] = log
-        qcfg = replace(cfg, log=q.log, question=q.question, quiet=True)
-        res = run_agent(qcfg, log)
-        ok = holds_truth(q, res.answer)
-        records.append({**asdict(q), "answer": res.answer, "source": res.answer_source, "basis": res.basis,
-                        "model_answer": res.model_answer, "holds": ok,
-                        "model_answer_holds": holds_truth(q, res.model_answer), "seconds": round(res.seconds, 2),
-                        "steps": [f"{s.tool}({_fmt_args(s.args)})" + (f" [repaired: {s.repaired}]" if s.repaired else "")
-                                  for s in res.steps],
-                        "tokens": [{"input": s.input_tokens, "cache_read": s.cache_read, "computed": s.computed}
-                                   for s in res.steps]})
-        out(f"[{i}/{len(questions)}] {q.system} {q.kind}: {'OK ' if ok else 'MISS'} ({res.answer_source}) "
-            f"truth={q.truth[:60]!r} answer={res.answer[:110]!r}")
-
-    def rate(rs: list[dict]) -> str:
-        return f"{sum(r['holds'] for r in rs)}/{len(rs)} ({sum(r['holds'] for r in rs) / len(rs):.0%})" if rs else "0/0"
-
-    adapter = _adapter_in_use(cfg)
-    out(f"model {cfg.model}, adapter: {adapter}")
-    model = [r for r in records if r["source"] == "model"]
-    composed = [r for r in records if r["source"] == "composed"]
-    summary = {"model": cfg.model, "adapter": adapter, "route": cfg.route_first, "questions": len(records), "holds": sum(r["holds"] for r in records),
-               "rate": sum(r["holds"] for r in records) / len(records),
-               "model_written": len(model), "model_written_holds": sum(r["holds"] for r in model),
-               "composed": len(composed), "composed_holds": sum(r["holds"] for r in composed),
-               "model_text_holds": sum(r["model_answer_holds"] for r in records)}
-    out("")
-    out(f"answers holding the truth: {rate(records)} overall; model-written {rate(model)}; "
-        f"composed from tool results {rate(composed)}")
-    out(f"(the model's own final_answer text held it in {summary['model_text_holds']}/{len(records)} questions)")
-    by_kind: dict[str, list[dict]] = {}
-    for r in records:
-        by_kind.setdefault(r["kind"], []).append(r)
-    out("by kind: " + "; ".join(f"{k} {rate(v)}" for k, v in by_kind.items()))
-    if json_out:
-        Path(json_out).write_text(json.dumps({"summary": summary, "records": records}, indent=1))
-        out(f"per-question records: {json_out}")
-    return {"summary": summary, "records": records}
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[AgentConfig, argparse.Namespace]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--log", help="log file to analyse (default: the sample log in examples/sample_data)")
-    ap.add_argument("--question", default=DEFAULT_QUESTION)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see flashback_agents.load_model)")
-    ad = ap.add_mutually_exclusive_group()
-    ad.add_argument("--adapter", help="directory of a trained FlashBack adapter (passed through to ChatFlashBack)")
-    ad.add_argument("--no-adapter", action="store_true", help="run the bare model (adapter=None passed explicitly)")
-    ap.add_argument("--max-steps", type=int, default=5, help="model calls at most (the last one is final_answer)")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--store", help="Chroma directory for semantic search (default: a cache directory)")
-    ap.add_argument("--max-bytes", type=int, default=ReadLimits.max_bytes, help="read at most this many bytes")
-    ap.add_argument("--max-lines", type=int, default=ReadLimits.max_lines, help="read at most this many lines")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy, shared CPU)")
-    ap.add_argument("--no-route", action="store_true",
-                    help="let the model pick the first tool too (by default a keyword route picks it)")
-    ap.add_argument("--no-repair", action="store_true",
-                    help="run tool calls exactly as the model wrote them (no field/filter repair from the question)")
-    ap.add_argument("--eval", metavar="DIR",
-                    help="answer questions generated from every Loghub-style *_structured.csv under DIR and "
-                         "print the rate of answers holding the truth")
-    ap.add_argument("--per-system", type=int, help="with --eval: at most N questions per system")
-    ap.add_argument("--json", metavar="OUT", help="with --eval: write per-question records to OUT")
-    a = ap.parse_args(argv)
-    if a.max_steps < 2:
-        ap.error("--max-steps must be at least 2 (one tool call, then final_answer)")
-    if a.max_bytes < 1 or a.max_lines < 1:
-        ap.error("--max-bytes and --max-lines must be positive")
-    if (a.json or a.per_system) and not a.eval:
-        ap.error("--json and --per-system go with --eval DIR")
-    cfg = AgentConfig(a.log, a.question, a.model, a.adapter, a.max_steps, a.max_tokens, a.store,
-                      a.max_bytes, a.max_lines, not a.no_route, a.threads, no_adapter=a.no_adapter,
-                      repair=not a.no_repair)
-    return cfg, a
-
-
-def main(argv: Sequence[str] | None = None) -> AgentResult | dict | None:
-    """Command-line entry point; returns the result (for tests) or exits with a clear message."""
-    cfg, a = parse_args(argv)
-    try:
-        if a.eval:
-            if not Path(a.eval).is_dir():
-                raise LogError(f"No such folder: {a.eval}. Pass a folder of Loghub-style *_structured.csv files.")
-            return run_eval(a.eval, cfg, a.per_system, a.json)
-        log = read_log(cfg.log or SAMPLE_LOG, ReadLimits(max_bytes=cfg.max_bytes, max_lines=cfg.max_lines))
-        return run_agent(cfg, log)
-    except LogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as exc:
-        from flashback_agents import ModelLoadError
-
-        if isinstance(exc, ModelLoadError):
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
-
-
-if __name__ == "__main__":
-    main()
