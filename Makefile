@@ -11,7 +11,9 @@ install:
 	$(PIP) install -e ".[$(EXTRAS)]"
 
 demo: install
-	$(PY) -m tools.log_agent_eval
+	@echo "make demo: the log-analysis agent (examples/log_analysis_agent.py) on examples/sample_data/app.log,"
+	@echo "offline on the default model; each step prints the tokens it computed and reused from the cache."
+	$(PY) -m examples.log_analysis_agent
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -15,6 +15,37 @@ from tools.logtools import count_values, read_log
 THREADS = 1  # the test CPU is shared: one torch thread is several times faster under contention
 
 
+# ------------------------------------------------------------------------ the short log agent
+def test_log_agent_example_cli_errors(tmp_path, capsys):
+    from examples import log_analysis_agent as ex
+
+    for path, msg in ((tmp_path / "missing.log", "No such log file"), (tmp_path, "is a directory")):
+        with pytest.raises(SystemExit) as e:
+            ex.main(["--log", str(path)])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ex.main(["--max-steps", "1"])
+    assert "at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_log_agent_example_on_sample_log(capsys):
+    """make demo: a tool runs, the last call is final_answer, every call after the first reads the
+    previous prompt and reply from the cache, and the answer quotes the tools' count."""
+    from examples import log_analysis_agent as ex
+
+    res = ex.main(["--threads", str(THREADS)])
+    printed = capsys.readouterr().out
+    assert 2 <= len(res.steps) <= 4 and res.steps[-1].tool == "final_answer"
+    assert any(s.tool != "final_answer" for s in res.steps)
+    assert re.search(r"computed \d+, reused \d+ of \d+ prompt tokens", printed)
+    assert re.search(r"final answer \((model|composed)\): ", printed)
+    for prev, cur in zip(res.steps, res.steps[1:]):
+        assert cur.reused >= prev.input_tokens and cur.computed < cur.input_tokens, (prev, cur)
+    n_err = count_values(read_log(logtools.SAMPLE_LOG), "level")["ERROR"]
+    assert str(n_err) in res.answer, res.answer
+
+
 def test_writing_assistant_missing_notes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         wa.main(["--notes", str(tmp_path / "none"), "--store", str(tmp_path / "s")])
