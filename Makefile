@@ -26,7 +26,7 @@ test-fast:
 # recorded from create_agent and FunctionAgent (tools/tool_episodes.py, seed 0), the log agent's own
 # transcripts (x3, tools/agent_transcripts.py), generic Loghub transcripts, self-distilled plain chat and document QA (what the adapter
 # must not change) and WikiText-2 valid RALM samples, trained with the restated tail, LoRA on the
-# targets chosen by validation (docs/benchmarks.md section 6).
+# targets chosen by validation (docs/benchmarks.md section 5, "q/k/v/o, and agent transcripts in the mix").
 DATA ?= ../shared/data
 AGENT4 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
 AGENT3 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
@@ -63,24 +63,24 @@ adapter: keep tool-episodes
 	flashback-agents train --data build/tools_v2.jsonl $(AGENT3) --data build/loghub.jsonl --data build/keep.jsonl \
 	  --steps $(ADAPTER_STEPS2) --resume $(ADAPTER_RUN)
 
-# The adapter shipped before the tool episodes (run E1 of docs/benchmarks.md section 5; keep with 200 + 200).
+# The adapter shipped before the tool episodes (E1 in docs/changelog.md; keep with 200 + 200).
 adapter-e1: transcripts
 	$(PY) -m tools.keep_transcripts --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep200.jsonl --chat 200 --qa 200 --threads 1
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep200.jsonl $(RECIPE) --out build/adapter-e1
 
-# Run D of docs/benchmarks.md section 5: the same without the self-distilled transcripts. It lifts the
+# Run D (docs/changelog.md): the same without the self-distilled transcripts. It lifts the
 # log agent's own answers but breaks plain chat and the LlamaIndex query engine's answers.
 agent-adapter: transcripts
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl $(RECIPE) --out build/agent-adapter
 
-# Run F2 of docs/benchmarks.md section 5 (not shipped): the shipped recipe plus 96 excerpts of each training
+# Run F2 (docs/changelog.md, not shipped): the shipped recipe plus 96 excerpts of each training
 # log's second half, BM25 evidence from its first half. Append + adapter 1.05x prepend on the Hadoop log,
 # but the log agent's own answers drop (8/11).
 log-adapter: adapter-e1
 	$(PY) -m tools.log_ralm_corpus --data $(DATA)/loghub --out build/logs_ralm.jsonl --exclude Hadoop,Linux,Spark --excerpts 96 --excerpt-chars 800
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep200.jsonl $(RECIPE) --ralm-corpus build/logs_ralm.jsonl --out build/log-adapter
 
-# The adapter shipped before (docs/benchmarks.md section 5: "adapter v1"; paper's layout, no agent transcripts).
+# The first shipped adapter ("adapter v1" in docs/changelog.md; paper's layout, no agent transcripts).
 adapter-v1:
 	mkdir -p build
 	$(PY) -m tools.loghub_transcripts --data $(DATA)/loghub --out build/loghub300.jsonl --exclude Hadoop,Linux,Spark
