@@ -11,7 +11,9 @@ install:
 	$(PIP) install -e ".[$(EXTRAS)]"
 
 demo: install
-	$(PY) examples/log_analysis_agent.py
+	@echo "make demo: the log-analysis agent (examples/log_analysis_agent.py) on examples/sample_data/app.log,"
+	@echo "offline on the default model; each step prints the tokens it computed and reused from the cache."
+	$(PY) -m examples.log_analysis_agent
 
 test: install
 	$(PY) -m pytest -q -ra
@@ -22,9 +24,9 @@ test-fast:
 # The shipped FlashBack adapter, from ../shared/data plus the tool-episode generator, one command (see
 # flashback_agents/adapters/smollm2-135m-instruct/README.md for the time it takes): general tool-use episodes
 # recorded from create_agent and FunctionAgent (tools/tool_episodes.py, seed 0), the log agent's own
-# transcripts (x3), generic Loghub transcripts, self-distilled plain chat and document QA (what the adapter
+# transcripts (x3, tools/agent_transcripts.py), generic Loghub transcripts, self-distilled plain chat and document QA (what the adapter
 # must not change) and WikiText-2 valid RALM samples, trained with the restated tail, LoRA on the
-# targets chosen by validation (docs/benchmarks.md section 6).
+# targets chosen by validation (docs/benchmarks.md section 5, "q/k/v/o, and agent transcripts in the mix").
 DATA ?= ../shared/data
 AGENT4 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
 AGENT3 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.jsonl
@@ -36,11 +38,11 @@ RECIPE = --ralm-corpus $(DATA)/wikitext-2/valid.txt --steps 180 --batch-size 1 -
   --seed 0 --max-length 1536
 transcripts:
 	mkdir -p build
-	$(PY) examples/agent_transcripts.py --data $(DATA)/loghub --out build/agent.jsonl --exclude Hadoop,Linux,Spark --per-question 16
-	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark --per-system 20
+	$(PY) -m tools.agent_transcripts --data $(DATA)/loghub --out build/agent.jsonl --exclude Hadoop,Linux,Spark --per-question 16
+	$(PY) -m tools.loghub_transcripts --data $(DATA)/loghub --out build/loghub.jsonl --exclude Hadoop,Linux,Spark --per-system 20
 
 keep: transcripts
-	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 100 --qa 100 --threads 1
+	$(PY) -m tools.keep_transcripts --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep.jsonl --chat 100 --qa 100 --threads 1
 
 tool-episodes:
 	mkdir -p build
@@ -61,27 +63,27 @@ adapter: keep tool-episodes
 	flashback-agents train --data build/tools_v2.jsonl $(AGENT3) --data build/loghub.jsonl --data build/keep.jsonl \
 	  --steps $(ADAPTER_STEPS2) --resume $(ADAPTER_RUN)
 
-# The adapter shipped before the tool episodes (run E1 of docs/benchmarks.md section 5; keep with 200 + 200).
+# The adapter shipped before the tool episodes (E1 in docs/changelog.md; keep with 200 + 200).
 adapter-e1: transcripts
-	$(PY) examples/keep_transcripts.py --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep200.jsonl --chat 200 --qa 200 --threads 1
+	$(PY) -m tools.keep_transcripts --wikitext $(DATA)/wikitext-2/valid.txt --out build/keep200.jsonl --chat 200 --qa 200 --threads 1
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep200.jsonl $(RECIPE) --out build/adapter-e1
 
-# Run D of docs/benchmarks.md section 5: the same without the self-distilled transcripts. It lifts the
+# Run D (docs/changelog.md): the same without the self-distilled transcripts. It lifts the
 # log agent's own answers but breaks plain chat and the LlamaIndex query engine's answers.
 agent-adapter: transcripts
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl $(RECIPE) --out build/agent-adapter
 
-# Run F2 of docs/benchmarks.md section 5 (not shipped): the shipped recipe plus 96 excerpts of each training
+# Run F2 (docs/changelog.md, not shipped): the shipped recipe plus 96 excerpts of each training
 # log's second half, BM25 evidence from its first half. Append + adapter 1.05x prepend on the Hadoop log,
 # but the log agent's own answers drop (8/11).
 log-adapter: adapter-e1
-	$(PY) examples/log_ralm_corpus.py --data $(DATA)/loghub --out build/logs_ralm.jsonl --exclude Hadoop,Linux,Spark --excerpts 96 --excerpt-chars 800
+	$(PY) -m tools.log_ralm_corpus --data $(DATA)/loghub --out build/logs_ralm.jsonl --exclude Hadoop,Linux,Spark --excerpts 96 --excerpt-chars 800
 	flashback-agents train $(AGENT4) --data build/loghub.jsonl --data build/keep200.jsonl $(RECIPE) --ralm-corpus build/logs_ralm.jsonl --out build/log-adapter
 
-# The adapter shipped before (docs/benchmarks.md section 5: "adapter v1"; paper's layout, no agent transcripts).
+# The first shipped adapter ("adapter v1" in docs/changelog.md; paper's layout, no agent transcripts).
 adapter-v1:
 	mkdir -p build
-	$(PY) examples/loghub_transcripts.py --data $(DATA)/loghub --out build/loghub300.jsonl --exclude Hadoop,Linux,Spark
+	$(PY) -m tools.loghub_transcripts --data $(DATA)/loghub --out build/loghub300.jsonl --exclude Hadoop,Linux,Spark
 	flashback-agents train --data build/loghub300.jsonl --ralm-corpus $(DATA)/wikitext-2/valid.txt --out build/adapter-v1 \
 	  --steps 200 --batch-size 1 --grad-accum 2 --ralm-window 384 --ralm-branches 8 --lr 5e-4 \
 	  --warmup-steps 20 --eval-every 25 --save-every 25 --eval-max-samples 8 --threads 1 --seed 0 --restate 0

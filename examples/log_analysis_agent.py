@@ -1,170 +1,108 @@
 """Log-analysis agent: a LangChain tool loop over ChatFlashBack, offline on the default model.
 
-Run:  python examples/log_analysis_agent.py                     (the sample log in sample_data/app.log)
-      python examples/log_analysis_agent.py --log /var/log/syslog --question "Which component logs most?"
-      python examples/log_analysis_agent.py --eval ../shared/data/loghub --threads 1 --json eval.json
+Run from the repository root (``make demo`` runs the first line):
 
-Tools: ``search_logs`` (regex, numbered lines), ``count_lines`` (by level / component / time window),
-``top_templates`` (similar lines grouped with Drain, drain3), ``semantic_search`` (log chunks in Chroma,
-indexed on first use) and ``final_answer``. Every tool result goes back to the model as a ToolMessage,
-which ChatFlashBack appends marker-wrapped at the end of the context (FlashBack append layout), so each
-step computes only the new tokens: the console shows tokens computed vs reused per step.
+    python -m examples.log_analysis_agent                      (the sample log, examples/sample_data/app.log)
+    python -m examples.log_analysis_agent --log /var/log/syslog --question "Which component logs most?"
 
-The log's format is inferred from the log itself (``logformat.py``: timestamp, level, component,
-pid, ...); the first line printed says which format and how many lines fit it.
+The model calls tools that compute exact answers (``tools/logtools.py``: regex search, line counts by
+level / component / time window, line templates; the log's format is inferred from the log itself),
+then ``final_answer``. Each tool result goes back as a ``ToolMessage``, which ChatFlashBack appends
+marker-wrapped at the end of the cached context (the FlashBack append layout): every step computes
+only the new tokens, and the console shows tokens computed vs reused per step.
 
-How a weak model (SmolLM2-135M) is kept honest:
+A 135M model needs guard rails; three are enough here: every call is grammar-constrained
+(``bind_tools(..., tool_choice=...)``: it always parses and names a tool), the first tool is picked
+from the question's words, and the last step is forced to ``final_answer``. An answer that quotes
+no number of the tool results is replaced by the result itself (printed as "composed").
 
-- Every call is grammar-constrained (``bind_tools(tool_choice="any")``): it always parses, and it
-  always names one of the tools. The last step is forced to ``final_answer``, so the loop ends
-  within ``--max-steps``.
-- The first tool is picked by a keyword route from the question (templates / count / meaning /
-  regex search; ``--no-route`` lets the model pick it); the model fills its arguments under the
-  grammar and picks every later tool itself. If it wants to answer before any tool ran, that reply
-  is dropped and the routed tool is forced.
-- Tools forgive: filters are case-insensitive, an invalid regex comes back as a short error, a
-  filter that matches nothing is reported and all lines are counted, and every result leads with
-  the answer (the top value and its count). ``count_lines`` takes the field the question names and
-  drops a filter word the question does not contain (printed as ``repaired:``; ``--no-repair``).
-- A repeated identical call is answered from the earlier result (not run again), and the model is
-  then asked for the final answer with that result quoted in the last user turn.
-- The answer must come from tool results. If the model's ``final_answer`` text quotes no number of a
-  result, or a number no tool returned, the printed answer is *composed* from the result that
-  answers the question. The printout says which source answered ("model" or "composed") and which
-  tool result the answer rests on.
-
-``--eval DIR`` generates questions from every Loghub-style ``*_structured.csv`` under DIR (busiest
-component, the count at each level, the most frequent template), runs the agent on each and prints
-the share of answers that hold the truth: overall, for answers the model wrote, and for composed ones.
+The measured agent (argument repair, answer composition, ``--eval`` on Loghub) is
+``tools/log_agent.py``; see docs/guide.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from langchain_flashback import ChatFlashBack
 
-from logformat import SEVERITIES  # noqa: E402
-from logtools import (
-    SAMPLE_LOG,
-    LogError,
-    LogFile,
-    ReadLimits,
-    SemanticIndex,
-    ToolOutput,
-    component_column,
-    count_lines,
-    count_values,
-    read_log,
-    read_structured,
-    search_logs,
-    top_templates,
-)
+from tools.logtools import SAMPLE_LOG, LogError, LogFile, ToolOutput, count_lines, read_log, search_logs, top_templates
 
 DEFAULT_QUESTION = "How many ERROR lines are in this log, and which component reports them most?"
-# The system block (and the tool schemas rendered after it) is the same for every log and question, so
-# it stays cached across runs in one process; what is specific to the log goes in the user message.
 SYSTEM = ("You are a log analyst. Use a tool to get facts, for example search_logs with pattern \"ERROR\", "
           "or count_lines by \"level\". Then call final_answer quoting the numbers and line numbers "
           "(like L12) from the tool results.")
-USER = "Log {name}: {n} lines. Levels in it: {levels}. Components: {components}.\nQuestion: {question}"
 
 
-def user_message(log: LogFile, question: str) -> str:
-    """The question, preceded by what the log contains (names only, no counts: numbers come from tools)."""
-    def names(by: str) -> str:
-        c = count_values(log, by)
-        c.pop("(none)", None)
-        return ", ".join(str(k) for k, _ in c.most_common(6)) or "none"
-
-    return USER.format(name=log.path.name, n=len(log.lines), levels=names("level"),
-                       components=names("component"), question=question)
-
-
-def _fn(name: str, description: str, properties: dict, required: Sequence[str] = ()) -> dict:
+def _fn(name: str, description: str, properties: dict) -> dict:
+    """An OpenAI-style tool schema (every argument required; ChatFlashBack constrains the call to it)."""
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": properties, "required": list(required), "additionalProperties": False}}}
+        "type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}}}
 
 
-TOOLS: list[dict] = [
-    _fn("search_logs", "Regex search (case-sensitive if it has capitals): how many lines match, and the first ones with line numbers.",
-        {"pattern": {"type": "string", "maxLength": 32, "description": "regular expression, e.g. ERROR"}}, ["pattern"]),
+PATTERN = {"type": "string", "maxLength": 32, "description": "optional regex filter ('' = all lines)"}
+TOOLS = [
+    _fn("search_logs", "Regex search: how many lines match, and the first ones with line numbers.",
+        {"pattern": {"type": "string", "maxLength": 32, "description": "regular expression, e.g. ERROR"}}),
     _fn("count_lines", "Exact line counts by level, component or time window, optionally only lines matching a regex.",
-        {"by": {"type": "string", "enum": ["level", "component", "time"]},
-         "pattern": {"type": "string", "maxLength": 32, "description": "optional regex filter ('' = all lines)"}},
-        ["by", "pattern"]),
+        {"by": {"type": "string", "enum": ["level", "component", "time"]}, "pattern": PATTERN}),
     _fn("top_templates", "Group similar lines into templates; the most frequent templates with counts.",
-        {"pattern": {"type": "string", "maxLength": 32, "description": "optional regex filter ('' = all lines)"}},
-        ["pattern"]),
-    _fn("semantic_search", "Find the log lines closest in meaning to a description.",
-        {"query": {"type": "string", "maxLength": 80}}, ["query"]),
+        {"pattern": PATTERN}),
     _fn("final_answer", "Give the final answer, quoting numbers and line numbers from the tool results.",
-        {"answer": {"type": "string", "maxLength": 100}}, ["answer"]),
+        {"answer": {"type": "string", "maxLength": 100}}),
 ]
-ANALYSIS_TOOLS = [t["function"]["name"] for t in TOOLS if t["function"]["name"] != "final_answer"]
+
+
+def run_tool(log: LogFile, name: str, args: dict) -> ToolOutput:
+    """Run one tool call on the log (a tool error is a result the model reads, not a crash)."""
+    pattern = str(args.get("pattern") or "")
+    if name == "search_logs":
+        return search_logs(log, pattern)
+    if name == "count_lines":
+        return count_lines(log, str(args.get("by") or "level"), pattern)
+    if name == "top_templates":
+        return top_templates(log, 5, pattern)
+    return ToolOutput(f"Unknown tool {name!r}.", f"Unknown tool {name!r}.")
+
+
+def first_tool(question: str) -> str:
+    """The tool for the first step, from the question's words (the model fills in its arguments)."""
+    q = question.lower()
+    if re.search(r"\b(template|kinds? of|types? of|common|frequent|group)", q):
+        return "top_templates"
+    if re.search(r"\b(how many|count|number of|per (hour|minute|day)|most|least|which|busiest)\b", q):
+        return "count_lines"
+    return "search_logs"
+
+
+def numbers(text: str) -> set[str]:
+    return {n.replace(",", "") for n in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?", text or "")}
 
 
 @dataclass
-class AgentConfig:
-    """Options of one run (the command-line flags)."""
-
-    log: str | None = None
-    question: str = DEFAULT_QUESTION
-    model: str = "smollm2-135m-instruct"
-    adapter: str | None = None
-    max_steps: int = 5
-    max_tokens: int = 256
-    store: str | None = None  # Chroma directory for semantic search (default: a cache directory)
-    max_bytes: int = ReadLimits.max_bytes
-    max_lines: int = ReadLimits.max_lines
-    route_first: bool = True  # step 1 calls the tool a keyword route picks (the model fills its arguments)
-    threads: int | None = None  # torch CPU threads (1 is faster on a busy, shared CPU)
-    quiet: bool = False
-    no_adapter: bool = False  # --no-adapter: ask for the bare model (adapter=None passed explicitly)
-    repair: bool = True  # set count_lines' field / drop invented filters from the question (reported)
-
-
-@dataclass
-class StepRecord:
+class Step:
     """One model call: the tool it called, what it cost and what the tool said."""
 
-    step: int
     tool: str
     args: dict
     input_tokens: int
-    cache_read: int
+    reused: int
     computed: int
-    output_tokens: int
     seconds: float
-    forced: str = ""  # why the tool choice was forced ("" when the model chose freely among all tools)
-    summary: str = ""
-    lines: list[int] = field(default_factory=list)
-    dropped: bool = False  # a repeated call: not run again, answered from the earlier result
-    repaired: str = ""  # arguments set from the question (what changed and why)
-    result_index: int = -1  # index of this step's result among the tool results
+    result: str = ""
 
 
 @dataclass
-class AgentResult:
-    """The answer, where it came from, and per-step accounting."""
-
+class Result:
     answer: str
-    answer_source: str  # "model" (its final_answer text was grounded) or "composed" (from tool results)
-    model_answer: str
-    basis: str  # the tool result the answer rests on ("step 1: count_lines(by='component', pattern='')")
-    steps: list[StepRecord]
-    log_description: str
-    cited_lines: list[int]
-    seconds: float
+    source: str  # "model" (its final_answer quotes the tool results' numbers) or "composed" (a tool result)
+    steps: list[Step] = field(default_factory=list)
 
     @property
     def tokens_computed(self) -> int:
@@ -172,636 +110,83 @@ class AgentResult:
 
     @property
     def tokens_reused(self) -> int:
-        return sum(s.cache_read for s in self.steps)
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d.update(tokens_computed=self.tokens_computed, tokens_reused=self.tokens_reused)
-        return d
-
-
-# ------------------------------------------------------------------------------------ helpers
-_NUM = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?")
-
-
-def numbers(text: str) -> set[str]:
-    return {m.group(0).replace(",", "") for m in _NUM.finditer(text or "")}
-
-
-def grounded(answer: str, outputs: Sequence[ToolOutput], echoed: str = "") -> bool:
-    """True when the answer quotes at least one number and every number it quotes came from a tool.
-
-    Numbers the model itself put in its tool arguments (``echoed``) do not count as tool facts.
-    """
-    quoted = numbers(answer)
-    if not answer.strip() or not quoted:
-        return False
-    seen = set().union(*(numbers(o.text) for o in outputs)) if outputs else set()
-    facts = set().union(*(numbers(o.summary) for o in outputs)) if outputs else set()
-    # every number from a tool, at least one of them a result's own finding (not e.g. the format note's "100%")
-    return quoted <= seen and bool(quoted & facts) and not (quoted & numbers(echoed))
-
-
-_FIELD_WORDS = {
-    "component": r"component|components|program|module|service|source|process|daemon|class|logger",
-    "level": r"level|levels|severity",
-    "time": r"per (?:hour|minute|day)|hourly|time window|over time|busiest (?:hour|time)",
-}
-
-
-def clean_answer(text: str) -> str:
-    """The model's answer without stray tool-call markup a small model copies into it."""
-    text = re.sub(r"</?tool_call>", " ", text)
-    return re.sub(r"^[^\w<]+", "", text).strip()
-
-
-def question_field(question: str) -> str | None:
-    """The one field (level / component / time) a question asks about, if it names exactly one."""
-    q = question.lower()
-    hits = [f for f, rx in _FIELD_WORDS.items() if re.search(rf"\b(?:{rx})\b", q)]
-    return hits[0] if len(hits) == 1 else None
-
-
-def route(question: str) -> str:
-    """A tool for the first step (the model fills its arguments under the grammar)."""
-    q = question.lower()
-    if re.search(r"\b(template|kinds? of|types? of|common|frequent|group|summar|pattern of)", q):
-        return "top_templates"
-    if re.search(r"\b(how many|count|number of|per (hour|minute|day)|most|least|which (level|component)|"
-                 r"distribution|breakdown|busiest)\b", q):
-        return "count_lines"
-    if re.search(r"\b(about|related|similar|mention|why|cause)\b", q):
-        return "semantic_search"
-    return "search_logs"
-
-
-# Words of a question that are no filter: the fields and what every question says ("how many lines ...").
-_NOT_FILTERS = frozenset("""level levels severity component components program module service source time
-line lines log logs count counts number many much most least top which what how have has is are the a of
-in per template templates message messages frequent common kind kinds type types event events""".split())
-
-
-def repair_args(name: str, args: dict, question: str) -> tuple[dict, str]:
-    """Arguments a small model got wrong, set from the question; returns (args, what was changed).
-
-    ``count_lines``: ``by`` follows the field the question names; a filter pattern the question does
-    not contain (an invented word such as 'log_level_name') or that names a field ('component') is
-    replaced with the severity the question names in capitals ('ERROR'), else dropped.
-    ``top_templates``: the same for its filter. Every change is reported in the step's record and
-    printout.
-    """
-    fixed, notes = dict(args), []
-    q = question.lower()
-    if name == "count_lines":
-        want = question_field(question)
-        if want and fixed.get("by") != want:
-            notes.append(f"by {fixed.get('by')!r} -> {want!r} (the question asks about {want})")
-            fixed["by"] = want
-    if name in ("count_lines", "top_templates"):
-        pat = str(fixed.get("pattern") or "")
-        why = None
-        if pat and not re.search(rf"(?<!\w){re.escape(pat.lower())}(?!\w)", q):
-            why = "not in the question"
-        elif pat and pat.lower() in _NOT_FILTERS:
-            why = "it names a field, not a value to filter on"
-        if why:
-            level = question_level(question)
-            fixed["pattern"] = level or ""
-            notes.append(f"pattern {pat!r} -> {level!r} ({why}; the question names level {level})" if level
-                         else f"pattern {pat!r} dropped ({why})")
-    return fixed, "; ".join(notes)
-
-
-def question_level(question: str) -> str | None:
-    """A severity the question names in capitals ("How many ERROR lines ..."), as written: the filter
-    a wrong pattern is replaced with (lower-case words such as "note" or "fail" are plain English)."""
-    return next((w for w in re.findall(r"(?<![\w.])[A-Z]{2,}(?![\w.])", question) if w in SEVERITIES), None)
-
-
-def _question_values(question: str, counts: dict) -> list[str]:
-    """The counted values (levels, components) that the question names, as whole words."""
-    q = question.lower()
-    named = [k for k in counts if k != "(none)" and re.search(rf"(?<![\w.]){re.escape(str(k).lower())}(?![\w.])", q)]
-    # "chrome.exe *64" names chrome.exe *64, not also chrome.exe: drop names inside a longer named one
-    return [k for k in named if not any(k != o and str(k).lower() in str(o).lower() for o in named)]
-
-
-def direct_answer(question: str, out: ToolOutput) -> str:
-    """The sentence of a tool result that answers this question (a named value's count, else the top)."""
-    counts = out.data.get("counts")
-    if counts:
-        n, by = out.data.get("total", 0), out.data.get("by", "value")
-        named = _question_values(question, counts)
-        if named:
-            return "; ".join(f"{counts[k]} of {n} lines have {by} {k}" for k in named) + "."
-        ranked = sorted(((k, v) for k, v in counts.items() if k != "(none)"), key=lambda kv: -kv[1])
-        if ranked:
-            return f"The top {by} is {ranked[0][0]} with {ranked[0][1]} of {n} lines."
-    return out.summary
-
-
-def answer_key(question: str, out: ToolOutput) -> tuple[set[str], str | None]:
-    """What an answer to this question from this result must quote: its numbers, and the name it
-    finds (the top component, the template) unless the question itself names the value."""
-    counts = out.data.get("counts")
-    if counts:
-        named = _question_values(question, counts)
-        if named:
-            return {str(counts[k]) for k in named}, None
-        ranked = sorted(((k, v) for k, v in counts.items() if k != "(none)"), key=lambda kv: -kv[1])
-        if ranked:
-            return {str(ranked[0][1])}, str(ranked[0][0])
-    templates = out.data.get("templates")
-    if templates:
-        return {str(templates[0]["count"])}, templates[0]["template"]
-    return numbers(out.summary), None
-
-
-def _names_it(answer: str, name: str) -> bool:
-    """The answer names the value: the whole name, or most words of a template."""
-    a = answer.lower()
-    if re.search(rf"(?<![\w.]){re.escape(name.lower())}(?![\w.])", a):
-        return True
-    words = set(re.findall(r"[a-z][a-z0-9_$.-]*", name.lower().replace("<", " ").replace(">", " ")))
-    words -= {"num", "ip", "hex", "blk", "hostport", "*"}
-    return len(words) >= 2 and len(words & set(re.findall(r"[a-z][a-z0-9_$.-]*", a))) >= 0.6 * len(words)
-
-
-def answers_question(answer: str, question: str, out: ToolOutput) -> bool:
-    """A model's answer that quotes the result's key number and, where the result finds a name, the name."""
-    nums, name = answer_key(question, out)
-    if name is None:  # "How many lines have level X?": the count must be the answer's first number
-        first = _NUM.search(answer or "")
-        return first is not None and first.group(0).replace(",", "") in nums
-    return bool(numbers(answer) & nums) and _names_it(answer, name)
-
-
-def relevant(outputs: Sequence[tuple[str, dict, ToolOutput]], question: str) -> list[ToolOutput]:
-    """The results of the kind the question asks for: templates for a template question, counts by the
-    field it names for a count question (all results for other questions)."""
-    want_tool, want_field = route(question), question_field(question)
-    if want_tool == "top_templates":
-        return [o for _, _, o in outputs if o.data.get("templates")]
-    if want_tool == "count_lines" and want_field:
-        return [o for _, _, o in outputs if o.data.get("counts") and o.data.get("by") == want_field]
-    return [o for _, _, o in outputs]
-
-
-def pick_result(outputs: Sequence[tuple[str, dict, ToolOutput]], question: str) -> int:
-    """Index of the tool result that best answers the question (a count naming the asked value, a count
-    by the asked field, the routed tool), the latest among equals."""
-    want_field, want_tool = question_field(question), route(question)
-
-    def score(i: int) -> tuple:
-        name, args, out = outputs[i]
-        counts = out.data.get("counts") or {}
-        return (bool(counts) and bool(_question_values(question, counts)),
-                bool(counts) and out.data.get("by") == want_field,
-                name == want_tool, not out.summary.startswith(("No line", "Invalid")), i)
-
-    return max(range(len(outputs)), key=score)
-
-
-def compose_answer(outputs: Sequence[tuple[str, dict, ToolOutput]], question: str = "", limit: int = 2) -> str:
-    """An answer built from the tool results: the one that answers the question first, then the latest."""
-    if not outputs:
-        return "No tool result to answer from."
-    best = pick_result(outputs, question)
-    parts = [direct_answer(question, outputs[best][2])]
-    seen = {parts[0], outputs[best][2].summary}
-    for name, args, out in reversed(list(outputs)):
-        if len(parts) >= limit:
-            break
-        if out.summary not in seen and not out.summary.startswith(("No line", "Invalid", "search_logs needs")):
-            seen.add(out.summary)
-            parts.append(out.summary)
-    return " ".join(parts)
-
-
-def answer_basis(answer: str, outputs: Sequence[tuple[str, dict, ToolOutput]], fallback: int) -> int:
-    """Index of the tool result an answer rests on: the one holding most of its numbers (else ``fallback``)."""
-    if not outputs:
-        return -1
-    quoted = numbers(answer)
-    best = max(range(len(outputs)), key=lambda i: (len(quoted & numbers(outputs[i][2].text)), i == fallback))
-    return best if quoted & numbers(outputs[best][2].text) else fallback
-
-
-def default_store() -> Path:
-    from flashback_agents import cache_dir
-
-    return Path(cache_dir()) / "examples" / "log-index"
-
-
-class LogToolbox:
-    """Binds the tools to one log; dispatches a call by name; unknown args are ignored, not fatal."""
-
-    def __init__(self, log: LogFile, store: Path):
-        self.log = log
-        self.semantic = SemanticIndex(log, store)
-
-    def call(self, name: str, args: dict) -> ToolOutput:
-        args = args or {}
-        try:
-            if name == "search_logs":
-                return search_logs(self.log, str(args.get("pattern", "")))
-            if name == "count_lines":
-                return count_lines(self.log, str(args.get("by") or "level"), str(args.get("pattern") or ""),
-                                   int(args.get("window_minutes") or 60))
-            if name == "top_templates":
-                return top_templates(self.log, 5, str(args.get("pattern") or ""))
-            if name == "semantic_search":
-                return self.semantic.search(str(args.get("query", "")))
-        except Exception as exc:  # a tool failure goes back to the model as a result, not a crash
-            msg = f"{name} failed: {type(exc).__name__}: {exc}"
-            return ToolOutput(msg, msg)
-        msg = f"Unknown tool {name!r}; use one of {ANALYSIS_TOOLS + ['final_answer']}."
-        return ToolOutput(msg, msg)
-
-
-def _usage(ai: Any) -> tuple[int, int, int, int]:
-    u = ai.usage_metadata or {}
-    inp = int(u.get("input_tokens", 0))
-    read = int((u.get("input_token_details") or {}).get("cache_read", 0))
-    computed = int((ai.response_metadata or {}).get("computed_tokens", inp - read))
-    return inp, read, computed, int(u.get("output_tokens", 0))
-
-
-def _memo_entry(llm: Any, ai: Any) -> dict[str, list[int]]:
-    """The engine's remembered token ids for this reply (keyed as the engine keys them)."""
-    from langchain_flashback.chat_models import to_flashback_messages
-
-    try:
-        key = to_flashback_messages([ai])[0].key()
-        ids = llm.engine.layout.memo.get(key)
-    except Exception:
-        return {}
-    return {key: list(ids)} if ids else {}
-
-
-def _restore_memo(llm: Any, ai: Any, memo: dict[str, list[int]]) -> None:
-    from langchain_flashback.chat_models import to_flashback_messages
-
-    try:
-        key = to_flashback_messages([ai])[0].key()
-        if key in memo:
-            llm.engine.layout.memo.put(key, memo[key])
-    except Exception:
-        pass
-
-
-def _fmt_args(args: dict) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in (args or {}).items())
-
-
-# ------------------------------------------------------------------------------------ the loop
-def _llm(cfg: AgentConfig) -> Any:
-    """The chat model; ``adapter=`` is passed through only when asked (the default is the core's)."""
-    from langchain_flashback import ChatFlashBack
-
-    kwargs: dict[str, Any] = {"model": cfg.model, "max_tokens": cfg.max_tokens}
-    if cfg.adapter:
-        kwargs["adapter"] = cfg.adapter
-    elif cfg.no_adapter:
-        kwargs["adapter"] = None
-    return ChatFlashBack(**kwargs)
-
-
-def final_prompt(question: str, outputs: Sequence[tuple[str, dict, ToolOutput]], steps: Sequence[StepRecord],
-                 repeated: int | None = None) -> str:
-    """The user turn before the forced final_answer: the result it should rest on, in view, then the ask."""
-    lead = f"You asked for the same call as step {repeated}; its result is above. " if repeated else ""
-    if not outputs:
-        return lead + f"Now call final_answer: answer \"{question}\" in one sentence."
-    best = pick_result(outputs, question)
-    step = next((s.step for s in steps if s.result_index == best), best + 1)
-    return (f"{lead}The tool result of step {step} says: {direct_answer(question, outputs[best][2])}\n"
-            f"Question: {question}\nCall final_answer with the answer in one sentence, quoting the numbers "
-            "and names from that result.")
-
-
-def run_agent(cfg: AgentConfig, log: LogFile | None = None, out=print, llm: Any = None) -> AgentResult:
-    """Run the tool loop; ``out`` receives the console lines (``print`` by default).
-
-    ``llm``: the chat model (default: ChatFlashBack per ``cfg``); ``agent_transcripts.py`` passes a
-    scripted one to record the agent's own prompts as training data.
-    """
-    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
-
-    if cfg.max_steps < 2:
-        raise ValueError("--max-steps must be at least 2 (one tool call, then final_answer).")
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    if log is None:
-        log = read_log(cfg.log or SAMPLE_LOG, ReadLimits(max_bytes=cfg.max_bytes, max_lines=cfg.max_lines))
-    box = LogToolbox(log, Path(cfg.store) if cfg.store else default_store())
-    say = (lambda *a: None) if cfg.quiet else out
-    say(f"log: {log.describe()}")
-    say(f"question: {cfg.question}")
-    llm = _llm(cfg) if llm is None else llm
-    messages: list = [SystemMessage(SYSTEM), HumanMessage(user_message(log, cfg.question))]
-    steps: list[StepRecord] = []
-    outputs: list[tuple[str, dict, ToolOutput]] = []
-    calls_seen: dict[str, int] = {}
-    repeated: int | None = None
+        return sum(s.reused for s in self.steps)
+
+
+def run_agent(log: LogFile, question: str = DEFAULT_QUESTION, max_steps: int = 4,
+              llm: ChatFlashBack | None = None, out=print) -> Result:
+    """The tool loop: at most ``max_steps`` model calls, the last one ``final_answer``."""
+    llm = llm or ChatFlashBack(max_tokens=256)
+    out(f"log: {log.describe()}")
+    out(f"question: {question}")
+    messages: list = [SystemMessage(SYSTEM), HumanMessage(f"Log {log.path.name}: {len(log.lines)} lines.\n"
+                                                          f"Question: {question}")]
+    steps: list[Step] = []
+    results: list[ToolOutput] = []
     model_answer = ""
-    memo: dict[str, list[int]] = {}
-    for step in range(1, cfg.max_steps + 1):
-        forced = ""
-        choice = "any"
-        if step == cfg.max_steps or repeated is not None:
-            choice, forced = "final_answer", ("step budget" if repeated is None else "repeated call")
-            messages.append(HumanMessage(final_prompt(cfg.question, outputs, steps, repeated)))
-        elif step == 1 and cfg.route_first:
-            choice = route(cfg.question)
-            forced = f"first tool by keyword route -> {choice}"
-        t1 = time.perf_counter()
+    for n in range(1, max_steps + 1):
+        if n == max_steps:  # the step budget ends: ask for the answer, and force final_answer
+            choice = "final_answer"
+            messages.append(HumanMessage(f"Question: {question}\nCall final_answer with the answer in one "
+                                         "sentence, quoting the numbers and names from the tool results."))
+        else:  # step 1: the routed tool; later steps: any tool, final_answer included
+            choice = first_tool(question) if n == 1 else "any"
+        t0 = time.perf_counter()
         ai = llm.bind_tools(TOOLS, tool_choice=choice).invoke(messages)
-        calls = ai.tool_calls or []
-        if (not outputs and choice == "any" and (not calls or calls[0]["name"] == "final_answer")):
-            # The model wants to answer before any tool ran: drop that reply, force a tool (still constrained).
-            choice = route(cfg.question)
-            forced = f"no tool used yet -> {choice} (keyword route)"
-            ai = llm.bind_tools(TOOLS, tool_choice=choice).invoke(messages)
-            calls = ai.tool_calls or []
-        seconds = time.perf_counter() - t1
-        inp, read, computed, out_toks = _usage(ai)
         messages.append(ai)
-        call = calls[0] if calls else {"name": "final_answer", "args": {"answer": ai.content or ""}, "id": ""}
-        name, args = call["name"], dict(call.get("args") or {})
-        rec = StepRecord(step, name, args, inp, read, computed, out_toks, seconds, forced)
-        steps.append(rec)
-        say(f"step {step}: {name}({_fmt_args(args)})" + (f"  [forced: {forced}]" if forced else ""))
-        say(f"   tokens: computed {computed}, reused {read} of {inp} prompt tokens; generated {out_toks}"
-            f"  ({seconds:.2f}s)")
-        if name == "final_answer":
-            model_answer = clean_answer(str(args.get("answer", "")))
+        usage = ai.usage_metadata or {}
+        step = Step("final_answer", {}, usage.get("input_tokens", 0),
+                    (usage.get("input_token_details") or {}).get("cache_read", 0),
+                    ai.response_metadata.get("computed_tokens", 0), time.perf_counter() - t0)
+        steps.append(step)
+        call = (ai.tool_calls or [{"name": "final_answer", "args": {"answer": ai.content}, "id": ""}])[0]
+        step.tool, step.args = call["name"], dict(call.get("args") or {})
+        args = ", ".join(f"{k}={v!r}" for k, v in step.args.items())
+        out(f"step {n}: {step.tool}({args})" + (f"  [tool chosen for it: {choice}]" if choice != "any" else ""))
+        out(f"   tokens: computed {step.computed}, reused {step.reused} of {step.input_tokens} prompt tokens "
+            f"({step.seconds:.2f}s)")
+        if step.tool == "final_answer":
+            model_answer = str(step.args.get("answer", "")).strip()
             break
-        key = f"{name}|{sorted(args.items())}"
-        if key in calls_seen:
-            # A repeated identical call is answered from the earlier result (not run again), and the next
-            # step asks for the final answer with that result in view. (The engine's reply memo is keyed
-            # by text: restore the first reply's token ids so the earlier turn stays a cache hit.)
-            _restore_memo(llm, ai, memo)
-            first = calls_seen[key]
-            earlier = next(s for s in steps if s.step == first)
-            prev = outputs[earlier.result_index][2]
-            rec.summary, rec.dropped, rec.result_index = f"same call as step {first}: {prev.summary}", True, earlier.result_index
-            for extra in calls:
-                messages.append(ToolMessage(f"Same call as step {first}; its result: {prev.text}",
-                                            tool_call_id=extra.get("id") or "", name=extra["name"]))
-            repeated = first
-        else:
-            calls_seen[key] = step
-            memo.update(_memo_entry(llm, ai))
-            for extra in calls:  # the grammar allows one call; answer every call the message carries anyway
-                xargs = dict(extra.get("args") or {})
-                run_args, note = repair_args(extra["name"], xargs, cfg.question) if cfg.repair else (xargs, "")
-                result = box.call(extra["name"], run_args)
-                outputs.append((extra["name"], run_args, result))
-                text = result.text if not note else f"({note})\n{result.text}"
-                messages.append(ToolMessage(text, tool_call_id=extra.get("id") or "", name=extra["name"]))
-                if extra is call:
-                    rec.summary, rec.lines, rec.repaired = result.summary, list(result.lines), note
-                    rec.result_index = len(outputs) - 1
-            if rec.repaired:
-                say(f"   repaired: {rec.repaired}")
-        say(f"   result: {rec.summary}")
-    tool_outputs = [o for _, _, o in outputs]
-    echoed = " ".join(str(v) for _, args, _ in outputs for v in args.values())
-    best = pick_result(outputs, cfg.question) if outputs else -1
-    if (grounded(model_answer, tool_outputs, echoed)
-            and any(answers_question(model_answer, cfg.question, o) for o in relevant(outputs, cfg.question))):
-        answer, source = model_answer, "model"
-        used = answer_basis(answer, outputs, best)
+        result = run_tool(log, step.tool, step.args)
+        results.append(result)
+        step.result = result.summary
+        out(f"   result: {result.summary}")
+        messages.append(ToolMessage(result.text, tool_call_id=call.get("id") or "", name=step.tool))
+    # The answer must rest on the tools: every number it quotes comes from a result, and it quotes one.
+    facts = set().union(*(numbers(r.text) for r in results)) if results else set()
+    if numbers(model_answer) and numbers(model_answer) <= facts:
+        res = Result(model_answer, "model", steps)
     else:
-        answer, source, used = compose_answer(outputs, cfg.question), "composed", best
-    if used >= 0:
-        uname, uargs, uout = outputs[used]
-        ustep = next((s.step for s in steps if s.result_index == used and not s.dropped), used + 1)
-        basis = f"step {ustep}: {uname}({_fmt_args(uargs)})"
-    else:
-        basis, uout = "no tool result", None
-    cited = sorted({int(m) for m in re.findall(r"\bL(\d+)\b", answer)} |
-                   ({ln for ln in uout.lines[:5]} if source == "composed" and uout else set()))
-    result = AgentResult(answer, source, model_answer, basis, steps, log.describe(), cited, time.perf_counter() - t0)
-    say("")
-    say(f"final answer ({source}, from {basis}): {answer}")
-    if source == "composed":
-        say(f"   (composed from the tool results: the model's final_answer text {model_answer!r} "
-            "quoted no number from them)")
-    say(f"total: {len(steps)} model calls, computed {result.tokens_computed} tokens, "
-        f"reused {result.tokens_reused} from the cache, {result.seconds:.1f}s")
-    return result
+        res = Result(results[-1].summary if results else "No tool result to answer from.", "composed", steps)
+        out(f"   (the model's answer {model_answer!r} quotes no number of the tool results: "
+            "the answer is the last tool result)")
+    out(f"\nfinal answer ({res.source}): {res.answer}")
+    out(f"total: {len(steps)} model calls, computed {res.tokens_computed} tokens, reused {res.tokens_reused} "
+        "from the cache")
+    return res
 
 
-# ------------------------------------------------------------------------------------ --eval
-@dataclass
-class EvalQuestion:
-    """A question whose answer a Loghub structured CSV gives exactly."""
-
-    system: str
-    log: str
-    kind: str  # busiest_component / level_count / top_template
-    question: str
-    truth: str  # the value the answer must hold (a name, a count, a template)
-    accept: list[str] = field(default_factory=list)  # other spellings that also hold it
-
-
-def _is_level_column(values: Sequence[str]) -> bool:
-    """A CSV 'Level' column that holds severities (Loghub's Linux 'Level' holds the host name)."""
-    from logformat import LETTER_LEVELS, is_severity
-
-    vals = [v for v in values if v]
-    ok = sum(1 for v in vals if is_severity(v) or v in LETTER_LEVELS)
-    return bool(vals) and ok >= 0.95 * len(vals)
-
-
-def eval_questions(root: str | os.PathLike, per_system: int | None = None) -> list[EvalQuestion]:
-    """Questions from every ``*_structured.csv`` under ``root`` whose raw log sits beside it.
-
-    Per system: the busiest component (when the CSV has a component column with 2+ values), the count
-    at each level present (when its Level column holds severities), the most frequent template
-    (EventTemplate, counted by EventId). ``per_system`` keeps the first N of each system's questions,
-    taking one of each kind first.
-    """
-    import collections
-
-    out: list[EvalQuestion] = []
-    for path in sorted(Path(root).rglob("*_structured.csv")):
-        log = path.with_name(path.name.replace("_structured.csv", ""))
-        if not log.is_file():
-            continue
-        rows = read_structured(path)
-        if not rows:
-            continue
-        system = path.name.split("_")[0]
-        qs: list[EvalQuestion] = []
-        col = component_column(rows)
-        if col:
-            c = collections.Counter(r[col] for r in rows)
-            (top, n), *rest = c.most_common()
-            if rest and n > rest[0][1]:  # a clear busiest component (no tie)
-                tail = top.rsplit(":", 1)[-1]  # Loghub's [thread:Class@line] split leaves the thread tail
-                qs.append(EvalQuestion(system, str(log), "busiest_component",
-                                       "Which component logs the most lines?", top, [tail] if tail != top else []))
-        if "Level" in rows[0] and _is_level_column([r["Level"] for r in rows]):
-            for level, n in sorted(collections.Counter(r["Level"] for r in rows).items(), key=lambda kv: -kv[1]):
-                qs.append(EvalQuestion(system, str(log), "level_count", f"How many lines have level {level}?", str(n)))
-        if "EventTemplate" in rows[0]:
-            key = "EventId" if "EventId" in rows[0] else "EventTemplate"
-            top_id = collections.Counter(r[key] for r in rows).most_common(1)[0][0]
-            template = next(r["EventTemplate"] for r in rows if r[key] == top_id)
-            qs.append(EvalQuestion(system, str(log), "top_template", "What is the most frequent message template?",
-                                   template))
-        if per_system is not None:
-            firsts = {q.kind: q for q in reversed(qs)}
-            order = [firsts[k] for k in ("busiest_component", "level_count", "top_template") if k in firsts]
-            qs = (order + [q for q in qs if q not in order])[:per_system]
-        out.extend(qs)
-    return out
-
-
-def _words(text: str) -> list[str]:
-    return [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9_$.-]*", text.replace("<*>", " "))]
-
-
-def holds_truth(q: EvalQuestion, answer: str) -> bool:
-    """Whether an answer holds the truth: the count as a number, the component's name, or the template
-    (60% of its fixed words; its count alone, "476 of 2000 lines, first L848", does not say which)."""
-    if q.kind == "level_count":  # the count is the answer's first number ("2000 lines ... FATAL: 2" is not it)
-        first = _NUM.search(answer or "")
-        return first is not None and first.group(0).replace(",", "") == q.truth
-    if q.kind == "busiest_component":
-        a = answer.lower()
-        return any(re.search(rf"(?<![\w.]){re.escape(t.lower())}(?![\w.])", a) for t in [q.truth, *q.accept] if t)
-    if q.kind == "top_template":
-        want = set(_words(q.truth))
-        got = set(_words(answer))
-        return bool(want) and len(want & got) >= 0.6 * len(want)
-    return False
-
-
-def _adapter_in_use(cfg: AgentConfig) -> str:
-    """The adapter the shared engine loaded (the core's default when none was asked for)."""
-    try:
-        lm = _llm(cfg).engine.lm
-        return str(getattr(lm, "adapter", None) or "none")
-    except Exception:
-        return str(cfg.adapter or ("none" if cfg.no_adapter else "default"))
-
-
-def run_eval(root: str, cfg: AgentConfig, per_system: int | None = None, json_out: str | None = None,
-             out=print) -> dict:
-    """Run the agent on every generated question; print and return the rates of answers holding the truth."""
-    import json
-
-    questions = eval_questions(root, per_system)
-    if not questions:
-        raise LogError(f"No Loghub-style *_structured.csv with its log beside it under {root}.")
-    records = []
-    logs: dict[str, LogFile] = {}
-    for i, q in enumerate(questions, 1):
-        log = logs.get(q.log) or read_log(q.log, ReadLimits(max_bytes=cfg.max_bytes, max_lines=cfg.max_lines))
-        logs[q.log] = log
-        qcfg = replace(cfg, log=q.log, question=q.question, quiet=True)
-        res = run_agent(qcfg, log)
-        ok = holds_truth(q, res.answer)
-        records.append({**asdict(q), "answer": res.answer, "source": res.answer_source, "basis": res.basis,
-                        "model_answer": res.model_answer, "holds": ok,
-                        "model_answer_holds": holds_truth(q, res.model_answer), "seconds": round(res.seconds, 2),
-                        "steps": [f"{s.tool}({_fmt_args(s.args)})" + (f" [repaired: {s.repaired}]" if s.repaired else "")
-                                  for s in res.steps],
-                        "tokens": [{"input": s.input_tokens, "cache_read": s.cache_read, "computed": s.computed}
-                                   for s in res.steps]})
-        out(f"[{i}/{len(questions)}] {q.system} {q.kind}: {'OK ' if ok else 'MISS'} ({res.answer_source}) "
-            f"truth={q.truth[:60]!r} answer={res.answer[:110]!r}")
-
-    def rate(rs: list[dict]) -> str:
-        return f"{sum(r['holds'] for r in rs)}/{len(rs)} ({sum(r['holds'] for r in rs) / len(rs):.0%})" if rs else "0/0"
-
-    adapter = _adapter_in_use(cfg)
-    out(f"model {cfg.model}, adapter: {adapter}")
-    model = [r for r in records if r["source"] == "model"]
-    composed = [r for r in records if r["source"] == "composed"]
-    summary = {"model": cfg.model, "adapter": adapter, "route": cfg.route_first, "questions": len(records), "holds": sum(r["holds"] for r in records),
-               "rate": sum(r["holds"] for r in records) / len(records),
-               "model_written": len(model), "model_written_holds": sum(r["holds"] for r in model),
-               "composed": len(composed), "composed_holds": sum(r["holds"] for r in composed),
-               "model_text_holds": sum(r["model_answer_holds"] for r in records)}
-    out("")
-    out(f"answers holding the truth: {rate(records)} overall; model-written {rate(model)}; "
-        f"composed from tool results {rate(composed)}")
-    out(f"(the model's own final_answer text held it in {summary['model_text_holds']}/{len(records)} questions)")
-    by_kind: dict[str, list[dict]] = {}
-    for r in records:
-        by_kind.setdefault(r["kind"], []).append(r)
-    out("by kind: " + "; ".join(f"{k} {rate(v)}" for k, v in by_kind.items()))
-    if json_out:
-        Path(json_out).write_text(json.dumps({"summary": summary, "records": records}, indent=1))
-        out(f"per-question records: {json_out}")
-    return {"summary": summary, "records": records}
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[AgentConfig, argparse.Namespace]:
+def main(argv: Sequence[str] | None = None) -> Result:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--log", help="log file to analyse (default: the sample log in examples/sample_data)")
+    ap.add_argument("--log", default=str(SAMPLE_LOG), help="log file to analyse (default: the sample log)")
     ap.add_argument("--question", default=DEFAULT_QUESTION)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model spec (see flashback_agents.load_model)")
-    ad = ap.add_mutually_exclusive_group()
-    ad.add_argument("--adapter", help="directory of a trained FlashBack adapter (passed through to ChatFlashBack)")
-    ad.add_argument("--no-adapter", action="store_true", help="run the bare model (adapter=None passed explicitly)")
-    ap.add_argument("--max-steps", type=int, default=5, help="model calls at most (the last one is final_answer)")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--store", help="Chroma directory for semantic search (default: a cache directory)")
-    ap.add_argument("--max-bytes", type=int, default=ReadLimits.max_bytes, help="read at most this many bytes")
-    ap.add_argument("--max-lines", type=int, default=ReadLimits.max_lines, help="read at most this many lines")
+    ap.add_argument("--max-steps", type=int, default=4, help="model calls at most (the last one is final_answer)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 is faster on a busy, shared CPU)")
-    ap.add_argument("--no-route", action="store_true",
-                    help="let the model pick the first tool too (by default a keyword route picks it)")
-    ap.add_argument("--no-repair", action="store_true",
-                    help="run tool calls exactly as the model wrote them (no field/filter repair from the question)")
-    ap.add_argument("--eval", metavar="DIR",
-                    help="answer questions generated from every Loghub-style *_structured.csv under DIR and "
-                         "print the rate of answers holding the truth")
-    ap.add_argument("--per-system", type=int, help="with --eval: at most N questions per system")
-    ap.add_argument("--json", metavar="OUT", help="with --eval: write per-question records to OUT")
     a = ap.parse_args(argv)
     if a.max_steps < 2:
         ap.error("--max-steps must be at least 2 (one tool call, then final_answer)")
-    if a.max_bytes < 1 or a.max_lines < 1:
-        ap.error("--max-bytes and --max-lines must be positive")
-    if (a.json or a.per_system) and not a.eval:
-        ap.error("--json and --per-system go with --eval DIR")
-    cfg = AgentConfig(a.log, a.question, a.model, a.adapter, a.max_steps, a.max_tokens, a.store,
-                      a.max_bytes, a.max_lines, not a.no_route, a.threads, no_adapter=a.no_adapter,
-                      repair=not a.no_repair)
-    return cfg, a
+    if a.threads:
+        import torch
 
-
-def main(argv: Sequence[str] | None = None) -> AgentResult | dict | None:
-    """Command-line entry point; returns the result (for tests) or exits with a clear message."""
-    cfg, a = parse_args(argv)
+        torch.set_num_threads(a.threads)
     try:
-        if a.eval:
-            if not Path(a.eval).is_dir():
-                raise LogError(f"No such folder: {a.eval}. Pass a folder of Loghub-style *_structured.csv files.")
-            return run_eval(a.eval, cfg, a.per_system, a.json)
-        log = read_log(cfg.log or SAMPLE_LOG, ReadLimits(max_bytes=cfg.max_bytes, max_lines=cfg.max_lines))
-        return run_agent(cfg, log)
+        log = read_log(a.log)
     except LogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except Exception as exc:
-        from flashback_agents import ModelLoadError
-
-        if isinstance(exc, ModelLoadError):
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
+    return run_agent(log, a.question, a.max_steps, ChatFlashBack(model=a.model, max_tokens=256))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from flashback_agents.evaluation.doc_qa import DOCUMENTS, KINDS, QUESTIONS
 runner = CliRunner()
 
 #: the integration tests' corpus and the adapter training mix's sentence templates
-#: (examples/keep_transcripts.py ``_facts``): none of them may be in this corpus
+#: (tools/keep_transcripts.py ``_facts``): none of them may be in this corpus
 FORBIDDEN = ("quillfeather", "marrow island", "saltmere", "pemberwick", "vantreel", "seaweed flour",
              "was founded in", "founded the", "stands in the town of", "doors of the", "are painted", "employs",
              "people work", "keeps a", "closed to visitors", "observatory", "museum", "library", "academy",

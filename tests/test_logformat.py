@@ -4,20 +4,15 @@ The lines are written from the published formats of Loghub systems that are *not
 ``../shared/data/loghub`` (supercomputer RAS logs, logcat, Windows CBS, macOS syslog, a
 ``|``-separated mobile app log, OpenStack, HPC) and of common application loggers, so these tests
 check that the inference generalises. The agreement with the eight shared systems' structured CSVs
-is measured in tests/test_examples.py (``test_reader_agreement_with_structured_csv``).
+is measured in tests/test_logtools.py (``test_reader_agreement_with_structured_csv``).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import logtools
-from logformat import (
+from tools import logtools
+from tools.logformat import (
     GENERIC,
     infer_format,
     is_severity,
@@ -215,7 +210,8 @@ def test_eval_questions_answered_from_tools_on_unseen_formats(name, tmp_path):
     generated from its structured CSV, and the answer composed from the routed tool holds the truth."""
     import csv
 
-    import log_analysis_agent as agent
+    from tools import log_agent as agent
+    from tools import log_agent_eval
 
     lines, levels, comps = SYNTH[name]
     lines = lines * 3
@@ -228,7 +224,7 @@ def test_eval_questions_answered_from_tools_on_unseen_formats(name, tmp_path):
         for i, ln in enumerate(lines):
             j = i % len(levels or comps)
             w.writerow([i + 1] + ([levels[j]] if levels else []) + [comps[j], ln, "E1", ln.split()[-1]])
-    questions = agent.eval_questions(tmp_path)
+    questions = log_agent_eval.eval_questions(tmp_path)
     kinds = {q.kind for q in questions}
     assert "level_count" in kinds if levels else "level_count" not in kinds
     box = agent.LogToolbox(logtools.read_log(log), tmp_path / "store")
@@ -239,4 +235,4 @@ def test_eval_questions_answered_from_tools_on_unseen_formats(name, tmp_path):
         args, _ = agent.repair_args(tool, {"by": "time", "pattern": "lines"}, q.question)  # a confused model
         out = box.call(tool, args)
         answer = agent.compose_answer([(tool, args, out)], q.question)
-        assert agent.holds_truth(q, answer), (q.question, q.truth, answer)
+        assert log_agent_eval.holds_truth(q, answer), (q.question, q.truth, answer)

@@ -60,7 +60,7 @@ def crafted_pickle(path: Path, marker: Path, payload: object | None = None) -> P
 
 
 # --------------------------------------------------------------------------- 1. no code from files
-SCANNED = ["flashback_agents", "integrations", "examples"]
+SCANNED = ["flashback_agents", "integrations", "examples", "tools"]
 FORBIDDEN = [re.compile(r"weights_only\s*=\s*False"), re.compile(r"\bpickle\.loads?\("), re.compile(r"(?<![\w.])eval\("),
              re.compile(r"\bcloudpickle\b"), re.compile(r"allow_pickle\s*=\s*True"), re.compile(r"\bmarshal\.loads?\(")]
 

@@ -6,7 +6,7 @@ This writes the same situation for logs you train on: each log's first half as a
 characters each, whole lines) as training texts, so the adapter learns to read appended log lines
 without the corpus swamping the rest of the mix (a 2k-line log is about 100k-200k tokens).
 
-    python examples/log_ralm_corpus.py --data ../shared/data/loghub --out build/logs_ralm.jsonl \\
+    python -m tools.log_ralm_corpus --data ../shared/data/loghub --out build/logs_ralm.jsonl \\
         --exclude Hadoop,Linux,Spark --excerpts 32
 """
 
@@ -18,8 +18,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from logtools import name_set  # noqa: E402
+from tools.logtools import name_set
 
 
 def excerpts(lines: list[str], n: int, chars: int, rng: random.Random) -> list[tuple[int, int]]:

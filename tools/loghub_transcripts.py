@@ -5,7 +5,7 @@ the assistant calls a tool, the tool result (computed from the structured CSV, s
 comes back and is marker-wrapped at training time, and the assistant answers with the number from
 the result. Training on these teaches the adapter to read tool results appended at the end.
 
-    python examples/loghub_transcripts.py --data ../shared/data/loghub --out loghub.jsonl
+    python -m tools.loghub_transcripts --data ../shared/data/loghub --out loghub.jsonl
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from logtools import name_set, read_structured
+from tools.logtools import name_set, read_structured
 
 SYSTEM = "You are a log analysis agent. Call a tool, then answer from its result."
 

@@ -1,8 +1,8 @@
 """Log tools for the log-analysis agent: bounded reading, regex search, counts, templates, semantic search.
 
 Everything here is plain Python (no model): the agent's answers come from these functions, so they
-are exact and unit-tested against the Loghub structured CSVs (tests/test_examples.py). The log's
-format (timestamp, level, component, ...) is inferred from the log itself (logformat.py); every
+are exact and unit-tested against the Loghub structured CSVs (tests/test_logtools.py). The log's
+format (timestamp, level, component, ...) is inferred from the log itself (tools/logformat.py); every
 count says which format was inferred and how many lines fit it. The tools forgive a small model:
 filters are case-insensitive unless asked, an invalid regex is a short error to recover from, a
 filter matching nothing is reported and dropped, and each result leads with its answer.
@@ -26,9 +26,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from logformat import GENERIC, SEVERITIES, LogFormat, infer_format, parse_time_value
+from tools.logformat import GENERIC, SEVERITIES, LogFormat, infer_format, parse_time_value
 
-SAMPLE_LOG = Path(__file__).resolve().parent / "sample_data" / "app.log"
+SAMPLE_LOG = Path(__file__).resolve().parents[1] / "examples" / "sample_data" / "app.log"
 RESULT_CHARS = 1200  # tool results are cut to this many characters (they all land in the model's context)
 
 

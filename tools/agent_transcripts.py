@@ -1,16 +1,16 @@
 """Training transcripts from the log agent's own loop: its tools, prompts and final_answer call.
 
-``loghub_transcripts.py`` writes generic counting episodes (a ``count_values`` tool, a free-text
-answer). The log agent (``log_analysis_agent.py``) asks differently: its own system prompt and user
+``tools/loghub_transcripts.py`` writes generic counting episodes (a ``count_values`` tool, a free-text
+answer). The log agent (``tools/log_agent.py``) asks differently: its own system prompt and user
 message, ``count_lines`` / ``top_templates`` results, a ``final_answer`` call capped at 100
 characters, and, when the step budget ends, a user turn quoting the result before the forced answer.
 An adapter trained on the generic episodes answered the agent with fragments ("2000 lines",
-"top_templates"). These transcripts come from :func:`log_analysis_agent.run_agent` itself, driven by a
+"top_templates"). These transcripts come from :func:`tools.log_agent.run_agent` itself, driven by a
 scripted model that plays an ideal agent (the routed tool with the right arguments, then
 ``final_answer`` quoting the answer from the result), so training renders exactly what the agent
-sends at inference (``tests/test_examples.py`` compares the token ids).
+sends at inference (``tests/test_transcripts.py`` compares the token ids).
 
-    python examples/agent_transcripts.py --data ../shared/data/loghub --out agent.jsonl --exclude Hadoop,Linux,Spark
+    python -m tools.agent_transcripts --data ../shared/data/loghub --out agent.jsonl --exclude Hadoop,Linux,Spark
 
 Questions are those of the agent's ``--eval`` (busiest component, count per level, most frequent
 template) in several phrasings, plus the count of a component that is *not* the busiest;
@@ -39,10 +39,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import log_analysis_agent as agent  # noqa: E402
-from logtools import ReadLimits, component_column, name_set, read_log, read_structured  # noqa: E402
+from tools import log_agent as agent
+from tools.log_agent_eval import eval_questions
+from tools.logtools import ReadLimits, component_column, name_set, read_log, read_structured
 
 #: paraphrases per question kind ({level} is filled in); the first is the agent's --eval wording
 PHRASINGS = {
@@ -175,7 +174,7 @@ def episodes(root: str | Path, exclude: set[str], rng: random.Random, per_questi
     from langchain_core.messages import messages_to_dict  # the trainer reads this format (docs/formats.md)
 
     out = []
-    for q in agent.eval_questions(root):
+    for q in eval_questions(root):
         if q.system.lower() in exclude:
             continue
         asks: list[tuple[str, str | None]] = [(q.kind, None)]

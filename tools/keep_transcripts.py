@@ -1,6 +1,6 @@
 """Self-distilled transcripts that keep the base model's plain chat and document answers.
 
-An adapter trained only on the log agent's transcripts (``agent_transcripts.py``) lifted the agent's
+An adapter trained only on the log agent's transcripts (``tools/agent_transcripts.py``) lifted the agent's
 own answers but broke everything else the adapter also serves: a plain question ("capital of
 France?") got a template reply, and the LlamaIndex query engine's layout (question, then two
 marked documents) got an immediate end of turn. LoRA on K/V changes every forward, so the mix must
@@ -14,10 +14,10 @@ also say what *not* to change. These conversations do that with no download and 
   known without reading), one to four documents with distractors. The target is the base model's
   answer with the same documents written *inline* (its natural reading position) when that answer
   holds the fact, else the fact's own sentence: the adapter learns to read marked documents as
-  well as the base model reads inline ones (``tests/test_examples.py`` checks that a row trains on
+  well as the base model reads inline ones (``tests/test_transcripts.py`` checks that a row trains on
   the ids the query engine sends).
 
-    python examples/keep_transcripts.py --wikitext ../shared/data/wikitext-2/valid.txt --out keep.jsonl
+    python -m tools.keep_transcripts --wikitext ../shared/data/wikitext-2/valid.txt --out keep.jsonl
 
 Output is OpenAI JSONL (``docs/formats.md``), a ``documents`` list on the user message.
 """

@@ -23,7 +23,7 @@ Loghub describes each system with a format string such as ``<Date> <Time> <Pid> 
    columns, and the share of lines it parses says how sure the inference is.
 
 Nothing here knows any particular system: the eight Loghub samples in ``../shared/data`` are only
-used to measure it (``python examples/logformat.py --reader-table``).
+used to measure it (``python -m tools.logformat --reader-table``).
 """
 
 from __future__ import annotations
@@ -573,7 +573,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reader-table", metavar="DIR", nargs="?", const="../shared/data/loghub",
                     help="per-line level/component agreement with every *_structured.csv under DIR")
     a = ap.parse_args(argv)
-    from logtools import LogError, read_log, reader_table
+    from tools.logtools import LogError, read_log, reader_table
 
     try:
         if a.reader_table:
@@ -591,8 +591,4 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(_main())
