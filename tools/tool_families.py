@@ -8,7 +8,7 @@ the tool's signature order) and a function that states the final answer in words
 
 The families (arithmetic, unit conversion, small tables of invented entities, JSON records, dates,
 string tools, search over a small invented handbook) have nothing to do with logs, and none of them is
-used by the held-out agent evaluation (``flashback_agents/evaluation/agent_questions.py``), whose tools
+used by the held-out agent evaluation (``flashback_agents/evaluation/agent_questions.py`` and ``agent_tools.py``), whose tools
 and phrasings are written separately by hand. Values are invented (fictional products, cities, people),
 so an answer can only be right by reading the tool result.
 """

@@ -15,7 +15,7 @@ between the engines.
 
 The corpus is :data:`DOCUMENTS`: short texts about invented places, people, objects, dates and numbers
 (so no answer is known without reading), written by hand; none of them is a test's corpus or a sentence
-template of ``examples/keep_transcripts.py`` (the adapter's training mix). Some documents come in similar
+template of ``tools/keep_transcripts.py`` (the adapter's training mix). Some documents come in similar
 pairs (two ferries on one lake, two minerals, two bridges over one river, two texts about one island)
 so that a question needs the right one of two retrieved texts.
 
