@@ -207,6 +207,8 @@ class Decoder:
         most tokens this step may produce (max_new_tokens and the context window left).
         """
         ctx = self.ctx
+        if self.index is not None and self.index.ids != ctx.ids:  # changed between steps (RALM evidence): reindex
+            self.index = NgramIndex(ctx.ids, self.cfg.ngram)
         room = ctx.max_context_tokens - len(ctx) - 1  # drafts need positions; the last kept token pends
         # Logits already known (the first token after a prompt): that token costs no forward; draft after it.
         drafts, n_forced = self._drafts(min(budget - 1, room, 64)) if ctx._logits is None else ([], 0)
