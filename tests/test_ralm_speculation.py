@@ -109,7 +109,8 @@ def test_seeded_sampling_with_rejected_drafts_is_exact(tiny_lm):
 
 def test_no_step_crosses_a_retrieval_point_and_the_lookup_sees_the_evidence(tiny_lm, monkeypatch):
     """Every decoding step ends at the next retrieval point at the latest (the retriever sees exactly
-    ``step`` generated tokens), and every lookup searches the context as it is, evidence included."""
+    ``step`` generated tokens), and every lookup searches the context as it is, evidence included (the
+    index keeps what a placement replaced too: drafts are only proposals)."""
     steps, lookups = [], []
     real_step, real_draft = speculation.Decoder.step, speculation.NgramIndex.draft
 
@@ -140,8 +141,11 @@ def test_no_step_crosses_a_retrieval_point_and_the_lookup_sees_the_evidence(tiny
         assert snap[-1] not in marks and snap.count(tiny_lm.marker_ids[0]) == 2  # the previous evidence
         assert len(snap) == len(prompt) + rec.step + sum(
             r.evidence_tokens + r.restated_tokens for r in res.retrievals if r.step == rec.step - stride)
-    assert lookups and all(index == held for index, held in lookups)  # the index is the whole context
-    assert any(m in index for index, _ in lookups for m in marks)  # ... evidence included
+    assert lookups
+    for index, held in lookups:  # the lookup ends where the context ends, and holds its current evidence
+        assert index[-3:] == held[-3:]
+        block = held[held.index(tiny_lm.marker_ids[0]):]  # from the first evidence block on
+        assert any(index[i:i + len(block)] == block for i in range(len(index) - len(block) + 1))
     assert_cache_matches_recompute(ctx)
 
 
@@ -232,3 +236,59 @@ def test_each_placement_is_one_forward(tiny_lm, monkeypatch, pattern, restate):
     for r in res.retrievals[1:]:
         assert r.restated_tokens == (restate if pattern == "append" else 0)
     assert_cache_matches_recompute(ctx)
+
+
+def _wikitext(tmp_path):
+    words = ("The quick brown fox jumps over the lazy dog . INFO server started on port 8080 . "
+             "ERROR disk full on the main server . ") * 40
+    (tmp_path / "valid.txt").write_text(" = Article = \n" + words + "\n", encoding="utf-8")
+    (tmp_path / "test.txt").write_text(" = Other = \n" + words + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def test_bench_reports_forwards_per_token_with_and_without_speculation(tiny_lm, tmp_path):
+    from flashback_agents.cli.bench import ralm_table
+    from flashback_agents.evaluation.ralm_bench import RalmBenchConfig, run_ralm_bench
+
+    cfg = RalmBenchConfig(sizes=(64, 128), new_tokens=16, stride=8, chunk_tokens=32, overlap=4, repeats=1,
+                          compare_no_speculation=True)
+    out = run_ralm_bench(tiny_lm, config=cfg, data_dir=_wikitext(tmp_path), progress=False)
+    assert [r["context_tokens"] for r in out["rows"]] == [64, 128]
+    for r in out["rows"]:
+        for p in ("append", "prepend"):
+            assert r[f"{p}_identical_tokens"] is True  # speculation changes the forwards, not the tokens
+            assert r[f"{p}_retrievals"] == r[f"{p}_no_spec_retrievals"] == 2
+            assert r[f"{p}_tokens_computed"] == r[f"{p}_no_spec_tokens_computed"]
+            assert r[f"{p}_no_spec_drafted"] == 0 and r[f"{p}_no_spec_forwards"] == 16  # 14 decoding + 2 placing
+            assert r[f"{p}_forwards"] == r[f"{p}_no_spec_forwards"] - r[f"{p}_accepted"]
+            assert r[f"{p}_forwards_per_token"] == r[f"{p}_forwards"] / 16
+            assert r[f"{p}_placement_forwards"] == 2
+        assert r["append_over_prepend"] > 0 and r["append_over_prepend_no_spec"] > 0
+    lines = ralm_table(out["rows"])
+    assert len(lines) == 1 + 3 * 2 and "forwards/token" in lines[0] and "drafts kept" in lines[0]
+    assert lines[1].split()[:2] == ["64", "spec"] and lines[2].split()[:3] == ["64", "no", "spec"]
+    assert "identical tokens" in lines[3] and "x" in lines[1]
+    r = out["rows"][0]
+    assert f"{r['append_forwards_per_token']:.2f} / {r['prepend_forwards_per_token']:.2f}" in lines[1]
+    # the default run reports the speculating rows only
+    out = run_ralm_bench(tiny_lm, config=RalmBenchConfig(sizes=(64,), new_tokens=8, stride=8, chunk_tokens=32,
+                                                         overlap=4, repeats=1), data_dir=tmp_path, progress=False)
+    assert "append_no_spec_tokens_per_s" not in out["rows"][0] and len(ralm_table(out["rows"])) == 2
+
+
+def test_bench_ralm_cli_lengths(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flashback_agents.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "ralm", "--model", "nowhere-model", "--lengths", "64,x"])
+    assert res.exit_code == 2 and "--lengths" in res.output  # refused before the model loads
+    res = runner.invoke(app, ["bench", "ralm", "--model", str(tiny_model_dir), "--data", str(_wikitext(tmp_path)),
+                              "--quick", "--lengths", "64,96", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    data = json.loads(res.output[res.output.index("{"):])
+    assert [r["context_tokens"] for r in data["rows"]] == [64, 96] and data["config"]["new_tokens"] == 16
+    assert all(r["append_forwards_per_token"] > 0 for r in data["rows"])
