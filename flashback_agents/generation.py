@@ -224,13 +224,18 @@ class _Run:
     """One generation: iterate for text deltas; ``result`` is set when iteration ends."""
 
     def __init__(self, ctx: CachedContext, config: GenerationConfig,
-                 processors: Sequence[LogitsProcessor] = (), on_token: Callable[[int], None] | None = None):
+                 processors: Sequence[LogitsProcessor] = (), on_token: Callable[[int], None] | None = None,
+                 step_limit: Callable[[int], int] | None = None):
         if not isinstance(config, GenerationConfig):
             raise GenerationConfigError(f"config must be a GenerationConfig, got {type(config).__name__}; build one "
                                         "with GenerationConfig(max_new_tokens=..., ...).")
         config.validate()
         self.ctx, self.cfg, self.processors = ctx, config, list(processors)
         self.on_token = on_token
+        #: ``step_limit(tokens so far)``: most tokens the next step may decode, where ``on_token`` changes the
+        #: context only after the last of them (the RALM loop: the tokens left before its next retrieval); with
+        #: it, multi-token decoding stays on (exact: no step runs past a change)
+        self.step_limit = step_limit
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -249,7 +254,8 @@ class _Run:
         st = ctx.stats
         before = st.decode_counts()
         with ctx.lock:
-            spec, jump, grammar = speculation.plan(ctx, cfg, self.processors, self.on_token)
+            spec, jump, grammar = speculation.plan(ctx, cfg, self.processors,
+                                                   self.on_token if self.step_limit is None else None)
             decoder = speculation.Decoder(ctx, cfg, sample, eos, spec, jump, grammar) if spec or jump else None
         guard = None
         if self.processors and eos:  # a reply that must complete is closed before the budget runs out
@@ -273,7 +279,9 @@ class _Run:
                     toks = close
                     forced_close = len(close)
                 elif decoder is not None:  # one forward, one or more tokens (exactly plain decoding's)
-                    toks = decoder.step(len(gen), guard.step_budget(left) if guard is not None else left)
+                    budget = guard.step_budget(left) if guard is not None else left
+                    toks = decoder.step(len(gen), budget if self.step_limit is None else
+                                        min(budget, max(1, self.step_limit(steps))))
                 else:
                     logits = ctx.next_token_logits()
                     if len(gen) < cfg.min_new_tokens and eos:

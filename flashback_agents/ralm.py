@@ -16,6 +16,14 @@ tokens of the input + generated text and places the ``top_k`` chunks in the cont
 Decoding is :mod:`flashback_agents.generation`'s own loop (same sampling, stop strings and EOS
 handling), with retrieval done from its per-token hook, so with ``top_k=0`` the output is exactly
 that of ``generate()``. The returned text never contains evidence.
+
+Multi-token decoding (prompt-lookup speculation, grammar jump-forward: :mod:`.speculation`) runs
+inside the loop as in ``generate()`` (``GenerationConfig.speculate``; on for greedy decoding): the
+loop caps every step at the tokens left before the next retrieval point, so no draft crosses it,
+and the lookup searches the whole context, the evidence just placed included (where copying pays).
+Greedy output is that of one token per forward. Each placement (the last stride of text, the new
+evidence and the restated tail, and the pending generated token) is one ``append``/``sync``: one
+model forward below ``prefill_chunk`` tokens; its logits give the next token without another forward.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from .context import CachedContext
-from .generation import GenerationConfig, LogitsProcessor, _Run
+from .generation import GenerationConfig, LogitsProcessor, Run
 from .ralm_layout import RESTATE_TOKENS, evidence_ids, query_text, restated_ids
 from .retrieval.base import Document, RetrievalError, Retriever
 
@@ -50,6 +58,7 @@ class RetrievalRecord:
     restated_tokens: int = 0  # the text's last tokens placed again after the evidence (ralm_layout)
     tokens_computed: int = 0
     tokens_reused: int = 0
+    forwards: int = 0  # model forwards that placed it (one per ``prefill_chunk`` tokens computed)
     retrieval_seconds: float = 0.0
     compute_seconds: float = 0.0
 
@@ -69,6 +78,19 @@ class RalmResult:
     prefill_seconds: float = 0.0  # the prompt (and evidence retrieved for it)
     generate_seconds: float = 0.0  # decoding, retrievals and evidence placement
     evidence: list[Document] = field(default_factory=list)
+    decode_forwards: int = 0  # forwards that decoded tokens (fewer than tokens with speculation)
+    placement_forwards: int = 0  # forwards that placed evidence after the prompt's prefill
+    drafted: int = 0  # draft tokens verified (prompt lookup + jump-forward)
+    accepted: int = 0  # drafts kept
+
+    @property
+    def forwards(self) -> int:
+        """Every model forward after the prompt's prefill: decoding plus evidence placement."""
+        return self.decode_forwards + self.placement_forwards
+
+    @property
+    def forwards_per_token(self) -> float:
+        return self.forwards / self.generated_tokens if self.generated_tokens else 0.0
 
     @property
     def tokens_computed(self) -> int:
@@ -86,7 +108,8 @@ class RalmResult:
         d = asdict(self)
         d["evidence"] = [e.as_dict() for e in self.evidence]
         d.update(tokens_computed=self.tokens_computed, retrieval_seconds=self.retrieval_seconds,
-                 tokens_per_second=self.tokens_per_second)
+                 tokens_per_second=self.tokens_per_second, forwards=self.forwards,
+                 forwards_per_token=self.forwards_per_token)
         return d
 
 
@@ -221,6 +244,7 @@ class RetrievalLoop:
             reused = min(res.reused, kept_before)
         rec.tokens_computed = ctx.cached_tokens - reused if res is not None else 0
         rec.tokens_reused = reused
+        rec.forwards = self._forwards(rec.tokens_computed)
         rec.compute_seconds = time.perf_counter() - t1
         return rec
 
@@ -272,6 +296,7 @@ class RetrievalLoop:
                     ctx.append(self._layout_ids()[start:])
                     rec.tokens_computed = ctx.cached_tokens - kept
                     rec.tokens_reused = kept
+                    rec.forwards = self._forwards(rec.tokens_computed)
                     rec.compute_seconds = time.perf_counter() - t0 - rec.retrieval_seconds
                     records.append(rec)
                 else:
@@ -303,13 +328,19 @@ class RetrievalLoop:
                 records.append(self._retrieve(step=n))
 
             t1 = time.perf_counter()
+            prefilled = len(records)  # placed with the prompt's prefill (not decoding's cost)
             if not ids and retrieving and self.retrieve_at_start:
                 records.append(self._retrieve(step=0))
             if not ids and answer_prefix:
                 self._segs.append(_Seg([])) if not self._segs[-1].is_text else None
                 self._segs[-1].ids += answer_prefix
                 ctx.append(answer_prefix)
-            run = _Run(ctx, config, processors, on_token=on_token)
+            # Every step ends at the next retrieval point at the latest: drafts never cross it (no
+            # retrieval: ``on_token`` only records tokens, so steps are as long as in ``generate()``).
+            def limit(steps: int) -> int:
+                return self.stride - steps % self.stride if retrieving else config.max_new_tokens
+
+            run = Run(ctx, config, processors, on_token=on_token, step_limit=limit)
             for _ in run:
                 pass
             gen_seconds = time.perf_counter() - t1
@@ -318,7 +349,14 @@ class RetrievalLoop:
             return RalmResult(text=result.text, token_ids=list(result.token_ids), finish_reason=result.finish_reason,
                               retrievals=records, pattern=self.pattern, prompt_tokens=(len(ids) or len(held) - start) + len(answer_prefix),
                               generated_tokens=state["n"], context_tokens=len(ctx), prefill_seconds=prefill_seconds,
-                              generate_seconds=gen_seconds, evidence=list(self._evidence))
+                              generate_seconds=gen_seconds, evidence=list(self._evidence),
+                              decode_forwards=result.forwards,
+                              placement_forwards=sum(r.forwards for r in records[prefilled:]),
+                              drafted=result.drafted, accepted=result.accepted)
+
+    def _forwards(self, computed: int) -> int:
+        """Model forwards that computing ``computed`` tokens in one call ran (``prefill_chunk`` at a time)."""
+        return -(-computed // self.ctx.prefill_chunk)
 
     def _retrieve_without_compute(self, step: int) -> RetrievalRecord:
         """First retrieval for a new prompt: plan the segments; the caller computes them in one go."""

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from . import kvcache
+from .contextbase import common_prefix
 
 
 def grammar_of(processor: Any) -> Any | None:
@@ -162,6 +163,7 @@ class Decoder:
         self.never = frozenset({int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
                                | {int(i) for i in getattr(ctx.lm, "marker_ids", ()) or ()}) - frozenset(eos)
         self.index = NgramIndex(ctx.ids, config.ngram) if speculate else None
+        self._seen = list(ctx.ids)  # the context as the index last saw it (on_token may change it between steps)
         self.stats = ctx.stats  # forwards are counted by the context; drafted/accepted/forced here
 
     def _choose(self, logits: torch.Tensor, n_generated: int) -> int:
@@ -207,6 +209,9 @@ class Decoder:
         most tokens this step may produce (max_new_tokens and the context window left).
         """
         ctx = self.ctx
+        if self.index is not None and self._seen != ctx.ids:  # changed between steps (RALM evidence placed):
+            # index what changed (what it replaced stays indexed: drafts are proposals, all verified)
+            self.index.extend(ctx.ids[max(0, common_prefix(self._seen, ctx.ids) - self.cfg.ngram):])
         room = ctx.max_context_tokens - len(ctx) - 1  # drafts need positions; the last kept token pends
         # Logits already known (the first token after a prompt): that token costs no forward; draft after it.
         drafts, n_forced = self._drafts(min(budget - 1, room, 64)) if not ctx.logits_known else ([], 0)
@@ -215,6 +220,7 @@ class Decoder:
             ctx.push_generated(tok)
             if self.index is not None:
                 self.index.extend([tok])
+                self._seen = list(ctx.ids)
             return [tok]
         rows = ctx.verify_forward(drafts)  # [len(drafts) + 1, vocab]: logits after each input
         self.stats.drafted += len(drafts)
@@ -230,4 +236,5 @@ class Decoder:
         ctx.accept_verified(drafts, n_ok, kept[-1])
         if self.index is not None:
             self.index.extend(kept)
+            self._seen = list(ctx.ids)
         return kept

@@ -313,14 +313,21 @@ def bench_ralm_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="WikiText-2 directory (valid.txt, test.txt)."),
     as_json: bool = typer.Option(False, "--json"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart of tokens/s."),
+    lengths: str = typer.Option("512,1024,2048", "--lengths", help="Context sizes in tokens, comma-separated "
+                                "(e.g. 512,1024,2048,4096)."),
+    no_speculation: bool = typer.Option(False, "--no-speculation", help="Also run both patterns with "
+                                        "speculation off, in the same run (forwards/token before and after; "
+                                        "the tokens are identical)."),
 ) -> None:
-    """FlashBack append vs In-Context RALM prepend: tokens/s at 512, 1,024, 2,048 context tokens."""
+    """FlashBack append vs In-Context RALM prepend: tokens/s and forwards per generated token at 512,
+    1,024, 2,048 context tokens (--lengths), prompt-lookup speculation inside the loop."""
     import json
 
-    from ..evaluation.ralm_bench import run_ralm_bench
+    from ..evaluation.ralm_bench import RalmBenchConfig, run_ralm_bench
     from ..models import ModelLoadError, load_model
     from ..retrieval.base import RetrievalError
 
+    sizes = _ints(lengths, "--lengths")  # the options first: a bad one is refused before the model loads
     check_dir("data", data, "WikiText-2 directory")
     check_out_file("plot", plot)
     try:
@@ -328,7 +335,8 @@ def bench_ralm_cmd(
     except ModelLoadError as exc:
         bad_input(str(exc))
     try:
-        result = run_ralm_bench(lm, quick=quick, data_dir=data, progress=not as_json)
+        result = run_ralm_bench(lm, quick=quick, data_dir=data, progress=not as_json,
+                                config=RalmBenchConfig(sizes=tuple(sizes), compare_no_speculation=no_speculation))
     except RetrievalError as exc:
         fail(str(exc))
         return
@@ -344,10 +352,29 @@ def bench_ralm_cmd(
     typer.echo(f"model {result['model']}, BM25 over {result['corpus_chunks']} WikiText-2 valid chunks, "
                f"stride {result['config']['stride']}, top-k {result['config']['top_k']}, "
                f"{result['config']['new_tokens']} new tokens")
-    typer.echo(f"{'context':>8}  {'append tok/s':>12}  {'prepend tok/s':>13}  {'append/prepend':>14}")
-    for r in result["rows"]:
-        typer.echo(f"{r['context_tokens']:>8}  {r['append_tokens_per_s']:>12.2f}  "
-                   f"{r['prepend_tokens_per_s']:>13.2f}  {r['append_over_prepend']:>13.2f}x")
+    for line in ralm_table(result["rows"]):
+        typer.echo(line)
+
+
+def ralm_table(rows: list[dict]) -> list[str]:
+    """``bench ralm``'s table: per size, tokens/s, the ratio, forwards per generated token and drafts
+    kept for both layouts (and, with --no-speculation, the same without speculation)."""
+    lines = [f"{'context':>8}  {'':<8}  {'append tok/s':>12}  {'prepend tok/s':>13}  {'append/prepend':>14}  "
+             f"{'forwards/token (append / prepend)':>33}  {'drafts kept (append / prepend)':>30}"]
+    for r in rows:
+        for tag, name in (("", "spec" if "append_no_spec_tokens_per_s" in r else ""), ("no_spec_", "no spec")):
+            if f"append_{tag}tokens_per_s" not in r:
+                continue
+            ratio = r[f"append_over_prepend{'_' + tag.rstrip('_') if tag else ''}"]
+            fpt = f"{r[f'append_{tag}forwards_per_token']:.2f} / {r[f'prepend_{tag}forwards_per_token']:.2f}"
+            kept = (f"{r[f'append_{tag}accepted']}/{r[f'append_{tag}drafted']} / "
+                    f"{r[f'prepend_{tag}accepted']}/{r[f'prepend_{tag}drafted']}")
+            lines.append(f"{r['context_tokens']:>8}  {name:<8}  {r[f'append_{tag}tokens_per_s']:>12.2f}  "
+                         f"{r[f'prepend_{tag}tokens_per_s']:>13.2f}  {ratio:>13.2f}x  {fpt:>33}  {kept:>30}")
+        if "append_identical_tokens" in r:
+            lines.append(f"{'':>8}  identical tokens with and without speculation: append "
+                         f"{r['append_identical_tokens']}, prepend {r['prepend_identical_tokens']}")
+    return lines
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -1,13 +1,15 @@
 """``bench ralm``: FlashBack append vs In-Context RALM prepend decoding speed with retrieval, per context size.
 
 Runs :class:`flashback_agents.ralm.RetrievalLoop` in both patterns on the same text (WikiText-2 test,
-BM25 over WikiText-2 valid) and reports tokens/s; the loop itself lives in :mod:`flashback_agents.ralm`.
+BM25 over WikiText-2 valid) and reports tokens/s and model forwards per generated token (decoding
+plus evidence placement; prompt-lookup speculation inside the loop, on by default, lowers it: drafts
+copied from the context, the evidence included); the loop itself lives in :mod:`flashback_agents.ralm`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ class RalmBenchConfig:
     chunk_tokens: int = 128
     overlap: int = 16
     repeats: int = 2  # each pattern/size is timed this many times; the fastest counts (less noise)
+    speculate: bool = True  # prompt-lookup speculation inside the loop (exact: the same tokens)
+    compare_no_speculation: bool = False  # also run both patterns without it (rows ``*_no_spec_*``)
 
 
 def default_wikitext_dir() -> Path:
@@ -47,7 +51,13 @@ def run_ralm_bench(lm: Any, *, quick: bool = False, config: RalmBenchConfig | No
     context size is prefilled once (shared by both patterns via ``fork_prefix``, not timed); the timed
     part is decoding ``new_tokens`` greedy tokens with a retrieval every ``stride`` tokens, the first
     at step 0, so every stride window pays for one retrieval (the steady state of a long generation).
+    EOS is masked (``min_new_tokens``), so every run decodes exactly ``new_tokens`` tokens.
     ``quick`` decodes one stride window per size, timed once. A warm-up retrieval and decode run first.
+
+    Per pattern a row has tokens/s, tokens computed, retrievals, ``forwards_per_token`` (every model
+    forward after the context's prefill: decoding plus placing the evidence, ``prefill_chunk`` tokens a
+    forward) and the drafts verified / kept; ``compare_no_speculation`` adds the same without
+    speculation and whether the tokens are identical.
     """
     from tqdm.auto import tqdm
 
@@ -55,8 +65,8 @@ def run_ralm_bench(lm: Any, *, quick: bool = False, config: RalmBenchConfig | No
     from ..retrieval.chunking import ChunkingConfig, chunk_text
 
     cfg = config or RalmBenchConfig()
-    if quick and config is None:
-        cfg = RalmBenchConfig(new_tokens=cfg.stride, repeats=1)
+    if quick:
+        cfg = replace(cfg, new_tokens=cfg.stride, repeats=1)
     data = Path(data_dir) if data_dir is not None else default_wikitext_dir()
     valid, test = data / "valid.txt", data / "test.txt"
     if not valid.is_file() or not test.is_file():
@@ -76,35 +86,53 @@ def run_ralm_bench(lm: Any, *, quick: bool = False, config: RalmBenchConfig | No
     t1 = time.perf_counter()
     base.append(ids)
     prefill_seconds = time.perf_counter() - t1
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.new_tokens, stop_at_eos=False)
+    def gen_cfg(n: int, speculate: bool) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=n, min_new_tokens=n, speculate=speculate)
+
     warm = base.fork_prefix(min(cfg.sizes))  # first-call costs (allocations, thread pools) are not timed
     RetrievalLoop(warm, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens, top_k=cfg.top_k).generate(
-        [], GenerationConfig(max_new_tokens=2, stop_at_eos=False), input_start=0)
+        [], gen_cfg(2, cfg.speculate), input_start=0)
     del warm
+    modes = [("", cfg.speculate)] + ([("no_spec_", False)] if cfg.compare_no_speculation and cfg.speculate else [])
     rows = []
-    bar = tqdm(total=len(cfg.sizes) * 2 * cfg.repeats, desc="bench ralm", unit="run", disable=not progress)
+    bar = tqdm(total=len(cfg.sizes) * 2 * len(modes) * max(1, cfg.repeats), desc="bench ralm", unit="run",
+               disable=not progress)
     for size in cfg.sizes:
         row: dict[str, Any] = {"context_tokens": size}
-        for pattern in PATTERNS:
-            best: RalmResult | None = None
-            for _ in range(max(1, cfg.repeats)):
-                ctx = base.fork_prefix(size)
-                ctx.flush()
-                loop = RetrievalLoop(ctx, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens,
-                                     top_k=cfg.top_k, pattern=pattern)
-                res = loop.generate([], gen_cfg, input_start=0)
-                del ctx, loop
-                if best is None or res.generate_seconds < best.generate_seconds:
-                    best = res
-                bar.update(1)
-            res = best
-            row[f"{pattern}_tokens_per_s"] = res.tokens_per_second
-            row[f"{pattern}_seconds"] = res.generate_seconds
-            row[f"{pattern}_tokens_computed"] = res.tokens_computed
-            row[f"{pattern}_retrievals"] = len(res.retrievals)
-            row[f"{pattern}_retrieval_seconds"] = res.retrieval_seconds
-        row["append_over_prepend"] = (row["append_tokens_per_s"] / row["prepend_tokens_per_s"]
-                                      if row["prepend_tokens_per_s"] else float("inf"))
+        for tag, speculate in modes:
+            for pattern in PATTERNS:
+                best: RalmResult | None = None
+                for _ in range(max(1, cfg.repeats)):
+                    ctx = base.fork_prefix(size)
+                    ctx.flush()
+                    loop = RetrievalLoop(ctx, retriever, stride=cfg.stride, query_tokens=cfg.query_tokens,
+                                         top_k=cfg.top_k, pattern=pattern)
+                    res = loop.generate([], gen_cfg(cfg.new_tokens, speculate), input_start=0)
+                    del ctx, loop
+                    if best is None or res.generate_seconds < best.generate_seconds:
+                        best = res
+                    bar.update(1)
+                res = best
+                key = f"{pattern}_{tag}"
+                row[f"{key}tokens_per_s"] = res.tokens_per_second
+                row[f"{key}seconds"] = res.generate_seconds
+                row[f"{key}tokens_computed"] = res.tokens_computed
+                row[f"{key}retrievals"] = len(res.retrievals)
+                row[f"{key}retrieval_seconds"] = res.retrieval_seconds
+                row[f"{key}forwards"] = res.forwards
+                row[f"{key}placement_forwards"] = res.placement_forwards
+                row[f"{key}forwards_per_token"] = res.forwards_per_token
+                row[f"{key}drafted"] = res.drafted
+                row[f"{key}accepted"] = res.accepted
+                row[f"{key}token_ids"] = res.token_ids
+            row[f"append_over_prepend{'_' + tag.rstrip('_') if tag else ''}"] = (
+                row[f"append_{tag}tokens_per_s"] / row[f"prepend_{tag}tokens_per_s"]
+                if row[f"prepend_{tag}tokens_per_s"] else float("inf"))
+        for pattern in PATTERNS:  # the ids are only compared, not reported
+            ids = row.pop(f"{pattern}_token_ids")
+            other = row.pop(f"{pattern}_no_spec_token_ids", None)
+            if other is not None:
+                row[f"{pattern}_identical_tokens"] = ids == other
         rows.append(row)
     bar.close()
     return {"model": getattr(lm, "name", "model"), "quick": quick, "config": asdict(cfg),
