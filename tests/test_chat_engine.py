@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice, parse_tool_calls
+from flashback_agents.chat import ChatReply, normalize_tool_choice, parse_tool_calls
+from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.constrained import GRAMMARS, GrammarCache, tool_call_schema
 from flashback_agents.context import ContextOverflowError
 from flashback_agents.generation import GenerationConfig
@@ -45,13 +46,13 @@ def tiny_lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_lm):
-    return ChatEngine(tiny_lm)
+    return local_engine(tiny_lm)
 
 
 def test_shared_engine_is_per_arguments(tiny_lm):
-    a = ChatEngine.shared(tiny_lm)
-    assert ChatEngine.shared(tiny_lm) is a
-    b = ChatEngine.shared(tiny_lm, max_cached_bytes=1 << 20)
+    a = shared_engine(tiny_lm)
+    assert shared_engine(tiny_lm) is a
+    b = shared_engine(tiny_lm, max_cached_bytes=1 << 20)
     assert b is not a and b.lm is a.lm
     assert b.layout is a.layout  # one reply memo per model
     assert a.model_name == tiny_lm.name
@@ -174,7 +175,7 @@ def test_orphan_tool_result_is_a_clear_error(engine):
 
 
 def test_overflow_is_clear_and_pool_stays_usable(tiny_lm):
-    eng = ChatEngine(tiny_lm, max_context_tokens=64)
+    eng = local_engine(tiny_lm, max_context_tokens=64)
     with pytest.raises(ContextOverflowError, match="Context overflow"):
         eng.chat([Message("user", "word " * 200)], config=cfg())
     r = eng.chat([Message("user", "hi")], config=cfg(4))
@@ -235,7 +236,7 @@ def test_complete_reuses_prefix(engine):
 
 @pytest.mark.model
 def test_default_model_tool_call_and_memo(default_lm):
-    eng = ChatEngine.shared()
+    eng = shared_engine()
     msgs = [Message("user", "What is 2 plus 3? Use the add tool.")]
     t0 = time.perf_counter()
     r1 = eng.chat(msgs, tools=TOOLS, tool_choice="any", config=cfg(64))

@@ -507,7 +507,7 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
                     result.runs.append(run)
                     bar.update(1)
             if llm_factory is None and len(specs) > 1:
-                from ..chat import release_engines
+                from ..engines import release_engines
 
                 release_engines()
     finally:

@@ -14,9 +14,11 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ...bounds import cap_strings
+from ...callmask import single_token_tag_ids
 from ...generation import GenerationConfig, GenerationResult
-from ...layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from ...models import MARK_L, MARK_R, ModelLoadError
+from ...toolformat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ConstraintError
 from ..base import Backend, BackendRun, ChatUsage, Constraint
 from .errors import (ServerCacheReportError, ServerCacheReportWarning, ServerContextError, ServerError,
                      ServerModelError, ServerStreamError, ServerUnreachableError)
@@ -269,8 +271,6 @@ class ServerBackend(Backend):
 
     # ------------------------------------------------------------------ Backend API
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> Prepared:
-        from ...constrained import ConstraintError, cap_strings
-
         if constraint is None or constraint.kind == "tool_call_auto":  # calls the model opens stay free here
             return Prepared()
         if constraint.kind == "no_tool_call":
@@ -278,8 +278,6 @@ class ServerBackend(Backend):
             # Mistral's [TOOL_CALLS], Llama's <|python_tag|>) is banned by logit bias; a tag spelled in
             # several tokens stays possible here, but with no calls parsed and a stray tag stripped from
             # the text (ChatEngine), such a reply still carries no call.
-            from ...callmask import single_token_tag_ids
-
             return Prepared(banned_ids=single_token_tag_ids(self.lm.tokenizer, constraint.fmt))
         if not isinstance(constraint.schema, dict):
             raise ConstraintError(f"response_schema must be a JSON schema dict, got {type(constraint.schema).__name__}.")
