@@ -235,6 +235,7 @@ def test_two_stores_share_a_directory(lm, tmp_path):
 _CHILD = textwrap.dedent("""
     import json, sys
     from flashback_agents import GenerationConfig, Message, load_model
+    from flashback_agents.engines import local_engine
     model_dir, store_dir, out = sys.argv[1:4]
     lm = load_model(model_dir, device="cpu")
     engine = local_engine(lm, kv_store_dir=store_dir, acquire_timeout=None)

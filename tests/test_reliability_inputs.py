@@ -489,6 +489,6 @@ def test_integrations_refuse_a_tool_given_as_a_bare_string(tiny_model_dir):
         lc.ChatFlashBack(model=str(tiny_model_dir)).bind_tools(["search"])
     with pytest.raises(LayoutError, match="list of tools"):
         lc.ChatFlashBack(model=str(tiny_model_dir)).bind_tools("search")
-    li = pytest.importorskip("llama_index.llms.flashback.base")
+    li = pytest.importorskip("llama_index.llms.flashback.convert")
     with pytest.raises(LayoutError, match="LlamaIndex tool"):
-        li._tool_spec("search")
+        li.tool_spec("search")
