@@ -111,8 +111,8 @@ class ChatEngine:
             self._on_close.append(callback)
 
     # ------------------------------------------------------------------ planning
-    # ------------------------------------------------------------------ planning
-    def _check_room(self, ids: list[int]) -> None:
+    def check_room(self, ids: list[int]) -> None:
+        """Refuse a prompt that leaves no room to generate (``on_overflow="error"``; a server engine asks the server)."""
         if self.on_overflow != "error":
             return  # the context compacts (or raises, naming what cannot be evicted) when it syncs
         if len(ids) + 1 > self.max_context_tokens:
@@ -138,7 +138,7 @@ class ChatEngine:
         except (TypeError, UnicodeError) as exc:  # anything check_messages did not foresee: still ours
             raise LayoutError(f"Cannot render these messages ({type(exc).__name__}: {exc}); pass Message objects "
                               "with str content and JSON tool arguments.") from exc
-        self._check_room(ids)
+        self.check_room(ids)
         allowed = {tool_name(t) for t in tools} if tools else None
         parse_tools = bool(tools) and choice != "none" and response_schema is None
         no_calls = choice == "none" and response_schema is None
@@ -199,7 +199,7 @@ class ChatEngine:
         """Reply to a conversation; only tokens not already cached are computed (see :meth:`stream_chat`)."""
         run = self.stream_chat(messages, tools=tools, tool_choice=tool_choice, response_schema=response_schema,
                                config=config, timeout=timeout, repeat_calls=repeat_calls)
-        run._buffered = True
+        run.buffered = True
         for _ in run:
             pass
         assert run.reply is not None
@@ -212,7 +212,7 @@ class ChatEngine:
         tokens decoded so far stay cached, consistent with a recompute).
         """
         run = await asyncio.to_thread(self.stream_chat, messages, **kwargs)  # planning may compile a grammar
-        run._buffered = True
+        run.buffered = True
         return await drain(AsyncChatRun(run))
 
     def astream_chat(self, messages: Sequence[Message], **kwargs: Any) -> AsyncChatRun:
@@ -231,7 +231,7 @@ class ChatEngine:
             tok = self.lm.tokenizer
             start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
             ids = [int(start if start is not None else 0)]
-        self._check_room(ids)
+        self.check_room(ids)
         return Plan(ids, config, self.backend.prepare(ids, config, None), None, parse_tools=False,
                      remember=False, timeout=timeout)
 

@@ -17,6 +17,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .backends.local import LocalBackend
@@ -30,7 +31,7 @@ from .layout import Layout
 from .models import AUTO_ADAPTER, DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel, forget_shared_model, shared_model
 from .pool import ContextPool, MemoryBudget, check_engine_args
 
-__all__ = ["local_engine", "shared_engine", "server_engine", "release_engines", "clear_server_engines",
+__all__ = ["EngineSettings", "engine_for", "local_engine", "shared_engine", "server_engine", "release_engines", "clear_server_engines",
            "ServerChatEngine", "ModelShare", "model_share", "forget_model"]
 
 #: local engines by their arguments, least recently used first
@@ -143,7 +144,7 @@ class ServerChatEngine(ChatEngine):
                          backend=backend, layout=layout, model_name=name, acquire_timeout=None)
         self.server = backend.info
 
-    def _check_room(self, ids: list[int]) -> None:
+    def check_room(self, ids: list[int]) -> None:
         n = self.backend.wire_length(ids) + 1
         limit = self.max_context_tokens
         if n > limit:
@@ -208,6 +209,40 @@ def shared_engine(model: str | LoadedModel = DEFAULT_MODEL, adapter: str | None 
         if old is not engine and not any(e is old for e in _SHARED.values()):
             old.close()
     return engine
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine a framework integration runs on: one object, built once from the integration's fields
+    (:meth:`from_fields`: the fields named like these) and passed whole to :func:`engine_for`.
+
+    ``model``: a spec (default model, HF id, directory, ``.gguf``, or an ``http(s)://`` server) or a
+    loaded model; the rest as :func:`shared_engine` takes them.
+    """
+
+    model: Any = DEFAULT_MODEL
+    adapter: str | None = DEFAULT_ADAPTER
+    max_cached_bytes: int | None = None
+    max_context_tokens: int | None = None
+    on_overflow: str = "evict"
+    kv_store_dir: str | os.PathLike | None = None
+    kv_store_max_bytes: int | None = None
+    chat_template: str | None = None
+    timeout: float | None = None
+
+    @classmethod
+    def from_fields(cls, source: Any, **overrides: Any) -> "EngineSettings":
+        """The settings ``source`` (a LangChain / LlamaIndex model) has fields for, then ``overrides``."""
+        values = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        return replace(cls(**values), **overrides)
+
+
+def engine_for(settings: EngineSettings) -> ChatEngine:
+    """The process-wide engine for ``settings`` (:func:`shared_engine` with every setting)."""
+    s = settings
+    return shared_engine(s.model, s.adapter, s.max_cached_bytes, s.max_context_tokens, s.on_overflow,
+                         kv_store_dir=s.kv_store_dir, kv_store_max_bytes=s.kv_store_max_bytes,
+                         chat_template=s.chat_template, timeout=s.timeout)
 
 
 def server_engine(url: str, *, adapter: str | None = None, max_context_tokens: int | None = None,

@@ -176,7 +176,7 @@ class ChatRun:
         self._run: BackendRun | None = None
         self._gen: weakref.ref | None = None  # weak: the iterator must stay collectable when dropped
         #: nobody reads the deltas (chat/achat): a reply may be replaced even after text was yielded
-        self._buffered = False
+        self.buffered = False
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -236,7 +236,7 @@ class ChatRun:
         repeated = repeated_calls(plan, reply)
         if repeated:
             fresh = [c for c in reply.tool_calls if all(c is not r for r in repeated)]
-            if fresh or self._cancelled.is_set() or (shown and not self._buffered):
+            if fresh or self._cancelled.is_set() or (shown and not self.buffered):
                 # New calls stay (only the repeats go), or text was already streamed: no second decode.
                 reply.tool_calls = fresh
                 if not fresh and reply.finish_reason == "tool_calls":

@@ -36,7 +36,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine, ChatReply
-from flashback_agents.engines import shared_engine
+from flashback_agents.engines import EngineSettings, engine_for
 from flashback_agents.generation import SETTING_EXAMPLES, GenerationConfig, check_field, normalize_stop
 from flashback_agents.layout import Message
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
@@ -114,12 +114,7 @@ class FlashBack(FunctionCallingLLM):
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, **kwargs: Any) -> None:
         lm = model if isinstance(model, LoadedModel) else None
         super().__init__(model=lm.name if lm is not None else model, **kwargs)
-        self._engine = shared_engine(lm if lm is not None else self.model, adapter=self.adapter,
-                                     max_cached_bytes=self.max_cached_bytes,
-                                     max_context_tokens=self.max_context_tokens,
-                                     on_overflow=self.on_overflow, kv_store_dir=self.kv_store_dir,
-                                     kv_store_max_bytes=self.kv_store_max_bytes, chat_template=self.chat_template,
-                                     timeout=self.timeout)
+        self._engine = engine_for(EngineSettings.from_fields(self, model=lm if lm is not None else self.model))
 
     @classmethod
     def class_name(cls) -> str:
