@@ -166,7 +166,7 @@ class ChatEngine:
         # The guard acts only where a call is optional: a required call cannot be answered in text.
         guard = repeat_calls == "forbid" and parse_tools and choice is None
         return Plan(ids, config, prepared, allowed, parse_tools, remember=True, timeout=timeout, no_calls=no_calls,
-                     answered=answered_calls(messages) if guard else frozenset())
+                    answered=answered_calls(messages) if guard else frozenset())
 
     def _finish(self, plan: Plan, result: GenerationResult, usage: ChatUsage) -> ChatReply:
         """The reply to a finished run (:func:`~flashback_agents.runs.build_reply`), remembered."""
@@ -233,7 +233,7 @@ class ChatEngine:
             ids = [int(start if start is not None else 0)]
         self.check_room(ids)
         return Plan(ids, config, self.backend.prepare(ids, config, None), None, parse_tools=False,
-                     remember=False, timeout=timeout)
+                    remember=False, timeout=timeout)
 
     def stream_complete(self, prompt: str, config: GenerationConfig | None = None,
                         timeout: float | None = None) -> ChatRun:

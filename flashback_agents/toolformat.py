@@ -320,7 +320,7 @@ def format_for(lm_or_tokenizer: Any) -> ToolCallFormat:
 
 
 def call_schema(fmt: ToolCallFormat, schema: dict) -> dict:
-    """A call-body JSON schema (``constrained.tool_call_schema``) with the family's arguments key."""
+    """A call-body JSON schema (:func:`tool_call_schema`) with the family's arguments key."""
     if fmt.args_key == "arguments":
         return schema
     if "anyOf" in schema:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from flashback_agents.chat import ChatReply, normalize_tool_choice, parse_tool_calls
-from flashback_agents.engines import local_engine, shared_engine
+from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice, parse_tool_calls
 from flashback_agents.constrained import GRAMMARS, GrammarCache, tool_call_schema
+from flashback_agents.engines import EngineSettings, local_engine, shared_engine
 from flashback_agents.context import ContextOverflowError
 from flashback_agents.generation import GenerationConfig
 from flashback_agents.layout import LayoutError, Message, ToolCall
@@ -315,3 +315,36 @@ def test_auto_tool_choice_keeps_the_callers_max_tokens(engine):
     assert len(reply.token_ids) <= 3
     forced = engine.chat([Message("user", "hi")], tools=TOOLS, tool_choice="any", config=cfg(3))
     assert forced.tool_calls  # a required call is still completed past a small max_tokens
+
+
+def test_chat_engine_receives_its_backend(tiny_lm):
+    """ChatEngine builds no backend itself (engines does): without one it says what to call instead."""
+    with pytest.raises(TypeError, match="local_engine"):
+        ChatEngine(tiny_lm)
+    engine = local_engine(tiny_lm, max_context_tokens=64)
+    assert engine.pool is engine.backend.pool and engine.kv_store is None and engine.max_context_tokens == 64
+
+
+def test_engine_settings_are_read_whole_from_an_integrations_fields():
+    class Fields:  # what a LangChain / LlamaIndex model carries: settings among other fields
+        model, adapter, timeout, on_overflow, streaming = "m", None, 3.0, "error", True
+
+    s = EngineSettings.from_fields(Fields(), model="other")
+    assert (s.model, s.adapter, s.timeout, s.on_overflow, s.max_cached_bytes) == ("other", None, 3.0, "error", None)
+
+
+def test_the_budget_guard_comes_with_its_processor():
+    """generation imports no grammar code: a processor that must complete carries its guard's constructor."""
+    from flashback_agents.generation import budget_guard
+
+    class Plain:
+        pass
+
+    class Required:
+        def close_guard(self, stop_ids):
+            return ("guard", tuple(stop_ids))
+
+    assert budget_guard([Plain()], [2]) is None
+    assert budget_guard([Plain(), Required()], [2, 3]) == ("guard", (2, 3))
+    assert budget_guard([Required(), Required()], [2]) is None  # ambiguous: no guard, as before
+    assert budget_guard([Required()], []) is None

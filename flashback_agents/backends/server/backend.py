@@ -199,7 +199,7 @@ class ServerBackend(Backend):
         if tok is None:
             raise ServerModelError(
                 f"Cannot tell which tokenizer the model on {self.url} uses (tried {', '.join(tried) or 'nothing'}). "
-                "Pass tokenizer= (ChatEngine.shared / ServerBackend), --tokenizer, or set FLASHBACK_TOKENIZER to "
+                "Pass tokenizer= (engines.server_engine / ServerBackend), --tokenizer, or set FLASHBACK_TOKENIZER to "
                 "the served model's directory, .gguf file, or 'smollm2-135m-instruct' for the default GGUF.")
         self._base_vocab = len(tok)
         self._text_marker_ids = {MARK_L: list(tok.encode(MARK_L, add_special_tokens=False)),
