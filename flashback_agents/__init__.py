@@ -10,7 +10,7 @@ from .models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError,
 from .pool import ContextPool, MemoryBudget, PoolTimeoutError
 from .kvstore import DiskKVStore, KVStoreWarning
 from .chat import ChatEngine  # noqa: E402  (after the core: chat builds on it)
-from .engines import release_engines, shared_engine  # noqa: E402
+from .engines import local_engine, release_engines, shared_engine  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -21,5 +21,5 @@ __all__ = [
     "ChatFormat", "Layout", "LayoutError", "Message", "ToolCall",
     "DEFAULT_MODEL", "MARK_L", "MARK_R", "LoadedModel", "ModelLoadError", "cache_dir", "load_model",
     "shared_model", "ContextPool", "MemoryBudget", "PoolTimeoutError", "DiskKVStore", "KVStoreWarning", "ChatEngine", "release_engines",
-    "shared_engine", "__version__",
+    "local_engine", "shared_engine", "__version__",
 ]

@@ -34,7 +34,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .toolformat import _PYTHON_TAG, HERMES, ToolCallFormat
+from .constrained import GRAMMARS
+from .toolformat import HERMES, PYTHON_TAG, ToolCallFormat, holdback
 
 __all__ = ["CallMask", "NoCallProcessor", "CallMaskCache", "CALL_MASKS", "call_tags", "no_call_processor",
            "single_token_tag_ids", "strip_call_markup", "stream_visible"]
@@ -45,7 +46,7 @@ def call_tags(fmt: ToolCallFormat | None) -> tuple[tuple[str, ...], bool]:
     fmt = fmt or HERMES
     if fmt.open:
         return (fmt.open,), False
-    return (_PYTHON_TAG,), True  # Llama 3: bare JSON opens the reply, or follows <|python_tag|>
+    return (PYTHON_TAG,), True  # Llama 3: bare JSON opens the reply, or follows <|python_tag|>
 
 
 def _masked_text(tag: str) -> str:
@@ -183,8 +184,6 @@ class CallMaskCache:
         self._lock = threading.Lock()
 
     def get(self, lm: Any, fmt: ToolCallFormat | None = None) -> CallMask:
-        from .constrained import GRAMMARS
-
         fmt = fmt or HERMES
         key = (id(lm), fmt.name, fmt.open)
         with self._lock:
@@ -226,7 +225,7 @@ def no_call_processor(lm: Any, fmt: ToolCallFormat | None = None) -> NoCallProce
 
 def _marks(fmt: ToolCallFormat | None) -> list[str]:
     fmt = fmt or HERMES
-    return [m for m in (fmt.open, fmt.close, _PYTHON_TAG) if m]
+    return [m for m in (fmt.open, fmt.close, PYTHON_TAG) if m]
 
 
 def strip_call_markup(text: str, fmt: ToolCallFormat | None = None) -> str:
@@ -244,7 +243,5 @@ def strip_call_markup(text: str, fmt: ToolCallFormat | None = None) -> str:
 def stream_visible(raw: str, fmt: ToolCallFormat | None = None) -> tuple[str, int]:
     """While streaming a reply that may not call tools: (its text with tags stripped, how many chars are
     safe to emit now; a trailing partial tag is held back)."""
-    from .generation import holdback
-
     visible = strip_call_markup(raw, fmt)
     return visible, len(visible) - holdback(visible, _marks(fmt))

@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterator, Sequence, get_args
 
 import torch
 
+from . import kvcache, speculation
 from .context import CachedContext, DecodeCounts
 from .errors import FlashBackError
+from .toolformat import holdback  # the stream holdback lives with the call markers; importable from here too
 
 LogitsProcessor = Callable[[torch.LongTensor, torch.FloatTensor], torch.FloatTensor]
 
@@ -201,25 +203,6 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self._gen))
 
 
-def holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing chars might start a stop string (not yet safe to emit).
-
-    Trailing U+FFFD (the bytes of a character split across byte-level tokens, not yet complete) are
-    never safe, and the check runs on the text before them: the completed character may finish a
-    stop string that the chars before it begin (stop ``" 中"`` after ``"ok "`` + half of ``中``).
-    """
-    stable = text.rstrip("\ufffd")
-    if len(stable) < len(text):
-        return len(text) - len(stable) + holdback(stable, stops)
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
-
-
 class _Run:
     """One generation: iterate for text deltas; ``result`` is set when iteration ends."""
 
@@ -239,8 +222,6 @@ class _Run:
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        from . import speculation
-
         ctx, cfg = self.ctx, self.cfg
         lm = ctx.lm
         eos = lm.eos_token_ids if cfg.stop_at_eos else set()
@@ -257,11 +238,8 @@ class _Run:
             spec, jump, grammar = speculation.plan(ctx, cfg, self.processors,
                                                    self.on_token if self.step_limit is None else None)
             decoder = speculation.Decoder(ctx, cfg, sample, eos, spec, jump, grammar) if spec or jump else None
-        guard = None
-        if self.processors and eos:  # a reply that must complete is closed before the budget runs out
-            from .constrained import close_guard
-
-            guard = close_guard(self.processors, sorted(eos))
+        # a reply that must complete is closed before the budget runs out
+        guard = budget_guard(self.processors, sorted(eos)) if self.processors and eos else None
         forced_close = 0
         steps = 0
         # The lock is taken per step, never held across a ``yield``: a stream abandoned mid-way (or
@@ -331,11 +309,22 @@ class _Run:
                                        forced_close=forced_close, **st.since(before).as_dict())
 
 
+def budget_guard(processors: Sequence[Any], stop_ids: Sequence[int]) -> Any:
+    """The budget guard a processor brings, built for ``stop_ids`` (None: no processor brings one).
+
+    A processor whose reply must complete (a required call, a JSON answer) carries ``close_guard``, a
+    callable ``close_guard(stop_ids)`` returning an object with ``plan(generated, left, room)`` and
+    ``step_budget(left)`` (:class:`flashback_agents.closeguard.CloseGuard`): the behaviour is passed
+    in with the processor, so decoding needs no import of the grammar code."""
+    makers = [m for m in (getattr(p, "close_guard", None) for p in processors) if callable(m)]
+    if len(makers) != 1 or not stop_ids:
+        return None
+    return makers[0](stop_ids)
+
+
 def _push_forced(ctx: CachedContext, toks: list[int]) -> None:
     """Push tokens chosen without the model (the guard's close) as generated: one forward for all but
     the last (left pending, as a decoded token is), or one per token on caches that cannot crop."""
-    from . import kvcache
-
     if len(toks) > 1 and not kvcache.has_state_layers(ctx.cache):
         ctx.verify_forward(toks[:-1])
         ctx.accept_verified(toks[:-1], len(toks) - 1, toks[-1])

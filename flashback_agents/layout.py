@@ -15,19 +15,23 @@ is moved before the first user message, so each new piece of evidence invalidate
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from .errors import FlashBackError
 from .tokens import Tokens
+# the tool-call vocabulary lives in toolformat (below this module); its names stay importable from here
+from .toolformat import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, ToolCallFormat, format_tool_calls,
+                         probe_tool_format, render_tool_schemas)
+
+__all__ = ["ROLES", "DEFAULT_SYSTEM", "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "LayoutError", "ToolCall", "Message",
+           "ChatFormat", "Layout", "ReplyMemo", "check_conversation", "format_tool_calls", "render_tool_schemas",
+           "template_kwargs", "TEMPLATE_DATE"]
 
 ROLES = ("system", "user", "assistant", "tool", "evidence")
 DEFAULT_SYSTEM = "You are a helpful assistant."
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 #: key of a framework message's extra fields (LangChain ``HumanMessage.additional_kwargs``, LlamaIndex
 #: ``ChatMessage.additional_kwargs``) that holds the retrieved texts of :attr:`Message.documents`
 DOCUMENTS_KEY = "documents"
@@ -45,16 +49,6 @@ LANGCHAIN_TYPES = {"system": "system", "human": "user", "ai": "assistant", "tool
 
 class LayoutError(ValueError, FlashBackError):
     """A conversation that cannot be rendered (unknown role, orphan tool result, ...)."""
-
-
-@dataclass
-class ToolCall:
-    name: str
-    arguments: dict[str, Any]
-    id: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False)
 
 
 @dataclass
@@ -184,28 +178,6 @@ def _probe_without_system_block(tokenizer: Any, s: str, u: str, a: str) -> ChatF
                       generation_prompt=gen or ast_pre)
 
 
-def render_tool_schemas(tools: Sequence[dict]) -> str:
-    """Deterministic text block describing the tools (sorted keys, stable order as given)."""
-    if not tools:
-        return ""
-    lines = ["", "", "# Tools", "", "You may call one or more functions. Available functions:"]
-    for tool in tools:
-        fn = tool.get("function", tool)
-        lines.append(json.dumps({"name": fn.get("name"), "description": fn.get("description", ""),
-                                 "parameters": fn.get("parameters", {})}, sort_keys=True, ensure_ascii=False))
-    lines += ["", f"To call a function, reply with {TOOL_CALL_OPEN}{{\"name\": <function-name>, "
-              f"\"arguments\": <args-json-object>}}{TOOL_CALL_CLOSE}. Tool results arrive marked as evidence."]
-    return "\n".join(lines)
-
-
-def format_tool_calls(calls: Iterable[ToolCall], tool_format: Any = None) -> str:
-    """The calls as an assistant writes them: Hermes ``<tool_call>`` or ``tool_format``
-    (a :class:`~flashback_agents.toolformat.ToolCallFormat`)."""
-    if tool_format is not None:
-        return tool_format.render(calls)
-    return "".join(f"{TOOL_CALL_OPEN}{c.to_json()}{TOOL_CALL_CLOSE}" for c in calls)
-
-
 class ReplyMemo:
     """Remembers the token ids the model generated for each reply (an explicit, bounded cache).
 
@@ -244,9 +216,7 @@ class Layout:
     """Renders messages to token ids for one model. One code path for inference and training."""
 
     def __init__(self, lm: Tokens, memo: ReplyMemo | None = None, fmt: ChatFormat | None = None,
-                 tool_format: Any = None):
-        from .toolformat import probe_tool_format
-
+                 tool_format: ToolCallFormat | None = None):
         self.lm = lm
         self.memo = memo if memo is not None else ReplyMemo()
         self.fmt = fmt or ChatFormat.from_tokenizer(lm.tokenizer)

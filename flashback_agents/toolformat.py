@@ -8,6 +8,12 @@ assistant tool call through the tokenizer's chat template and recognises which o
 the same way the layout probes role wrappers. A template that shows no tool calls (or cannot render
 one) gets today's Hermes format, so nothing changes for the default model.
 
+This module is the bottom of the tool-call stack: the call type (:class:`ToolCall`), the Hermes markers,
+the tool list's text and call-body schemas (:func:`render_tool_schemas`, :func:`tool_call_schema`), the
+one call parser (:func:`parse_tool_calls`) and the stream holdback (:func:`holdback`). It imports no
+other package module but :mod:`flashback_agents.errors`; :mod:`~flashback_agents.layout`,
+:mod:`~flashback_agents.generation`, :mod:`~flashback_agents.constrained` and the chat engine build on it.
+
 Each :class:`ToolCallFormat` renders calls, parses generated text back into calls, and gives the
 text around one call's JSON body, which :mod:`flashback_agents.constrained` wraps around the
 grammar of the body (``tool_call_processor(..., fmt=...)``), so constrained decoding writes the
@@ -25,12 +31,99 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
-from .layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, render_tool_schemas
+from .errors import FlashBackError
 
-__all__ = ["FORMATS", "HERMES", "LLAMA3_JSON", "MISTRAL", "ToolCallFormat", "call_schema", "format_for",
-           "probe_tool_format"]
+__all__ = ["FORMATS", "HERMES", "LLAMA3_JSON", "MISTRAL", "PYTHON_TAG", "TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ConstraintError",
+           "ToolCall", "ToolCallFormat", "call_schema", "format_for", "format_tool_calls", "holdback",
+           "parse_tool_calls", "probe_tool_format", "render_tool_schemas", "tool_call_schema", "tool_name"]
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+class ConstraintError(ValueError, FlashBackError):
+    """A schema or tool choice that cannot be turned into a grammar."""
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "arguments": self.arguments}, ensure_ascii=False)
+
+
+def holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing chars might start a stop string (not yet safe to emit).
+
+    Trailing U+FFFD (the bytes of a character split across byte-level tokens, not yet complete) are
+    never safe, and the check runs on the text before them: the completed character may finish a
+    stop string that the chars before it begin (stop ``" 中"`` after ``"ok "`` + half of ``中``).
+    """
+    stable = text.rstrip("\ufffd")
+    if len(stable) < len(text):
+        return len(text) - len(stable) + holdback(stable, stops)
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+def tool_name(tool: dict) -> str:
+    """Name of an OpenAI-style tool dict (``{"type": "function", "function": {...}}`` or bare)."""
+    fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ConstraintError(f"Tool {tool!r} has no name; tools must be OpenAI-style function dicts.")
+    return name
+
+
+def _parameters(tool: dict) -> dict:
+    fn = tool.get("function", tool)
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise ConstraintError(f"Tool {tool_name(tool)!r} has parameters that are not a JSON schema object.")
+    return params
+
+
+def tool_call_schema(tools: Sequence[dict], choice: str | None = None) -> dict:
+    """JSON schema of one call's body: ``{"name": const, "arguments": params}`` (anyOf over tools).
+
+    ``choice`` narrows to one tool by name; ``None``/"any"/"required" allows every tool.
+    """
+    if not tools:
+        raise ConstraintError("A tool call was required but no tools were given.")
+    names = [tool_name(t) for t in tools]
+    chosen = list(tools)
+    if choice not in (None, "any", "required"):
+        if choice not in names:
+            raise ConstraintError(f"tool_choice {choice!r} is not one of the bound tools {names}.")
+        chosen = [t for t in tools if tool_name(t) == choice]
+    bodies = [{"type": "object",
+               "properties": {"name": {"const": tool_name(t)}, "arguments": _parameters(t)},
+               "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+    return bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+
+
+def render_tool_schemas(tools: Sequence[dict]) -> str:
+    """Deterministic text block describing the tools (sorted keys, stable order as given)."""
+    if not tools:
+        return ""
+    lines = ["", "", "# Tools", "", "You may call one or more functions. Available functions:"]
+    for tool in tools:
+        fn = tool.get("function", tool)
+        lines.append(json.dumps({"name": fn.get("name"), "description": fn.get("description", ""),
+                                 "parameters": fn.get("parameters", {})}, sort_keys=True, ensure_ascii=False))
+    lines += ["", f"To call a function, reply with {TOOL_CALL_OPEN}{{\"name\": <function-name>, "
+              f"\"arguments\": <args-json-object>}}{TOOL_CALL_CLOSE}. Tool results arrive marked as evidence."]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -75,8 +168,6 @@ class ToolCallFormat:
     def stream_split(self, raw: str) -> tuple[str, int]:
         """While streaming: (the content before any call markup, how many of its chars are safe to emit
         now; the rest might begin call markup)."""
-        from .generation import holdback
-
         if self.open:
             cut = raw.find(self.open)
             if cut >= 0:
@@ -98,7 +189,7 @@ class ToolCallFormat:
     def parse(self, raw: str, allowed: set[str] | None = None, *, strip: bool = True) -> tuple[str, list[ToolCall]]:
         """Split generated text into (content, calls); text that does not parse stays content.
 
-        The one call parser (``chat.parse_tool_calls`` is this, for every format): each call body is
+        The one call parser (:func:`parse_tool_calls` is this, for every format): each call body is
         decoded as one JSON value (a closing tag inside a string argument does not cut the call short),
         leniently where the constrained grammar is (:data:`JSON_DECODER`: raw control characters inside
         strings). ``strip``: strip the content around the calls (Hermes replies keep it as written).
@@ -156,7 +247,8 @@ class ToolCallFormat:
 #: grammar (flashback_agents.constrained) now escapes them, the parser still reads either
 JSON_DECODER = json.JSONDecoder(strict=False)
 
-_PYTHON_TAG = "<|python_tag|>"
+#: Llama 3's built-in-tool tag (a call may follow it)
+PYTHON_TAG = _PYTHON_TAG = "<|python_tag|>"
 
 
 def _tool_entry(tool: dict) -> dict:
@@ -228,7 +320,7 @@ def format_for(lm_or_tokenizer: Any) -> ToolCallFormat:
 
 
 def call_schema(fmt: ToolCallFormat, schema: dict) -> dict:
-    """A call-body JSON schema (``constrained.tool_call_schema``) with the family's arguments key."""
+    """A call-body JSON schema (:func:`tool_call_schema`) with the family's arguments key."""
     if fmt.args_key == "arguments":
         return schema
     if "anyOf" in schema:
@@ -236,3 +328,23 @@ def call_schema(fmt: ToolCallFormat, schema: dict) -> dict:
     props = {(fmt.args_key if k == "arguments" else k): v for k, v in schema["properties"].items()}
     required = [fmt.args_key if k == "arguments" else k for k in schema.get("required", [])]
     return {**schema, "properties": props, "required": required}
+
+
+def format_tool_calls(calls: Iterable[ToolCall], tool_format: ToolCallFormat | None = None) -> str:
+    """The calls as an assistant writes them: Hermes ``<tool_call>`` or ``tool_format``."""
+    return (tool_format or HERMES).render(calls)
+
+
+def parse_tool_calls(raw: str, allowed: set[str] | None = None,
+                     fmt: ToolCallFormat | None = None) -> tuple[str, list[ToolCall]]:
+    """Split generated text into (content, tool calls). Unparsable markup stays in the content.
+
+    Each ``<tool_call>`` is decoded as one JSON value (so a ``</tool_call>`` inside a string argument
+    does not cut the call short), optionally followed by ``</tool_call>``. ``fmt``: the model's
+    :class:`ToolCallFormat` (``Layout.tool_format``); default Hermes. One parser for every path:
+    :meth:`ToolCallFormat.parse` (lenient where the grammar is: raw control characters inside strings);
+    Hermes content is kept as written, other formats' is stripped.
+    """
+    if fmt is None or (fmt.open, fmt.close, fmt.array) == (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, False):
+        return (fmt or HERMES).parse(raw, allowed, strip=False)
+    return fmt.parse(raw, allowed)

@@ -178,12 +178,12 @@ class _ForwardCounter:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chat_engine_turns_compute_only_new_tokens(arch, lms):
-    from flashback_agents.chat import ChatEngine
+    from flashback_agents.engines import local_engine
     from flashback_agents.generation import GenerationConfig
     from flashback_agents.layout import Message
 
     lm = lms(arch)
-    engine = ChatEngine(lm)
+    engine = local_engine(lm)
     counter = _ForwardCounter(lm.model)
     try:
         msgs = [Message("system", "You analyse logs."), Message("user", "Count the errors.")]
@@ -213,12 +213,12 @@ def test_chat_engine_turns_compute_only_new_tokens(arch, lms):
 def test_chat_engine_rewritten_last_message_restarts_at_the_previous_one(arch, lms):
     """A framework that edits the last user message: the model re-runs that message only (hybrids:
     from the checkpoint at the end of the system block, one token earlier), and usage says so."""
-    from flashback_agents.chat import ChatEngine
+    from flashback_agents.engines import local_engine
     from flashback_agents.generation import GenerationConfig
     from flashback_agents.layout import Message
 
     lm = lms(arch)
-    engine = ChatEngine(lm)
+    engine = local_engine(lm)
     system = Message("system", "You analyse logs.")
     first = engine.layout.render([system, Message("user", "Count the errors.")])
     held = first.index(lm.tokenizer.convert_tokens_to_ids("<|im_end|>")) + 2  # the system block, its newline too

@@ -23,6 +23,7 @@ import torch
 
 from flashback_agents import CachedContext, FlashBackError, GenerationConfig, generate
 from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine, model_share, shared_engine
 from flashback_agents.layout import Message
 
 
@@ -31,7 +32,7 @@ class Env:
 
     def __init__(self, lm: Any, tiny_dir: Path, tmp: Path):
         self.lm, self.tiny_dir, self.tmp = lm, tiny_dir, tmp
-        self.engine = ChatEngine(lm, acquire_timeout=None)
+        self.engine = local_engine(lm, acquire_timeout=None)
         self.ctx = CachedContext(lm)
         self.ctx.append(lm.encode("hello world, a short context to fork and save"))
         self.n = 0
@@ -55,7 +56,7 @@ class Env:
         return str(p)
 
     def budget(self) -> int:
-        return ChatEngine._share_for(self.lm, None).budget.max_bytes
+        return model_share(self.lm).budget.max_bytes
 
     # the integrations, routed to the already loaded tiny model
     def lc(self, **kw: Any) -> Any:
@@ -163,22 +164,22 @@ def _chdir_and(e: Env, fn: Callable[[], Any]) -> Any:
 #: case id -> (the bad call, a fragment of the message that says what to do)
 CASES: dict[str, tuple[Callable[..., Any], str]] = {
     # ChatEngine settings (item 8): checked before the model-wide byte budget changes
-    "engine-max-cached-bytes-negative": (lambda e: ChatEngine(e.lm, max_cached_bytes=-1), "pass e.g. max_cached_bytes"),
-    "engine-max-cached-bytes-string": (lambda e: ChatEngine(e.lm, max_cached_bytes="2GB"), "pass e.g. max_cached_bytes"),
-    "engine-max-cached-bytes-float": (lambda e: ChatEngine(e.lm, max_cached_bytes=2.5e9), "pass e.g. max_cached_bytes"),
-    "engine-max-cached-bytes-bool": (lambda e: ChatEngine(e.lm, max_cached_bytes=True), "pass e.g. max_cached_bytes"),
-    "engine-shared-max-cached-bytes-negative": (lambda e: ChatEngine.shared(e.lm, adapter=None, max_cached_bytes=-5),
+    "engine-max-cached-bytes-negative": (lambda e: local_engine(e.lm, max_cached_bytes=-1), "pass e.g. max_cached_bytes"),
+    "engine-max-cached-bytes-string": (lambda e: local_engine(e.lm, max_cached_bytes="2GB"), "pass e.g. max_cached_bytes"),
+    "engine-max-cached-bytes-float": (lambda e: local_engine(e.lm, max_cached_bytes=2.5e9), "pass e.g. max_cached_bytes"),
+    "engine-max-cached-bytes-bool": (lambda e: local_engine(e.lm, max_cached_bytes=True), "pass e.g. max_cached_bytes"),
+    "engine-shared-max-cached-bytes-negative": (lambda e: shared_engine(e.lm, adapter=None, max_cached_bytes=-5),
                                                 "pass e.g. max_cached_bytes"),
-    "engine-max-context-tokens-zero": (lambda e: ChatEngine(e.lm, max_context_tokens=0), "pass e.g. max_context_tokens"),
-    "engine-max-context-tokens-negative": (lambda e: ChatEngine(e.lm, max_context_tokens=-512),
+    "engine-max-context-tokens-zero": (lambda e: local_engine(e.lm, max_context_tokens=0), "pass e.g. max_context_tokens"),
+    "engine-max-context-tokens-negative": (lambda e: local_engine(e.lm, max_context_tokens=-512),
                                            "pass e.g. max_context_tokens"),
-    "engine-max-context-tokens-string": (lambda e: ChatEngine(e.lm, max_context_tokens="4096"),
+    "engine-max-context-tokens-string": (lambda e: local_engine(e.lm, max_context_tokens="4096"),
                                          "pass e.g. max_context_tokens"),
-    "engine-max-context-tokens-float": (lambda e: ChatEngine(e.lm, max_context_tokens=100.5),
+    "engine-max-context-tokens-float": (lambda e: local_engine(e.lm, max_context_tokens=100.5),
                                         "pass e.g. max_context_tokens"),
-    "engine-acquire-timeout-negative": (lambda e: ChatEngine(e.lm, acquire_timeout=-1), "pass e.g. acquire_timeout"),
-    "engine-acquire-timeout-nan": (lambda e: ChatEngine(e.lm, acquire_timeout=math.nan), "pass e.g. acquire_timeout"),
-    "engine-acquire-timeout-string": (lambda e: ChatEngine(e.lm, acquire_timeout="soon"), "pass e.g. acquire_timeout"),
+    "engine-acquire-timeout-negative": (lambda e: local_engine(e.lm, acquire_timeout=-1), "pass e.g. acquire_timeout"),
+    "engine-acquire-timeout-nan": (lambda e: local_engine(e.lm, acquire_timeout=math.nan), "pass e.g. acquire_timeout"),
+    "engine-acquire-timeout-string": (lambda e: local_engine(e.lm, acquire_timeout="soon"), "pass e.g. acquire_timeout"),
     "pool-max-bytes-negative": (lambda e: __import__("flashback_agents.pool", fromlist=["x"]).ContextPool(
         e.lm, max_bytes=-1), "pass e.g. max_bytes"),
     # the disk KV store (item 8): DiskKVStore(None) created ./None
@@ -321,7 +322,7 @@ def env(tiny_lm, tiny_model_dir, tmp_path_factory):
     original = _params.FlashBackParams._engine_for_model
 
     def engine_for(self: Any, model: str) -> ChatEngine:
-        return ChatEngine.shared(tiny_lm, adapter=None, max_cached_bytes=self.max_cached_bytes,
+        return shared_engine(tiny_lm, adapter=None, max_cached_bytes=self.max_cached_bytes,
                                  max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow)
 
     _params.FlashBackParams._engine_for_model = engine_for
@@ -367,11 +368,11 @@ def test_bad_input_is_our_error_saying_what_to_do(env, case):
 
 def test_a_negative_budget_on_a_second_engine_leaves_the_first_engines_reuse(env):
     """The issue's scenario: the refused second engine must not shrink what the first one keeps cached."""
-    engine = ChatEngine(env.lm, acquire_timeout=None)
+    engine = local_engine(env.lm, acquire_timeout=None)
     msgs = [Message("system", "You answer briefly. " * 8), Message("user", "a question that is long enough " * 4)]
     first = engine.chat(msgs, config=GenerationConfig(max_new_tokens=2))
     with pytest.raises(FlashBackError, match="max_cached_bytes"):
-        ChatEngine(env.lm, max_cached_bytes=-1)
+        local_engine(env.lm, max_cached_bytes=-1)
     again = engine.chat(msgs + [Message("assistant", first.text), Message("user", "and?")],
                         config=GenerationConfig(max_new_tokens=2))
     assert again.usage.cache_read >= first.usage.input_tokens - 1  # the whole first turn reused
@@ -403,7 +404,7 @@ def test_settings_that_were_valid_still_are(env):
     """Numeric strings still convert as pydantic converted them; the engine defaults are unchanged."""
     assert env.lc(temperature="0.5", max_tokens="12").temperature == 0.5
     assert env.li(max_tokens="12", top_p="0.9").max_tokens == 12
-    assert ChatEngine(env.lm, max_cached_bytes=0, max_context_tokens=64, acquire_timeout=math.inf).max_context_tokens == 64
+    assert local_engine(env.lm, max_cached_bytes=0, max_context_tokens=64, acquire_timeout=math.inf).max_context_tokens == 64
     assert env.ctx.fork_prefix(10**6).token_ids == env.ctx.token_ids  # past the end: the whole context
     GenerationConfig(seed=-1).validate()
     GenerationConfig(seed=2**64 - 1).validate()

@@ -13,6 +13,7 @@ from flashback_agents.backends.local import LocalBackend
 from flashback_agents.callmask import (CallMask, NoCallProcessor, no_call_processor, single_token_tag_ids,
                                        stream_visible, strip_call_markup)
 from flashback_agents.chat import ChatEngine, _Plan, answered_calls, check_repeat_calls
+from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.constrained import ConstraintError
 from flashback_agents.generation import GenerationConfig, GenerationResult
 from flashback_agents.layout import Message, ToolCall
@@ -187,7 +188,7 @@ def test_none_yields_no_call_and_no_tag_even_from_a_model_that_calls(tiny_lm):
 
 
 def test_none_strips_a_stray_tag_as_a_last_resort(tiny_lm):
-    engine = ChatEngine(tiny_lm)
+    engine = local_engine(tiny_lm)
     plan = _Plan([], GenerationConfig(), None, None, parse_tools=False, remember=False, no_calls=True)
     reply = engine._finish(plan, GenerationResult(text=f"ok {call_text(1, 2)}", token_ids=[], finish_reason="stop"),
                            ChatUsage())
@@ -258,7 +259,7 @@ def test_cache_after_a_replaced_reply_equals_a_fresh_engine(tiny_lm):
     follow = msgs + [Message("assistant", first.text), Message("user", "thanks")]
     again = engine.chat(follow, tools=TOOLS, config=cfg)
     assert again.usage.cache_read >= first.usage.input_tokens  # the prompt (and the reply) were reused
-    fresh = ChatEngine(tiny_lm).chat(follow, tools=TOOLS, config=cfg)
+    fresh = local_engine(tiny_lm).chat(follow, tools=TOOLS, config=cfg)
     assert again.token_ids == fresh.token_ids and again.text == fresh.text
     for entry in engine.pool._entries:
         assert_cache_matches_recompute(entry.ctx)
@@ -288,7 +289,7 @@ def family_engines(tmp_path_factory):
             tok.eos_token = eos
         tok.chat_template = _template(name)
         tok.save_pretrained(str(path))
-        engines[name] = ChatEngine(load_model(str(path), device="cpu", adapter=None))
+        engines[name] = local_engine(load_model(str(path), device="cpu", adapter=None))
     yield engines
     for engine in engines.values():
         engine.close()
@@ -353,7 +354,7 @@ def test_server_backend_never_parses_calls_under_none_and_guards_repeats():
     fake = FakeLlama(load_server_tokenizer("smollm2-135m-instruct")[0], model_id="smollm2-135m-instruct",
                      reply="Sure " + call_text(1, 2))
     try:
-        engine = ChatEngine.shared(fake.url)
+        engine = shared_engine(fake.url)
         msgs = [Message("user", "add 1 and 2")]
         assert [c.arguments for c in engine.chat(msgs, tools=TOOLS).tool_calls] == [{"a": 1, "b": 2}]
         no_call = Constraint("no_tool_call", {}, fmt=HERMES)
@@ -373,7 +374,7 @@ def test_server_backend_never_parses_calls_under_none_and_guards_repeats():
 # ---------------------------------------------------------------- the real default model
 @pytest.mark.model
 def test_default_model_none_never_calls(default_lm):
-    engine = ChatEngine.shared()
+    engine = shared_engine()
     msgs = [Message("user", "What is 2 plus 3? Use the add tool.")]
     cfg = GenerationConfig(max_new_tokens=80)
     reply = engine.chat(msgs, tools=TOOLS, tool_choice="none", config=cfg)

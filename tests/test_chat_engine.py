@@ -11,6 +11,7 @@ import pytest
 
 from flashback_agents.chat import ChatEngine, ChatReply, normalize_tool_choice, parse_tool_calls
 from flashback_agents.constrained import GRAMMARS, GrammarCache, tool_call_schema
+from flashback_agents.engines import EngineSettings, local_engine, shared_engine
 from flashback_agents.context import ContextOverflowError
 from flashback_agents.generation import GenerationConfig
 from flashback_agents.layout import LayoutError, Message, ToolCall
@@ -45,13 +46,13 @@ def tiny_lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_lm):
-    return ChatEngine(tiny_lm)
+    return local_engine(tiny_lm)
 
 
 def test_shared_engine_is_per_arguments(tiny_lm):
-    a = ChatEngine.shared(tiny_lm)
-    assert ChatEngine.shared(tiny_lm) is a
-    b = ChatEngine.shared(tiny_lm, max_cached_bytes=1 << 20)
+    a = shared_engine(tiny_lm)
+    assert shared_engine(tiny_lm) is a
+    b = shared_engine(tiny_lm, max_cached_bytes=1 << 20)
     assert b is not a and b.lm is a.lm
     assert b.layout is a.layout  # one reply memo per model
     assert a.model_name == tiny_lm.name
@@ -174,7 +175,7 @@ def test_orphan_tool_result_is_a_clear_error(engine):
 
 
 def test_overflow_is_clear_and_pool_stays_usable(tiny_lm):
-    eng = ChatEngine(tiny_lm, max_context_tokens=64)
+    eng = local_engine(tiny_lm, max_context_tokens=64)
     with pytest.raises(ContextOverflowError, match="Context overflow"):
         eng.chat([Message("user", "word " * 200)], config=cfg())
     r = eng.chat([Message("user", "hi")], config=cfg(4))
@@ -235,7 +236,7 @@ def test_complete_reuses_prefix(engine):
 
 @pytest.mark.model
 def test_default_model_tool_call_and_memo(default_lm):
-    eng = ChatEngine.shared()
+    eng = shared_engine()
     msgs = [Message("user", "What is 2 plus 3? Use the add tool.")]
     t0 = time.perf_counter()
     r1 = eng.chat(msgs, tools=TOOLS, tool_choice="any", config=cfg(64))
@@ -314,3 +315,36 @@ def test_auto_tool_choice_keeps_the_callers_max_tokens(engine):
     assert len(reply.token_ids) <= 3
     forced = engine.chat([Message("user", "hi")], tools=TOOLS, tool_choice="any", config=cfg(3))
     assert forced.tool_calls  # a required call is still completed past a small max_tokens
+
+
+def test_chat_engine_receives_its_backend(tiny_lm):
+    """ChatEngine builds no backend itself (engines does): without one it says what to call instead."""
+    with pytest.raises(TypeError, match="local_engine"):
+        ChatEngine(tiny_lm)
+    engine = local_engine(tiny_lm, max_context_tokens=64)
+    assert engine.pool is engine.backend.pool and engine.kv_store is None and engine.max_context_tokens == 64
+
+
+def test_engine_settings_are_read_whole_from_an_integrations_fields():
+    class Fields:  # what a LangChain / LlamaIndex model carries: settings among other fields
+        model, adapter, timeout, on_overflow, streaming = "m", None, 3.0, "error", True
+
+    s = EngineSettings.from_fields(Fields(), model="other")
+    assert (s.model, s.adapter, s.timeout, s.on_overflow, s.max_cached_bytes) == ("other", None, 3.0, "error", None)
+
+
+def test_the_budget_guard_comes_with_its_processor():
+    """generation imports no grammar code: a processor that must complete carries its guard's constructor."""
+    from flashback_agents.generation import budget_guard
+
+    class Plain:
+        pass
+
+    class Required:
+        def close_guard(self, stop_ids):
+            return ("guard", tuple(stop_ids))
+
+    assert budget_guard([Plain()], [2]) is None
+    assert budget_guard([Plain(), Required()], [2, 3]) == ("guard", (2, 3))
+    assert budget_guard([Required(), Required()], [2]) is None  # ambiguous: no guard, as before
+    assert budget_guard([Required()], []) is None

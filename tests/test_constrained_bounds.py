@@ -15,7 +15,8 @@ import json
 
 import pytest
 
-from flashback_agents.chat import ChatEngine, parse_tool_calls
+from flashback_agents.chat import parse_tool_calls
+from flashback_agents.engines import local_engine
 from flashback_agents.constrained import (GRAMMARS, Bounds, ConstraintError, bound_schema, bounds_for, cap_strings,
                                           tool_call_processor, tool_call_schema)
 from flashback_agents.generation import GenerationConfig, generate
@@ -48,7 +49,7 @@ def tiny_lm(tmp_path_factory):
 def engine(tiny_lm):
     """An engine whose required calls keep the caller's max_tokens (no 256-token floor): the budget
     guard, not the floor, must make them complete."""
-    eng = ChatEngine(tiny_lm)
+    eng = local_engine(tiny_lm)
     eng.min_constrained_tokens = 0
     return eng
 
@@ -336,7 +337,7 @@ def test_default_model_array_of_integer_call_closes(default_lm):
     """Issue 4's reproduction: the default model, greedy, counted '..., 222, 223' until max_tokens."""
     t = tool({"numbers": {"type": "array", "items": {"type": "integer"}, "description": "The numbers to add."}},
              name="add_all")
-    eng = ChatEngine(default_lm)
+    eng = local_engine(default_lm)
     r = eng.chat([Message("user", "Add up all the numbers from 1 to 300.")], tools=[t], tool_choice="any",
                  config=GenerationConfig(max_new_tokens=256))
     assert r.finish_reason == "tool_calls" and len(r.tool_calls) == 1, r.raw_text[-300:]

@@ -25,7 +25,7 @@ pytest.importorskip("accelerate")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from flashback_agents import GenerationConfig, load_model  # noqa: E402
-from flashback_agents.chat import ChatEngine  # noqa: E402
+from flashback_agents.engines import local_engine  # noqa: E402
 from flashback_agents.errors import FlashBackError  # noqa: E402
 from flashback_agents.layout import Message  # noqa: E402
 from flashback_agents.models import ModelLoadError  # noqa: E402
@@ -66,7 +66,7 @@ def base(tiny_model_dir):
     """The tiny model without an adapter, an engine on it and its logits: must survive every refusal."""
     lm = load_model(str(tiny_model_dir), device="cpu", adapter=None)
     ids = lm.encode("The quick brown fox")
-    return lm, ChatEngine(lm, acquire_timeout=None), ids, full_logits(lm, ids)
+    return lm, local_engine(lm, acquire_timeout=None), ids, full_logits(lm, ids)
 
 
 def _still_usable(base) -> None:

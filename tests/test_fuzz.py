@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from flashback_agents import CachedContext, FlashBackError, GenerationConfig, generate  # noqa: E402
-from flashback_agents.chat import ChatEngine  # noqa: E402
 from flashback_agents.context import ContextLoadError, ContextOverflowError  # noqa: E402
+from flashback_agents.engines import local_engine  # noqa: E402
 from flashback_agents.layout import Message, ToolCall  # noqa: E402
 from flashback_agents.models import ModelLoadError  # noqa: E402
 from flashback_agents.retrieval import RetrievalError  # noqa: E402
@@ -165,7 +165,7 @@ OUTCOMES = {"answered": 0, "error": 0}
 
 @pytest.fixture(scope="module")
 def fuzz_engine(tiny_lm):
-    engine = ChatEngine(tiny_lm, max_context_tokens=400)
+    engine = local_engine(tiny_lm, max_context_tokens=400)
     engine.min_constrained_tokens = 6  # constrained replies need not complete here: keep examples fast
     return engine
 

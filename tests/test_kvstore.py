@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from flashback_agents import CachedContext, ContextPool, GenerationConfig, Message, load_model
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.kvcache import cache_len
 from flashback_agents.kvstore import (BLOCK_TOKENS, DiskKVStore, KVStoreWarning, model_key, read_context, read_meta,
                                       shared_store)
@@ -235,10 +235,10 @@ def test_two_stores_share_a_directory(lm, tmp_path):
 _CHILD = textwrap.dedent("""
     import json, sys
     from flashback_agents import GenerationConfig, Message, load_model
-    from flashback_agents.chat import ChatEngine
+    from flashback_agents.engines import local_engine
     model_dir, store_dir, out = sys.argv[1:4]
     lm = load_model(model_dir, device="cpu")
-    engine = ChatEngine(lm, kv_store_dir=store_dir, acquire_timeout=None)
+    engine = local_engine(lm, kv_store_dir=store_dir, acquire_timeout=None)
     msgs = json.loads(sys.argv[4])
     msgs = [Message(**m) for m in msgs]
     cfg = GenerationConfig(max_new_tokens=4, min_new_tokens=4)
@@ -267,7 +267,7 @@ def test_a_restarted_process_continues_from_the_stored_context(lm, long_dir, tmp
     stored = max((read_meta(p)["token_ids"] for p in files), key=len)
 
     # the second process (this one): same weights from the same directory, a new engine, the next step
-    engine = ChatEngine(lm, kv_store_dir=store_dir, acquire_timeout=None)
+    engine = local_engine(lm, kv_store_dir=store_dir, acquire_timeout=None)
     m = [Message(**d) for d in msgs]
     step = m[:2] + [Message("assistant", child["reply1"]), m[2], Message("assistant", child["reply2"]),
                     Message("tool", "grep: 3 matches", name="grep")]
@@ -284,10 +284,10 @@ def test_a_restarted_process_continues_from_the_stored_context(lm, long_dir, tmp
 
 
 def test_engines_with_different_store_dirs_are_not_shared(long_dir, tmp_path):
-    a = ChatEngine.shared(str(long_dir), kv_store_dir=tmp_path / "a")
-    b = ChatEngine.shared(str(long_dir), kv_store_dir=tmp_path / "b")
-    c = ChatEngine.shared(str(long_dir), kv_store_dir=str(tmp_path / "a"))
-    plain = ChatEngine.shared(str(long_dir))
+    a = shared_engine(str(long_dir), kv_store_dir=tmp_path / "a")
+    b = shared_engine(str(long_dir), kv_store_dir=tmp_path / "b")
+    c = shared_engine(str(long_dir), kv_store_dir=str(tmp_path / "a"))
+    plain = shared_engine(str(long_dir))
     assert a is c and a is not b and plain is not a and plain.kv_store is None
     assert a.kv_store is shared_store(tmp_path / "a") and a.pool.store is a.kv_store
     for e in (a, b, plain):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from flashback_agents import CachedContext, ContextLoadError, GenerationConfig, Message
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine
 from flashback_agents.kvstore import FORMAT, MARKER, DiskKVStore, KVStoreWarning, model_key, read_context, read_meta
 
 pytestmark = pytest.mark.filterwarnings("ignore::flashback_agents.pool.PoolBudgetWarning")
@@ -216,7 +216,7 @@ def _unblock(fifo: Path) -> None:
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_malformed_files_and_a_fifo_are_skipped_and_the_engine_keeps_answering(tiny_lm, tmp_path):
     root = tmp_path / "kv"
-    engine = ChatEngine(tiny_lm, kv_store_dir=root)
+    engine = local_engine(tiny_lm, kv_store_dir=root)
     d = root / model_key(tiny_lm)
     d.mkdir(parents=True)
     for i, data in enumerate(CRAFTED.values()):

@@ -13,8 +13,7 @@ from langchain_core.messages import (AIMessage, ChatMessage, FunctionMessage, Hu
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
-
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import shared_engine
 from flashback_agents.context import ContextOverflowError
 from flashback_agents.layout import LayoutError
 from langchain_flashback.chat_models import ChatFlashBack, to_flashback_messages
@@ -149,9 +148,9 @@ async def test_async_equals_sync(llm):
 def test_batch_matches_sequential(llm):
     prompts = ["first conversation", "second one", "third"]
     seq = [llm.invoke(p).content for p in prompts]
-    ChatEngine.shared(llm.model).pool.clear()
+    shared_engine(llm.model).pool.clear()
     assert [m.content for m in llm.batch(prompts)] == seq
-    ChatEngine.shared(llm.model).pool.clear()
+    shared_engine(llm.model).pool.clear()
     assert [m.content for m in asyncio.run(llm.abatch(prompts))] == seq
 
 
@@ -199,7 +198,7 @@ def test_tool_schemas_render_deterministically(llm):
     a = llm.bind_tools([pick_level, toggle])
     b = llm.bind_tools([pick_level, toggle])
     assert a.kwargs["tools"] == b.kwargs["tools"]
-    eng = ChatEngine.shared(llm.model)
+    eng = shared_engine(llm.model)
     msgs = to_flashback_messages([HumanMessage("x")])
     assert eng.layout.render(msgs, tools=a.kwargs["tools"]) == eng.layout.render(msgs, tools=b.kwargs["tools"])
 
@@ -227,7 +226,7 @@ def test_flashback_llm(tiny_spec):
     assert asyncio.run(llm.ainvoke("2024-01-01 ERROR disk")) == text
     res = llm.generate(["2024-01-01 ERROR disk full"])
     assert res.generations[0][0].text is not None
-    eng = ChatEngine.shared(tiny_spec)
+    eng = shared_engine(tiny_spec)
     r = eng.complete("2024-01-01 ERROR disk full and more", None)
     assert r.usage.cache_read > 0  # same pool as the chat model
 
@@ -257,7 +256,7 @@ def test_retriever_and_rag_chain(llm):
     assert [d.id for d in asyncio.run(retriever.ainvoke("x"))] == ["d1", "d2"]
     # append layout: question first, each document marked after it
     msgs = to_flashback_messages(rag_messages("why?", docs))
-    eng = ChatEngine.shared(llm.model)
+    eng = shared_engine(llm.model)
     ids = eng.layout.render(msgs)
     left, right = eng.lm.marker_ids
     q = eng.layout.render(msgs[:1] + [msgs[1].__class__("user", "why?")], add_generation_prompt=False)

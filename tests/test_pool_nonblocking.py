@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flashback_agents import ContextError, ContextPool, FlashBackError, GenerationConfig, Message
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine
 from flashback_agents.kvstore import DiskKVStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::flashback_agents.pool.PoolBudgetWarning")
@@ -40,7 +40,7 @@ def ids_of(n: int, seed: int) -> list[int]:
 
 
 def test_the_17th_call_does_not_wait_behind_16_idle_streams(tiny_lm):
-    engine = ChatEngine(tiny_lm)  # the default acquire_timeout (300 s) and max_contexts (16)
+    engine = local_engine(tiny_lm)  # the default acquire_timeout (300 s) and max_contexts (16)
     assert engine.pool.max_contexts == 16
     hold = GenerationConfig(max_new_tokens=60, min_new_tokens=60)
     streams = []

@@ -23,6 +23,7 @@ import torch
 
 from flashback_agents import CachedContext, GenerationConfig, generate, stream
 from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.context import ContextLoadError
 from flashback_agents.layout import Layout, Message
 from flashback_agents.pool import ContextPool
@@ -138,7 +139,7 @@ MSGS = [Message("system", "You are terse."), Message("user", "Say something.")]
 
 
 def test_busy_pool_runs_the_call_on_a_temporary_context_at_once(tiny_lm):
-    engine = ChatEngine(tiny_lm, acquire_timeout=None)
+    engine = local_engine(tiny_lm, acquire_timeout=None)
     engine.pool.max_contexts = 1
     run = engine.stream_chat(MSGS, config=GenerationConfig(max_new_tokens=50, min_new_tokens=50))
     it = iter(run)
@@ -176,7 +177,7 @@ def test_langchain_call_does_not_wait_behind_a_stream(tiny_model_dir):
 
 
 def test_abandoned_stream_releases_its_context_when_collected(tiny_lm):
-    engine = ChatEngine(tiny_lm)
+    engine = local_engine(tiny_lm)
     it = iter(engine.stream_chat(MSGS, config=GenerationConfig(max_new_tokens=40, min_new_tokens=40)))
     next(it)
     assert any(e.busy for e in engine.pool._entries)
@@ -283,9 +284,9 @@ def test_shared_engines_are_bounded_and_released(tiny_model_dir, tmp_path):
     from flashback_agents import models
 
     spec = str(shutil.copytree(tiny_model_dir, tmp_path / "tiny-copy"))
-    first = ChatEngine.shared(spec, max_context_tokens=100)
+    first = shared_engine(spec, max_context_tokens=100)
     lm_ref = weakref.ref(first.lm)
-    engines = [ChatEngine.shared(spec, max_context_tokens=100 + i) for i in range(ChatEngine.max_shared_engines + 3)]
+    engines = [shared_engine(spec, max_context_tokens=100 + i) for i in range(ChatEngine.max_shared_engines + 3)]
     from flashback_agents import engines as shared_engines
 
     assert len(shared_engines._SHARED) <= ChatEngine.max_shared_engines
@@ -303,10 +304,10 @@ def test_shared_engines_are_bounded_and_released(tiny_model_dir, tmp_path):
 
 
 def test_release_engines_frees_everything(tiny_model_dir, tmp_path):
-    from flashback_agents.chat import release_engines
+    from flashback_agents.engines import release_engines
 
     spec = str(shutil.copytree(tiny_model_dir, tmp_path / "tiny-copy2"))
-    e = ChatEngine.shared(spec)
+    e = shared_engine(spec)
     e.chat(MSGS, config=GenerationConfig(max_new_tokens=2))
     ref = weakref.ref(e.lm)
     assert release_engines() >= 1
@@ -319,8 +320,8 @@ def test_release_engines_frees_everything(tiny_model_dir, tmp_path):
 
 
 def test_pools_of_one_model_share_one_byte_budget(tiny_lm):
-    a = ChatEngine(tiny_lm, max_context_tokens=400)
-    b = ChatEngine(tiny_lm, max_context_tokens=450)
+    a = local_engine(tiny_lm, max_context_tokens=400)
+    b = local_engine(tiny_lm, max_context_tokens=450)
     assert a.pool.budget is b.pool.budget
     budget, saved = a.pool.budget, a.pool.budget.max_bytes
     try:
@@ -330,7 +331,7 @@ def test_pools_of_one_model_share_one_byte_budget(tiny_lm):
             eng.chat([Message("user", f"conversation {i} " * 8)], config=GenerationConfig(max_new_tokens=2))
             per_ctx = per_ctx or max(e.ctx.nbytes for e in eng.pool._entries)
         assert a.pool.nbytes + b.pool.nbytes >= 5 * per_ctx
-        budget.max_bytes = 2 * per_ctx  # what ChatEngine(..., max_cached_bytes=) sets for all pools of the model
+        budget.max_bytes = 2 * per_ctx  # what local_engine(..., max_cached_bytes=) sets for all pools of the model
         a.chat([Message("user", "one more " * 8)], config=GenerationConfig(max_new_tokens=2))
         total = a.pool.nbytes + b.pool.nbytes
         assert total <= 2 * per_ctx + max(e.ctx.nbytes for e in a.pool._entries)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from flashback_agents import CachedContext, FlashBackError, GenerationConfig, generate
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.layout import Message, ToolCall
 from flashback_agents.pool import ContextPool
 from flashback_agents.training.transcripts import parse_conversation, read_transcripts
@@ -44,7 +44,7 @@ class Env:
 
     def __init__(self, lm: Any, tmp: Path):
         self.lm, self.tmp = lm, tmp
-        self.engine = ChatEngine(lm, acquire_timeout=None)
+        self.engine = local_engine(lm, acquire_timeout=None)
         ctx = CachedContext(lm, max_context_tokens=300, on_overflow="evict")
         ctx.append(lm.encode("hello world, this is a saved context"))
         self.ctx_file = tmp / "good.pt"
@@ -270,9 +270,9 @@ CASES: dict[str, Callable[[Env], Any]] = {
         {"name": "grep", "arguments": {}}])]),
     "chat-documents-not-list": lambda e: e.chat([Message("user", "x", documents="doc")]),
     "chat-documents-none-item": lambda e: e.chat([Message("user", "x", documents=[None])]),
-    "chat-overflow-error-mode": lambda e: ChatEngine(e.lm, max_context_tokens=32, on_overflow="error").chat(
+    "chat-overflow-error-mode": lambda e: local_engine(e.lm, max_context_tokens=32, on_overflow="error").chat(
         [Message("user", "word " * 100)]),
-    "chat-overflow-evict-no-blocks": lambda e: ChatEngine(e.lm, max_context_tokens=32).chat(
+    "chat-overflow-evict-no-blocks": lambda e: local_engine(e.lm, max_context_tokens=32).chat(
         [Message("user", "word " * 100)]),
     # ---- ChatEngine: tools, tool choice, schemas, settings
     "tools-bare-string": lambda e: e.chat(ok_msgs, tools="search"),
@@ -420,7 +420,7 @@ def env(tiny_lm, tmp_path_factory):
     e.lc_llm = lambda: LCLLM(model=tiny_lm.name, max_tokens=2)
     e.li = lambda: FlashBack(model=tiny_lm, max_tokens=2)
     # the LangChain classes take a model spec: route it to the already loaded tiny model
-    engine = ChatEngine.shared(tiny_lm)
+    engine = shared_engine(tiny_lm)
     from langchain_flashback import _params
 
     original = _params.FlashBackParams._engine_for_model
@@ -483,6 +483,6 @@ def test_integrations_refuse_a_tool_given_as_a_bare_string(tiny_model_dir):
         lc.ChatFlashBack(model=str(tiny_model_dir)).bind_tools(["search"])
     with pytest.raises(LayoutError, match="list of tools"):
         lc.ChatFlashBack(model=str(tiny_model_dir)).bind_tools("search")
-    li = pytest.importorskip("llama_index.llms.flashback.base")
+    li = pytest.importorskip("llama_index.llms.flashback.convert")
     with pytest.raises(LayoutError, match="LlamaIndex tool"):
-        li._tool_spec("search")
+        li.tool_spec("search")

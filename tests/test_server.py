@@ -19,8 +19,8 @@ from fake_llama import FakeLlama  # noqa: E402
 from flashback_agents.backends.server import (ServerCacheReportError, ServerCacheReportWarning,  # noqa: E402
                                               ServerContextError, ServerModelError, ServerStreamError,
                                               ServerUnreachableError, load_server_tokenizer)
-from flashback_agents.engines import clear_server_engines  # noqa: E402
-from flashback_agents.chat import ChatEngine  # noqa: E402
+from flashback_agents.engines import clear_server_engines  # noqa: E402  # noqa: E402
+from flashback_agents.engines import shared_engine
 from flashback_agents.context import ContextOverflowError  # noqa: E402
 from flashback_agents.generation import GenerationConfig  # noqa: E402
 from flashback_agents.layout import Message  # noqa: E402
@@ -103,7 +103,7 @@ def test_six_step_tool_conversation_reuses_the_server_cache(server_url):
 
 
 def test_markers_are_sent_as_text_tokens_the_server_knows(server_url):
-    engine = ChatEngine.shared(server_url)
+    engine = shared_engine(server_url)
     backend = engine.backend
     ids = engine.layout.render([Message("user", "q"), Message("evidence", "a retrieved line")])
     left, right = engine.lm.marker_ids
@@ -139,7 +139,7 @@ def test_streaming_and_llamaindex_report_server_cache(server_url):
 
 
 def test_context_overflow_is_a_clear_server_error(server_url):
-    engine = ChatEngine.shared(server_url)
+    engine = shared_engine(server_url)
     with pytest.raises(ServerContextError, match="context window is 4096") as info:
         engine.chat([Message("user", "word " * 5000)])
     assert isinstance(info.value, ContextOverflowError)
@@ -153,7 +153,7 @@ def test_context_overflow_is_a_clear_server_error(server_url):
 def test_unreachable_server():
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerUnreachableError, match="Cannot reach the model server"):
-        ChatEngine.shared(url)
+        shared_engine(url)
 
 
 @pytest.fixture()
@@ -169,14 +169,14 @@ def fake():
 def test_wrong_model_is_refused(fake):
     fake.wrong_tokens = True
     with pytest.raises(ServerModelError, match="wrong model"):
-        ChatEngine.shared(fake.url)
+        shared_engine(fake.url)
 
 
 def test_missing_cache_figures_warn_or_fail(fake):
     from flashback_agents.engines import server_engine
 
     fake.timings = False
-    engine = ChatEngine.shared(fake.url)
+    engine = shared_engine(fake.url)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reply = engine.chat([Message("user", "hi")])
@@ -189,7 +189,7 @@ def test_missing_cache_figures_warn_or_fail(fake):
 
 
 def test_dropped_stream_fails_cleanly_and_next_call_works(fake):
-    engine = ChatEngine.shared(fake.url)
+    engine = shared_engine(fake.url)
     engine.chat([Message("user", "hi")])
     fake.faults.append("kill")
     with pytest.raises(ServerStreamError, match="dropped mid-stream"):
@@ -244,7 +244,7 @@ def test_exported_gguf_loads_in_llama_cpp_with_single_token_markers(tmp_path, de
                                                             "parse_special": True}).json()["tokens"]
                 left, right = default_lm.marker_ids
                 assert toks[0] == left and toks[-1] == right and len(toks) == 3
-                engine = ChatEngine.shared(url)  # the backend sees the markers in the vocabulary: ids sent as is
+                engine = shared_engine(url)  # the backend sees the markers in the vocabulary: ids sent as is
                 assert engine.backend.info.markers == "ids"
                 ids = engine.layout.render([Message("user", "q"), Message("evidence", "doc")])
                 assert engine.backend.to_wire(ids) == ids

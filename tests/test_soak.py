@@ -10,8 +10,7 @@ from __future__ import annotations
 import gc
 
 import pytest
-
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine
 from flashback_agents.generation import GenerationConfig
 from flashback_agents.layout import Layout, Message, ToolCall
 
@@ -51,7 +50,7 @@ def test_500_step_tool_conversation_under_evict(soak_lm):
     # Assistant turns, role wrappers and eviction stubs are never evicted (~40 tokens a step here), so 500 steps need a
     # budget above 500 x 30 tokens; tool results (~60 tokens each) overflow it many times over.
     budget = 24000
-    engine = ChatEngine(soak_lm, max_context_tokens=budget, on_overflow="evict")
+    engine = local_engine(soak_lm, max_context_tokens=budget, on_overflow="evict")
     engine.min_constrained_tokens = 24
     msgs = [Message("system", "You read log pages one by one."), Message("user", "Read every page.")]
     per_token = None
@@ -108,7 +107,7 @@ def test_200_short_conversations_through_one_chat_model(soak_lm):
     from langchain_flashback import ChatFlashBack
 
     llm = ChatFlashBack(model=soak_lm.name, max_tokens=3)
-    engine = ChatEngine(soak_lm, max_cached_bytes=4 * MiB)
+    engine = local_engine(soak_lm, max_cached_bytes=4 * MiB)
     llm_engine = type(llm)._engine_for_model
     type(llm)._engine_for_model = lambda self, model: engine
     try:

@@ -295,11 +295,11 @@ def test_default_model_agent_run_is_identical_with_speculation(default_lm):
     free-text answer) gives the same token ids with speculation + jump-forward as without, with far
     fewer forwards per generated token on the constrained calls."""
     pytest.importorskip("xgrammar")
-    from flashback_agents.chat import ChatEngine
+    from flashback_agents.engines import local_engine
     from flashback_agents.layout import Message
 
     def agent(mode):
-        engine = ChatEngine(default_lm)
+        engine = local_engine(default_lm)
         msgs = [Message("system", "You are a log analysis agent. Use the tools, then answer briefly."),
                 Message("user", "Which component reports the most errors? Search for ERROR first.")]
         out, forwards, tokens = [], 0, 0

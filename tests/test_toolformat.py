@@ -150,9 +150,9 @@ def family_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def family_engines(family_dirs):
     from flashback_agents import load_model
-    from flashback_agents.chat import ChatEngine
+    from flashback_agents.engines import local_engine
 
-    engines = {name: ChatEngine(load_model(str(path), device="cpu", adapter=None)) for name, path in family_dirs.items()}
+    engines = {name: local_engine(load_model(str(path), device="cpu", adapter=None)) for name, path in family_dirs.items()}
     yield engines
     for engine in engines.values():
         engine.close()

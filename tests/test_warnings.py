@@ -12,7 +12,7 @@ from pathlib import Path
 
 import flashback_agents
 from flashback_agents import CachedContext, GenerationConfig, Message, generate
-from flashback_agents.chat import ChatEngine
+from flashback_agents.engines import local_engine
 from flashback_agents.kvcache import cache_kwarg
 
 PKG = str(Path(flashback_agents.__file__).parent)
@@ -25,7 +25,7 @@ def _cached_generation(lm) -> None:
     ctx.append_evidence("10:15:09 ERROR network: connection reset", source="app.log")
     generate(ctx, GenerationConfig(max_new_tokens=3))
     ctx.rollback(2)
-    ChatEngine(lm).chat([Message("user", "hi")], config=GenerationConfig(max_new_tokens=3))
+    local_engine(lm).chat([Message("user", "hi")], config=GenerationConfig(max_new_tokens=3))
 
 
 def test_cached_generation_raises_no_deprecation_of_ours(tiny_lm):

@@ -152,7 +152,7 @@ def _langchain_recorder_class() -> type:
 def _llamaindex_recorder_class() -> type:
     from llama_index.core.base.llms.types import ChatResponse
     from llama_index.llms.flashback import FlashBack
-    from llama_index.llms.flashback.base import _reply_message
+    from llama_index.llms.flashback.convert import reply_message as _reply_message
     from pydantic import PrivateAttr
 
     from flashback_agents.chat import ChatReply

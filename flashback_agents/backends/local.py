@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator
 
+from ..callmask import no_call_processor
+from ..constrained import json_schema_processor, lazy_calls_supported, tool_call_processor
 from ..generation import GenerationConfig, GenerationResult, stream
 from ..pool import ContextPool
 from .base import Backend, BackendRun, ChatUsage, Constraint
@@ -65,16 +67,12 @@ class LocalBackend(Backend):
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> list:
         """Logits processors for the constraint, built now (so schema errors raise early): xgrammar
         grammars, or for ``"no_tool_call"`` the mask of :mod:`flashback_agents.callmask`."""
-        from ..constrained import json_schema_processor, lazy_calls_supported, tool_call_processor
-
         if constraint is None:
             return []
         budget = config.max_new_tokens  # the schema's caps follow the reply's budget (constrained.bounds_for)
         if constraint.kind == "json":
             return [json_schema_processor(self.lm, constraint.schema, max_new_tokens=budget)]
         if constraint.kind == "no_tool_call":
-            from ..callmask import no_call_processor
-
             return [no_call_processor(self.lm, constraint.fmt)]
         if constraint.kind == "tool_call_auto":
             if not lazy_calls_supported(self.lm, constraint.fmt):
@@ -86,3 +84,7 @@ class LocalBackend(Backend):
 
     def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> LocalRun:
         return LocalRun(self.pool, ids, config, list(prepared or []))
+
+    def close(self) -> None:
+        """Drop the pool's idle cached contexts (written to the disk tier first where there is one)."""
+        self.pool.clear()

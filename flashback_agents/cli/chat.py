@@ -25,7 +25,7 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
 ) -> None:
     """Chat interactively; every turn computes only the new tokens (shown after each reply)."""
-    from ..chat import ChatEngine
+    from ..engines import local_engine
     from ..context import ContextOverflowError
     from ..generation import GenerationConfig, GenerationConfigError
     from ..layout import Message
@@ -44,7 +44,7 @@ def chat(
     except ModelLoadError as exc:
         bad_input(str(exc))
     # on_overflow="error": a turn that does not fit is refused (and said so), the conversation goes on
-    engine = ChatEngine(lm, on_overflow="error")
+    engine = local_engine(lm, on_overflow="error")
     messages = [Message("system", system)]
     typer.echo(f"{lm.name} on {lm.device} ({lm.max_positions} tokens). Empty line or Ctrl-D to quit.")
     try:

@@ -46,7 +46,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..chat import release_engines
+from ..engines import release_engines
 from ..errors import FlashBackError
 from ..models import DEFAULT_MODEL, resolve_adapter
 from .agent_questions import CATEGORIES, QUESTIONS, Question

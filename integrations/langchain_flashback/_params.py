@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine
+from flashback_agents.engines import EngineSettings, engine_for
 from flashback_agents.generation import SETTING_EXAMPLES, GenerationConfig, check_field, normalize_stop
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL
 
@@ -68,10 +69,7 @@ class FlashBackParams(BaseModel):
                 "max_tokens": self.max_tokens, "top_p": self.top_p, "seed": self.seed}
 
     def _engine_for_model(self, model: str) -> ChatEngine:
-        return ChatEngine.shared(model, adapter=self.adapter, max_cached_bytes=self.max_cached_bytes,
-                                 max_context_tokens=self.max_context_tokens, on_overflow=self.on_overflow,
-                                 kv_store_dir=self.kv_store_dir, kv_store_max_bytes=self.kv_store_max_bytes,
-                                 chat_template=self.chat_template, timeout=self.timeout)
+        return engine_for(EngineSettings.from_fields(self, model=model))
 
     @property
     def engine(self) -> ChatEngine:

@@ -1,7 +1,8 @@
-"""The server backend: probe an OpenAI-compatible server, then run rendered ids on it (``ServerBackend``, ``ServerRun``).
+"""The server backend: probe an OpenAI-compatible server, then run rendered ids on it (``ServerBackend``).
 
 The engine renders locally; this module turns the rendered ids into requests on the server (wire
-format and dialects: :mod:`.protocol`; tokenizer: :mod:`.tokenizer`; errors: :mod:`.errors`).
+format and dialects: :mod:`.protocol`; one streamed completion: :mod:`.run` (``ServerRun``, re-exported
+here); tokenizer: :mod:`.tokenizer`; errors: :mod:`.errors`).
 """
 
 from __future__ import annotations
@@ -14,19 +15,20 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from ...generation import GenerationConfig, GenerationResult
-from ...layout import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ...bounds import cap_strings
+from ...callmask import single_token_tag_ids
+from ...generation import GenerationConfig
 from ...models import MARK_L, MARK_R, ModelLoadError
-from ..base import Backend, BackendRun, ChatUsage, Constraint
-from .errors import (ServerCacheReportError, ServerCacheReportWarning, ServerContextError, ServerError,
-                     ServerModelError, ServerStreamError, ServerUnreachableError)
-from .protocol import (PROBE_TEXT, Prepared, ServerInfo, StreamState, bad_answer, build_payload, cache_advice,
-                       cache_figures, checked_int, finish_reason, http_error, load_json, read_event, split_url,
-                       stream_events, token_list)
+from ...toolformat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ConstraintError
+from ..base import Backend, Constraint
+from .errors import ServerCacheReportWarning, ServerError, ServerModelError, ServerUnreachableError
+from .protocol import (PROBE_TEXT, Prepared, ServerInfo, bad_answer, build_payload, checked_int, http_error, load_json,
+                       split_url, token_list)
+from .run import ServerRun
+from .tokenizer import ServerTokenizerModel, add_marker_tokens_only, load_server_tokenizer
 
 #: what a bad n_ctx is called in errors: the server's answer, not the user's max_context_tokens
 CTX = "(the server's context size)"
-from .tokenizer import ServerTokenizerModel, add_marker_tokens_only, load_server_tokenizer
 
 __all__ = ["ServerBackend", "ServerRun"]
 
@@ -197,7 +199,7 @@ class ServerBackend(Backend):
         if tok is None:
             raise ServerModelError(
                 f"Cannot tell which tokenizer the model on {self.url} uses (tried {', '.join(tried) or 'nothing'}). "
-                "Pass tokenizer= (ChatEngine.shared / ServerBackend), --tokenizer, or set FLASHBACK_TOKENIZER to "
+                "Pass tokenizer= (engines.server_engine / ServerBackend), --tokenizer, or set FLASHBACK_TOKENIZER to "
                 "the served model's directory, .gguf file, or 'smollm2-135m-instruct' for the default GGUF.")
         self._base_vocab = len(tok)
         self._text_marker_ids = {MARK_L: list(tok.encode(MARK_L, add_special_tokens=False)),
@@ -269,8 +271,6 @@ class ServerBackend(Backend):
 
     # ------------------------------------------------------------------ Backend API
     def prepare(self, ids: list[int], config: GenerationConfig, constraint: Constraint | None) -> Prepared:
-        from ...constrained import ConstraintError, cap_strings
-
         if constraint is None or constraint.kind == "tool_call_auto":  # calls the model opens stay free here
             return Prepared()
         if constraint.kind == "no_tool_call":
@@ -278,8 +278,6 @@ class ServerBackend(Backend):
             # Mistral's [TOOL_CALLS], Llama's <|python_tag|>) is banned by logit bias; a tag spelled in
             # several tokens stays possible here, but with no calls parsed and a stray tag stripped from
             # the text (ChatEngine), such a reply still carries no call.
-            from ...callmask import single_token_tag_ids
-
             return Prepared(banned_ids=single_token_tag_ids(self.lm.tokenizer, constraint.fmt))
         if not isinstance(constraint.schema, dict):
             raise ConstraintError(f"response_schema must be a JSON schema dict, got {type(constraint.schema).__name__}.")
@@ -342,123 +340,3 @@ class ServerBackend(Backend):
     def http_error(self, status: int, text: str, wire_len: int) -> ServerError:
         """Map an HTTP error answer to the right :class:`ServerError`."""
         return http_error(self.info, self.url, status, text, wire_len)
-
-
-class ServerRun(BackendRun):
-    """One streamed completion on the server. Closing the stream (cancel) stops the server's decoding."""
-
-    def __init__(self, backend: ServerBackend, ids: list[int], config: GenerationConfig, prepared: Prepared):
-        super().__init__(ids, config)
-        self.backend, self.prepared = backend, prepared
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            yield from self._iter()
-        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:  # under read_event's checks
-            raise ServerStreamError(f"The server at {self.backend.url} sent a reply of an unexpected shape "
-                                    f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
-                                    "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
-
-    def _iter(self) -> Iterator[str]:
-        import httpx
-
-        b = self.backend
-        wire = b.to_wire(self.ids) + self.prepared.prefix_ids
-        if b.info.n_ctx and len(wire) + 1 > b.info.n_ctx:
-            raise ServerContextError(len(wire) + 1, int(b.info.n_ctx), b.url)
-        url, body = b.payload(wire, self.config, self.prepared)
-        llama = b.info.flavor == "llama.cpp"
-        state = StreamState()
-        t0 = time.perf_counter()
-        try:
-            cancelled = yield from self._stream(url, body, wire, state, llama)
-        except httpx.ConnectError as exc:
-            raise ServerUnreachableError(f"Cannot reach the model server at {b.url} ({exc}); start it again "
-                                         "(or check the address): the next call reconnects.") from exc
-        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as exc:  # a safety net, as above
-            raise ServerStreamError(f"The server at {b.url} sent a stream event of an unexpected shape "
-                                    f"({type(exc).__name__}: {exc}); the call failed, the next call starts a fresh "
-                                    "request. Check that the address is a llama.cpp, vLLM or SGLang server.") from exc
-        except httpx.TimeoutException as exc:
-            raise ServerStreamError(f"The model server at {b.url} timed out mid-request ({exc}); the call "
-                                    "failed, the next call starts a fresh request.") from exc
-        except httpx.TransportError as exc:  # RemoteProtocolError, ReadError: the connection dropped
-            raise ServerStreamError(f"The connection to the model server at {b.url} dropped mid-stream after "
-                                    f"{len(state.raw)} characters ({type(exc).__name__}: {exc}); the call failed, "
-                                    "the next call starts a fresh request.") from exc
-        seconds = time.perf_counter() - t0
-        if not cancelled and not state.complete(llama):
-            raise ServerStreamError(f"The stream from {b.url} ended before the server finished the reply; "
-                                    "the call failed, the next call starts a fresh request.")
-        self._finish(wire, state, llama, cancelled, seconds, t0)
-
-    def _stream(self, url: str, body: dict, wire: list[int], state: StreamState, llama: bool):
-        """Send the request and yield the reply's text as it streams; True when cancelled midway."""
-        import httpx
-
-        b, prep = self.backend, self.prepared
-        limit = self.timeout if self.timeout is not None else b.timeout
-        deadline = None if limit is None else time.monotonic() + limit
-        with b.open_stream(url, body, timeout=self.timeout) as r:
-            if r.status_code >= 400:
-                r.read()
-                raise b.http_error(r.status_code, r.text, len(wire))
-            if prep.prefix_text:
-                state.raw += prep.prefix_text
-                yield prep.prefix_text
-            for ev in stream_events(r.iter_lines(), f"{b.url} (POST {url})"):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise httpx.ReadTimeout(f"no complete reply within {limit:g} s")
-                if "error" in ev:
-                    err = ev["error"]
-                    code = err.get("code") if isinstance(err, dict) else None
-                    raise b.http_error(code if isinstance(code, int) and 400 <= code < 600 else 500,
-                                       json.dumps(ev), len(wire))
-                text = read_event(ev, state, llama, f"POST {url}")
-                if text:
-                    yield text
-                if self._cancelled.is_set():
-                    return True  # leaving the block closes the connection: the server stops decoding
-        return False
-
-    def _finish(self, wire: list[int], state: StreamState, llama: bool, cancelled: bool, seconds: float,
-                t0: float) -> None:
-        """Set ``result`` and ``usage`` from a finished (or cancelled) stream."""
-        b, prep = self.backend, self.prepared
-        finish, stop_string = finish_reason(state, llama, b.info.n_ctx, cancelled, self.config.stop)
-        eos = b.lm.tokenizer.eos_token_id
-        gen_ids = state.gen_ids
-        if not state.got_ids:  # no generated ids from the server: re-tokenize (a cache miss on the reply at worst)
-            gen_ids = b.lm.encode(state.raw[len(prep.prefix_text):])
-        if gen_ids and finish == "stop" and stop_string is None and (
-                gen_ids[-1] == eos or gen_ids[-1] in self._special_ids()):
-            gen_ids = gen_ids[:-1]  # the end-of-generation token (llama.cpp may pick any EOG token)
-        raw = state.raw
-        token_ids = list(prep.prefix_ids) + gen_ids
-        if prep.suffix_text and not cancelled and finish == "stop":
-            raw += prep.suffix_text
-            token_ids += prep.suffix_ids
-        if finish == "stop" and stop_string is None and eos is not None and not cancelled:
-            token_ids.append(int(eos))  # the end-of-turn token, as the in-process engine reports it
-        self.result = GenerationResult(text=raw, token_ids=token_ids, finish_reason=finish or "stop",
-                                       seconds=seconds, stop_string=stop_string)
-        self.usage = self._usage(wire, state, len(gen_ids), seconds, t0)
-
-    def _special_ids(self) -> set[int]:
-        return set(getattr(self.backend.lm.tokenizer, "all_special_ids", []) or [])
-
-    def _usage(self, wire: list[int], state: StreamState, n_out: int, seconds: float, t0: float) -> ChatUsage:
-        b = self.backend
-        cached, computed, prefill, decode = cache_figures(state, len(wire))
-        if cached is None:
-            msg = (f"The server at {b.url} ({b.info.flavor}) did not report how many prompt tokens came from its "
-                   f"cache, so cache_read cannot be measured; {cache_advice(b.info.flavor)}.")
-            if b.require_cache_report:
-                raise ServerCacheReportError(msg)
-            b.warn_once("cache", msg + " cache_read is reported as 0.")
-            cached, computed = 0, len(wire)
-        if prefill is None:
-            prefill = (state.first_token_at - t0) if state.first_token_at is not None else seconds
-            decode = seconds - prefill
-        return ChatUsage(input_tokens=len(wire), output_tokens=n_out, cache_read=cached, computed=computed,
-                         prefill_seconds=prefill, decode_seconds=decode)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, _custom_code_error,
-                       refuse_custom_code)
+                       default_gguf_path, is_default_spec, refuse_custom_code, resolve_spec)
 
 __all__ = ["ServerTokenizerModel", "load_server_tokenizer", "add_marker_tokens_only"]
 
@@ -60,8 +60,6 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
     (already in the local cache) its tokenizer files.
     """
     from transformers import AutoTokenizer
-
-    from ...models import default_gguf_path, is_default_spec, resolve_spec
 
     spec = str(spec).strip()
     try:

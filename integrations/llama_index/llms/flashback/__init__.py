@@ -3,7 +3,8 @@
 ``FlashBackLLM`` is the deprecated former name of ``FlashBack`` (it warns on construction).
 """
 
-from llama_index.llms.flashback.base import DOCUMENTS_KEY, FlashBack, FlashBackLLM, to_flashback_messages, usage_dict
+from llama_index.llms.flashback.base import FlashBack, FlashBackLLM
+from llama_index.llms.flashback.convert import DOCUMENTS_KEY, to_flashback_messages, usage_dict
 from llama_index.llms.flashback.templates import (
     FLASHBACK_REFINE_PROMPT,
     FLASHBACK_TEXT_QA_PROMPT,

@@ -8,12 +8,12 @@ of each reply are remembered so that an agent's next step is a pure append.
 Retrieved documents ride on a user message as ``additional_kwargs["documents"]`` (a list of
 strings): they are rendered after the question, each between ``<MARK_L>`` and ``<MARK_R>``, so the
 question stays cached while evidence is appended. The prompt templates in
-:mod:`llama_index.llms.flashback.templates` produce such messages.
+:mod:`llama_index.llms.flashback.templates` produce such messages. The conversions between the two
+message models live in :mod:`llama_index.llms.flashback.convert`.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any, AsyncGenerator, Dict, Generator, List, Optional, Sequence, Union
@@ -28,7 +28,6 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
-    TextBlock,
     ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
@@ -37,174 +36,12 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from flashback_agents.chat import DEFAULT_REPEAT_CALLS, ChatEngine, ChatReply
+from flashback_agents.engines import EngineSettings, engine_for
 from flashback_agents.generation import SETTING_EXAMPLES, GenerationConfig, check_field, normalize_stop
-from flashback_agents.layout import DOCUMENTS_KEY, LLAMAINDEX_ROLES, LayoutError, Message, ToolCall
+from flashback_agents.layout import Message
 from flashback_agents.models import DEFAULT_ADAPTER, DEFAULT_MODEL, LoadedModel
-
-_ROLE_MAP = LLAMAINDEX_ROLES  # ``ChatMessage.role`` -> Message role
-
-
-# ---------------------------------------------------------------------------- conversion
-def _text_of(message: ChatMessage) -> str:
-    """Text of a message; non-text content (images, audio, ...) is a clear error."""
-    parts: list[str] = []
-    for block in message.blocks:
-        if isinstance(block, TextBlock):
-            parts.append(block.text)
-        elif isinstance(block, ToolCallBlock):
-            continue
-        elif getattr(block, "block_type", "") in ("thinking", "cache"):
-            continue
-        else:
-            raise ValueError(f"FlashBackLLM handles text only; got a {type(block).__name__} in a "
-                             f"{message.role.value} message.")
-    return "\n".join(parts)
-
-
-def _json_args(args: Any) -> dict:
-    if isinstance(args, dict):
-        return args
-    if isinstance(args, str):
-        try:
-            value = json.loads(args) if args.strip() else {}
-        except ValueError:
-            return {"input": args}
-        return value if isinstance(value, dict) else {"input": value}
-    return {}
-
-
-def _tool_calls_of(message: ChatMessage) -> list[ToolCall]:
-    """Tool calls of an assistant message: ToolCallBlocks, else OpenAI-style ``additional_kwargs``."""
-    calls = [ToolCall(name=b.tool_name, arguments=_json_args(b.tool_kwargs), id=b.tool_call_id or "")
-             for b in message.blocks if isinstance(b, ToolCallBlock)]
-    if calls:
-        return calls
-    for raw in message.additional_kwargs.get("tool_calls") or []:
-        if not isinstance(raw, dict):
-            raw = raw.model_dump() if hasattr(raw, "model_dump") else vars(raw)
-        fn = raw.get("function", raw)
-        if not isinstance(fn, dict):
-            fn = fn.model_dump() if hasattr(fn, "model_dump") else vars(fn)
-        name = fn.get("name") or raw.get("tool_name")
-        if name:
-            args = fn.get("arguments", raw.get("tool_kwargs", {}))
-            calls.append(ToolCall(name=str(name), arguments=_json_args(args), id=str(raw.get("id") or "")))
-    return calls
-
-
-def to_flashback_messages(messages: Sequence[ChatMessage]) -> list[Message]:
-    """Convert LlamaIndex chat messages to flashback_agents messages.
-
-    - Leading system messages are merged into one (LlamaIndex may add ``system_prompt`` in front of
-      a template's own system message); a later system message becomes a user turn.
-    - ``additional_kwargs["documents"]`` on a user message become ``Message.documents`` (appended
-      after the question, each marked).
-    - A tool result whose call id no assistant message made (e.g. memory truncated the call) keeps
-      its content but drops the id, instead of failing.
-    """
-    out: list[Message] = []
-    seen_ids: set[str] = set()
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, ChatMessage):
-            raise TypeError(f"Message {i} is a {type(msg).__name__}, not a llama_index ChatMessage.")
-        role_name = msg.role.value if isinstance(msg.role, MessageRole) else str(msg.role)
-        role = _ROLE_MAP.get(role_name)
-        if role is None:
-            raise ValueError(f"Message {i} has role {role_name!r}, which FlashBackLLM cannot render; "
-                             f"use one of {sorted(_ROLE_MAP)}.")
-        text = _text_of(msg)
-        kw = msg.additional_kwargs or {}
-        if role == "system":
-            if out and all(m.role == "system" for m in out):
-                out[0].content = f"{out[0].content}\n\n{text}" if out[0].content else text
-                continue
-            if out:
-                role = "user"
-        if role == "assistant":
-            calls = _tool_calls_of(msg)
-            seen_ids.update(c.id for c in calls if c.id)
-            out.append(Message("assistant", text, tool_calls=calls))
-        elif role == "tool":
-            call_id = kw.get("tool_call_id") or None
-            if call_id is not None and call_id not in seen_ids:
-                call_id = None
-            out.append(Message("tool", text, tool_call_id=call_id, name=kw.get("name") or None))
-        elif role == "user":
-            docs = kw.get(DOCUMENTS_KEY) or []
-            if isinstance(docs, str):
-                docs = [docs]
-            if not isinstance(docs, (list, tuple)):
-                raise LayoutError(f"Message {i} additional_kwargs[{DOCUMENTS_KEY!r}] must be a list of texts, got "
-                                  f"{type(docs).__name__} {docs!r:.40}; pass e.g. [text] for one document.")
-            out.append(Message("user", text, documents=[str(d) for d in docs if str(d).strip()]))
-        else:
-            out.append(Message("system", text))
-    return out
-
-
-def usage_dict(reply: ChatReply) -> dict:
-    """OpenAI-style usage (what LlamaIndex's TokenCountingHandler reads) plus cache accounting."""
-    u = reply.usage
-    return {
-        "prompt_tokens": u.input_tokens,
-        "completion_tokens": u.output_tokens,
-        "total_tokens": u.input_tokens + u.output_tokens,
-        "cached_tokens": u.cache_read,
-        "computed_tokens": u.computed,
-        "prompt_tokens_details": {"cached_tokens": u.cache_read},
-        "prefill_seconds": u.prefill_seconds,
-        "decode_seconds": u.decode_seconds,
-        "compacted": u.compacted,
-        "tokens_evicted": u.tokens_evicted,
-        "tokens_recomputed": u.tokens_recomputed,
-        "cache_restored": u.cache_restored,
-        "decode_forwards": u.forwards,
-        "draft_tokens": u.drafted,
-        "draft_tokens_accepted": u.accepted,
-        "forced_tokens": u.forced,
-        "repeat_calls_forbidden": u.repeat_calls_forbidden,
-        "tokens_discarded": u.tokens_discarded,
-    }
-
-
-def _raw(reply: ChatReply) -> dict:
-    return {"usage": usage_dict(reply), "finish_reason": reply.finish_reason, "model": reply.model_name,
-            "raw_text": reply.raw_text, "output_ids": list(reply.token_ids)}
-
-
-def _reply_message(reply: ChatReply) -> ChatMessage:
-    blocks: list[Any] = []
-    if reply.text or not reply.tool_calls:
-        blocks.append(TextBlock(text=reply.text))
-    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments)
-               for c in reply.tool_calls]
-    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
-
-
-class _PromptTypeError(LayoutError, TypeError):
-    """A completion prompt that is not a string (our LayoutError; a TypeError too)."""
-
-
-def _check_prompt(prompt: Any) -> None:
-    """complete() and friends take the prompt as text: None or a number is refused, not rendered as 'None'."""
-    if not isinstance(prompt, str):
-        raise _PromptTypeError(f"The prompt must be a string, got {type(prompt).__name__} {prompt!r:.40}; pass the "
-                               "text to complete, e.g. llm.complete('Hello'), or use chat() for messages.")
-
-
-class _ToolTypeError(LayoutError, TypeError):
-    """A tool that is not a LlamaIndex tool nor a tool dict (our LayoutError; a TypeError too)."""
-
-
-def _tool_spec(tool: Any) -> dict:
-    """An OpenAI-style tool dict from a LlamaIndex tool (or an already built dict)."""
-    if isinstance(tool, dict):
-        return tool
-    metadata = getattr(tool, "metadata", None)
-    if metadata is None or not hasattr(metadata, "to_openai_tool"):
-        raise _ToolTypeError(f"Expected a LlamaIndex tool (e.g. FunctionTool.from_defaults(fn)) or an OpenAI-style "
-                             f"tool dict, got {type(tool).__name__} {tool!r:.60}.")
-    return metadata.to_openai_tool(skip_length_check=True)
+from llama_index.llms.flashback.convert import (DOCUMENTS_KEY, check_prompt, raw_dict, reply_message,  # noqa: F401
+                                                to_flashback_messages, tool_calls_of, tool_spec, usage_dict)
 
 
 # ---------------------------------------------------------------------------- the LLM
@@ -277,12 +114,7 @@ class FlashBack(FunctionCallingLLM):
     def __init__(self, model: Union[str, LoadedModel] = DEFAULT_MODEL, **kwargs: Any) -> None:
         lm = model if isinstance(model, LoadedModel) else None
         super().__init__(model=lm.name if lm is not None else model, **kwargs)
-        self._engine = ChatEngine.shared(lm if lm is not None else self.model, adapter=self.adapter,
-                                         max_cached_bytes=self.max_cached_bytes,
-                                         max_context_tokens=self.max_context_tokens,
-                                         on_overflow=self.on_overflow, kv_store_dir=self.kv_store_dir,
-                                         kv_store_max_bytes=self.kv_store_max_bytes, chat_template=self.chat_template,
-                                         timeout=self.timeout)
+        self._engine = engine_for(EngineSettings.from_fields(self, model=lm if lm is not None else self.model))
 
     @classmethod
     def class_name(cls) -> str:
@@ -323,7 +155,7 @@ class FlashBack(FunctionCallingLLM):
     def _chat_args(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> tuple[list[Message], dict]:
         kwargs = dict(kwargs)
         config = self._config(kwargs)
-        tools = [_tool_spec(t) for t in (kwargs.pop("tools", None) or [])]
+        tools = [tool_spec(t) for t in (kwargs.pop("tools", None) or [])]
         tool_choice = kwargs.pop("tool_choice", None)
         tool_required = kwargs.pop("tool_required", None)
         if tool_choice is None and tools:
@@ -362,7 +194,7 @@ class FlashBack(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         fb, args = self._chat_args(messages, kwargs)
         reply = self._engine.chat(fb, **args)
-        return ChatResponse(message=_reply_message(reply), raw=_raw(reply))
+        return ChatResponse(message=reply_message(reply), raw=raw_dict(reply))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -375,7 +207,7 @@ class FlashBack(FunctionCallingLLM):
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             assert run.reply is not None
-            yield ChatResponse(message=_reply_message(run.reply), delta="", raw=_raw(run.reply))
+            yield ChatResponse(message=reply_message(run.reply), delta="", raw=raw_dict(run.reply))
 
         return gen()
 
@@ -383,7 +215,7 @@ class FlashBack(FunctionCallingLLM):
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         fb, args = self._chat_args(messages, kwargs)
         reply = await self._engine.achat(fb, **args)
-        return ChatResponse(message=_reply_message(reply), raw=_raw(reply))
+        return ChatResponse(message=reply_message(reply), raw=raw_dict(reply))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -396,7 +228,7 @@ class FlashBack(FunctionCallingLLM):
                 text += delta
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
             assert run.reply is not None
-            yield ChatResponse(message=_reply_message(run.reply), delta="", raw=_raw(run.reply))
+            yield ChatResponse(message=reply_message(run.reply), delta="", raw=raw_dict(run.reply))
 
         return gen()
 
@@ -409,11 +241,11 @@ class FlashBack(FunctionCallingLLM):
 
     @staticmethod
     def _completion(reply: ChatReply, delta: Optional[str] = None, text: Optional[str] = None) -> CompletionResponse:
-        return CompletionResponse(text=reply.text if text is None else text, raw=_raw(reply), delta=delta)
+        return CompletionResponse(text=reply.text if text is None else text, raw=raw_dict(reply), delta=delta)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        _check_prompt(prompt)
+        check_prompt(prompt)
         if formatted:
             reply = self._engine.complete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -423,7 +255,7 @@ class FlashBack(FunctionCallingLLM):
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        _check_prompt(prompt)
+        check_prompt(prompt)
         if formatted:
             run = self._engine.stream_complete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -443,7 +275,7 @@ class FlashBack(FunctionCallingLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        _check_prompt(prompt)
+        check_prompt(prompt)
         if formatted:
             reply = await self._engine.acomplete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -454,7 +286,7 @@ class FlashBack(FunctionCallingLLM):
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
-        _check_prompt(prompt)
+        check_prompt(prompt)
         if formatted:
             run = self._engine.astream_complete(prompt, self._config(dict(kwargs)),
                                       timeout=kwargs.get("timeout", self.timeout))
@@ -492,7 +324,7 @@ class FlashBack(FunctionCallingLLM):
         if user_msg is not None:
             messages.append(ChatMessage(role=MessageRole.USER, content=user_msg)
                             if isinstance(user_msg, str) else user_msg)
-        specs = [_tool_spec(t) for t in tools]
+        specs = [tool_spec(t) for t in tools]
         if tool_choice is None:
             tool_choice = self._default_tool_choice(bool(tool_required)) if specs else None
         return {"messages": messages, "tools": specs or None, "tool_choice": tool_choice, **kwargs}
@@ -509,7 +341,7 @@ class FlashBack(FunctionCallingLLM):
 
     def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
                                      **kwargs: Any) -> List[ToolSelection]:
-        calls = _tool_calls_of(response.message)
+        calls = tool_calls_of(response.message)
         if not calls:
             if error_on_no_tool_call:
                 raise ValueError(f"Expected at least one tool call, but the model replied: "
