@@ -11,7 +11,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
+import transformers
 
 from .modelbase import (DEFAULT_ALIASES, ADAPTER_META, AUTO_ADAPTER, DEFAULT_MODEL, MARK_L, MARK_R,
                         SHIPPED_ADAPTERS, ModelLoadError, refuse_custom_code)
@@ -19,12 +21,11 @@ from .modelbase import (DEFAULT_ALIASES, ADAPTER_META, AUTO_ADAPTER, DEFAULT_MOD
 
 def add_marker_tokens(model: Any, tokenizer: Any) -> tuple[int, int]:
     """Add ``<MARK_L>``/``<MARK_R>`` as special tokens; new embedding rows = mean of the old rows."""
-    from transformers import AddedToken
 
     vocab = tokenizer.get_vocab()
     missing = [t for t in (MARK_L, MARK_R) if t not in vocab]
     if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
+        tokenizer.add_tokens([transformers.AddedToken(t, special=True, normalized=False) for t in missing],
                              special_tokens=True)
     ids = (tokenizer.convert_tokens_to_ids(MARK_L), tokenizer.convert_tokens_to_ids(MARK_R))
     emb = model.get_input_embeddings()
@@ -181,13 +182,12 @@ def _check_adapter_weights(adapter: Path) -> list[str]:
     """Read every tensor of ``adapter_model.safetensors`` before peft does and return their names: a
     missing, truncated or garbage file, a non-float tensor and NaN/inf values are refused (non-finite
     weights would load silently and the merged model would then answer nothing)."""
-    from safetensors import safe_open
 
     path = adapter / _ADAPTER_WEIGHTS
     if not path.is_file():
         raise _bad_adapter(adapter, f"it has no {_ADAPTER_WEIGHTS} (its LoRA and marker weights)")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             for name in names:
                 tensor = f.get_tensor(name)
@@ -224,7 +224,6 @@ def attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]
         from peft import PeftModel
     except ImportError as exc:  # pragma: no cover - depends on extras
         raise ModelLoadError("Loading an adapter needs peft: pip install 'flashback-agents[train]'.") from exc
-    from transformers import AutoTokenizer
 
     meta_path = adapter / ADAPTER_META
     try:
@@ -244,7 +243,7 @@ def attach_adapter(model: Any, tokenizer: Any, adapter: Path) -> tuple[Any, Any]
     rows = model.get_input_embeddings().weight.shape[0]
     if (adapter / "tokenizer_config.json").is_file():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(adapter), trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - a garbage tokenizer file raises many types (KeyError, Exception, ...)
             if isinstance(exc, MemoryError):
                 raise

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from tqdm.auto import tqdm
 
 from .modelbase import DEFAULT_MODEL, ModelLoadError, cache_dir, default_gguf_path
 
@@ -66,8 +68,6 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
     The GGUF-loaded model refuses ``save_pretrained``, so the model is rebuilt from its config and
     state dict, then saved. The directory appears atomically: an interrupted run leaves nothing.
     """
-    from tqdm.auto import tqdm
-
     target = target or _converted_dir_for_gguf(gguf)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         _drop_gguf_quantization(target / "config.json")
@@ -90,15 +90,13 @@ def convert_gguf(gguf: Path, target: Path | None = None) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path, steps: Any) -> None:
     """The conversion proper (:func:`convert_gguf` reports its errors)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     steps.set_postfix_str("dequantizing GGUF")
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                       dtype=torch.float32, trust_remote_code=False)
     steps.update(1)
     steps.set_postfix_str("rebuilding")
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     bad = [k for k in missing if "lm_head" not in k]
     if bad or unexpected:

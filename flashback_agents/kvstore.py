@@ -137,6 +137,13 @@ class StoredEntry:
     mtime: float = 0.0
     _compactor: Any = field(default=None, repr=False)
 
+    def apply_stubs(self, lm: "LoadedModel", ids: list[int]) -> list[int]:
+        """``ids`` with this entry's evicted spans replaced by their stubs (a compactor built once)."""
+        if self._compactor is None:
+            self._compactor = Compactor(tokens=lm, budget=max(16, len(self.ids)))
+            self._compactor.restore({"stubs": self.stubs})
+        return self._compactor.apply(ids)
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -293,7 +300,7 @@ class DiskKVStore:
                     if on_overflow == "error":
                         continue
                     try:
-                        view = self._apply_stubs(lm, e, ids)
+                        view = e.apply_stubs(lm, ids)
                     except Exception as exc:  # noqa: BLE001 - a crafted stub record: never trusted
                         self._forget(key, name)
                         self._skip(e.path, f"its record of evicted blocks cannot be applied ({exc})")
@@ -305,20 +312,13 @@ class DiskKVStore:
                 return None, 0
             return best, best_n
 
-    @staticmethod
-    def _apply_stubs(lm: "LoadedModel", e: StoredEntry, ids: list[int]) -> list[int]:
-        if e._compactor is None:
-            e._compactor = Compactor(tokens=lm, budget=max(16, len(e.ids)))
-            e._compactor.restore({"stubs": e.stubs})
-        return e._compactor.apply(ids)
-
     def load(self, entry: StoredEntry, lm: "LoadedModel", n: int, ids: Sequence[int] | None = None,
              config: ContextConfig | None = None) -> CachedContext | None:
         """The first ``n`` tokens of ``entry`` as a new context (``config``: its settings), or None when
         the file is gone, corrupt or foreign (skipped with a :class:`KVStoreWarning`: recompute)."""
         t0 = time.perf_counter()
         try:
-            expect = entry.ids if ids is None else (self._apply_stubs(lm, entry, list(ids)) if entry.stubs else ids)
+            expect = entry.ids if ids is None else (entry.apply_stubs(lm, list(ids)) if entry.stubs else ids)
             ctx = read_context(lm, entry.path, n, expect_ids=expect, config=config)
         except FileNotFoundError:
             with self._lock:

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
+from transformers.models.auto import modeling_auto
+from transformers.utils import logging as hf_logging
 
 from .adapters import (attach_adapter, add_marker_tokens, base_fingerprint, check_adapter_base,  # noqa: F401
                        resolve_adapter, shipped_adapter)
@@ -167,17 +170,13 @@ def _resolve_dtype(dtype: Any, device: str) -> torch.dtype:
 
 
 def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     local = os.path.isdir(source)
     if local and not os.path.isfile(os.path.join(source, "config.json")):
         raise ModelLoadError(f"{source} is not a Hugging Face model directory (no config.json).")
     if local:
         refuse_custom_code(source)  # before transformers reads it: no prompt, no import
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         custom = custom_code_error(spec, exc)
         if custom is not None:
@@ -194,13 +193,13 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
         raise ModelLoadError(f"The model {spec!r} has an `auto_map` in its config.json (Python code shipped with "
                              f"it). {NO_CODE}. Use a model of an architecture transformers supports natively "
                              "(Llama, Qwen, Mistral, SmolLM, ...).")
-    if getattr(config, "model_type", None) not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if getattr(config, "model_type", None) not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
             f"{spec!r} is not a causal language model (its config is {type(config).__name__}); "
             "flashback-agents needs a decoder-only LM such as Llama, Qwen, Mistral or SmolLM."
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
         custom = custom_code_error(spec, exc)
         if custom is not None:
@@ -212,7 +211,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, spec: str) ->
         raise ModelLoadError(f"Could not load the weights of {spec!r} ({type(exc).__name__}: "
                              f"{(str(exc).splitlines() or [''])[0][:200]}); {where}.") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a missing or broken tokenizer: several error types
         custom = custom_code_error(spec, exc, "tokenizer of")
         if custom is not None:
@@ -238,8 +237,6 @@ class ChatTemplateWarning(UserWarning):
 def quiet_loading() -> Any:
     """transformers' weight-loading progress bar and the deprecation warning peft triggers in it
     (``is_gradient_checkpointing``) are noise in a library call: a load is quiet unless it fails."""
-    from transformers.utils import logging as hf_logging
-
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

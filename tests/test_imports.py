@@ -330,7 +330,8 @@ def test_no_function_level_import_of_an_already_loaded_module():
     """Outside the CLI, no function imports a module that ``import flashback_agents`` has already
     loaded: its laziness saves nothing and hides a dependency."""
     loaded = _loaded_by_import()
-    bad = [i for i in _lazy_outside_cli() if i.target in loaded]
+    bad = [i for i in _lazy_outside_cli()
+           if i.target in loaded and i.target.partition(".")[0] not in LAZY_OK]  # optional: may be absent elsewhere
     assert not bad, (f"{len(bad)} imports inside functions of modules `import flashback_agents` already "
                      "loaded (import them at module level):\n"
                      + "\n".join(f"  {i.where()}: {i.target}  ({i.text})" for i in bad))

@@ -11,6 +11,7 @@ and report the same usage (``cache_read`` = prompt tokens the backend did not ha
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -83,8 +84,6 @@ class BackendRun(ABC):
     """
 
     def __init__(self, ids: list[int], config: GenerationConfig):
-        import threading
-
         self.ids, self.config = ids, config
         #: seconds to wait for the backend's resources (a pooled context; a server's answer), None: no limit
         self.timeout: float | None = None

@@ -13,10 +13,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ..context import CachedContext
 from ..generation import GenerationConfig
 from ..ralm import PATTERNS, RalmResult, RetrievalLoop
 from ..retrieval.base import RetrievalError
+from ..retrieval.bm25 import BM25Retriever
+from ..retrieval.chunking import ChunkingConfig, chunk_text
 from .common import shared_data_dir
 
 __all__ = ["RalmBenchConfig", "default_wikitext_dir", "run_ralm_bench"]
@@ -59,11 +63,6 @@ def run_ralm_bench(lm: Any, *, quick: bool = False, config: RalmBenchConfig | No
     forward) and the drafts verified / kept; ``compare_no_speculation`` adds the same without
     speculation and whether the tokens are identical.
     """
-    from tqdm.auto import tqdm
-
-    from ..retrieval.bm25 import BM25Retriever
-    from ..retrieval.chunking import ChunkingConfig, chunk_text
-
     cfg = config or RalmBenchConfig()
     if quick:
         cfg = replace(cfg, new_tokens=cfg.stride, repeats=1)

@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import transformers
+
 from ...models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, _custom_code_error,
                        default_gguf_path, is_default_spec, refuse_custom_code, resolve_spec)
 
@@ -31,14 +34,10 @@ class ServerTokenizerModel(LoadedModel):
 
     @property
     def device(self):  # type: ignore[override]
-        import torch
-
         return torch.device("cpu")
 
     @property
     def dtype(self):  # type: ignore[override]
-        import torch
-
         return torch.float32
 
     @property
@@ -59,7 +58,6 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
     ids the in-process engine uses); another .gguf file its embedded tokenizer; a directory or a Hub id
     (already in the local cache) its tokenizer files.
     """
-    from transformers import AutoTokenizer
 
     spec = str(spec).strip()
     try:
@@ -79,11 +77,11 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
                 and resolved.gguf.resolve() == default_gguf.resolve():
             resolved = resolve_spec(DEFAULT_MODEL)  # the default GGUF by its path: the same ids as by name
         if resolved is None or resolved.kind in ("hub", "server"):
-            return AutoTokenizer.from_pretrained(spec, trust_remote_code=False), spec
+            return transformers.AutoTokenizer.from_pretrained(spec, trust_remote_code=False), spec
         source, kwargs = resolved.tokenizer_source()
         if resolved.kind == "dir":
             refuse_custom_code(source, "tokenizer")  # before transformers reads it: no prompt, no import
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs), resolved.name
+        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False, **kwargs), resolved.name
     except ModelLoadError:
         raise
     except Exception as exc:  # OSError / ValueError from transformers: say what to pass instead
@@ -98,10 +96,9 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
 
 def add_marker_tokens_only(tokenizer: Any) -> tuple[int, int]:
     """Add ``<MARK_L>``/``<MARK_R>`` to a tokenizer (no embeddings to resize here); their ids."""
-    from transformers import AddedToken
 
     vocab = tokenizer.get_vocab()
     missing = [t for t in (MARK_L, MARK_R) if t not in vocab]
     if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+        tokenizer.add_tokens([transformers.AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return int(tokenizer.convert_tokens_to_ids(MARK_L)), int(tokenizer.convert_tokens_to_ids(MARK_R))
