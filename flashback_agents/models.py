@@ -157,7 +157,7 @@ def _default_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def _resolve_dtype(dtype: Any, device: str) -> torch.dtype:
+def resolve_dtype(dtype: Any, device: str) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return _default_dtype(device)
     if isinstance(dtype, torch.dtype):
@@ -290,7 +290,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, adapter: str | os.PathLike | None =
     resolved = resolve_spec(spec)
     spec = resolved.spec
     device = check_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     source, name = resolved.source(), resolved.name
     adapter_dir = resolve_adapter(name, adapter)
     if adapter_dir is not None:

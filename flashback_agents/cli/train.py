@@ -206,7 +206,7 @@ def export_cmd(
     gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="f16 or f32 tensors in the GGUF."),
 ) -> None:
     """Merge an adapter into its base model: a plain HF directory loadable with load_model(OUT)."""
-    from ..models import ModelLoadError, _resolve_dtype, resolve_spec
+    from ..models import ModelLoadError, resolve_dtype, resolve_spec
     from ..training.trainer import TrainError, export_merged, read_adapter_meta
 
     _check_adapter_dir(adapter)
@@ -214,7 +214,7 @@ def export_cmd(
     if out.expanduser().resolve() == adapter.expanduser().resolve():
         bad_input("--out must not be the adapter directory (it is replaced by the merged model); pass a new directory.")
     try:
-        _resolve_dtype(dtype, "cpu")
+        resolve_dtype(dtype, "cpu")
     except ModelLoadError as exc:
         bad_input(f"--dtype: {exc}")
     try:

@@ -216,14 +216,14 @@ def summarize(runs: list[SystemRun], scenario: Scenario, lm) -> dict:
             "scenario": asdict(scenario), "systems": rows}
 
 
-def _fresh(engine) -> None:
+def fresh_engine(engine) -> None:
     """Drop the idle cached contexts of a shared engine: a rerun (speculation on, then off) must not
     find the previous run's conversation already cached."""
     if getattr(engine, "pool", None) is not None:
         engine.pool.clear()
 
 
-def _spec_kwargs(speculation: bool) -> dict:
+def spec_kwargs(speculation: bool) -> dict:
     return {} if speculation else {"speculate": False, "jump_forward": False}
 
 
@@ -262,8 +262,8 @@ def build_systems(lm, spec: str, scenario: Scenario, only: list[str] | None = No
     def chat_fb(speculation: bool = True) -> SystemRun:
         from langchain_flashback import ChatFlashBack
 
-        chat = ChatFlashBack(model=spec, max_tokens=G, min_tokens=G, temperature=0.0, **_spec_kwargs(speculation))
-        _fresh(chat.engine)
+        chat = ChatFlashBack(model=spec, max_tokens=G, min_tokens=G, temperature=0.0, **spec_kwargs(speculation))
+        fresh_engine(chat.engine)
 
         def usage(reply, history):
             meta = reply.usage_metadata or {}
@@ -277,8 +277,8 @@ def build_systems(lm, spec: str, scenario: Scenario, only: list[str] | None = No
     def li_fb(speculation: bool = True) -> SystemRun:
         from llama_index.llms.flashback import FlashBack
 
-        llm = FlashBack(model=spec, max_tokens=G, min_tokens=G, temperature=0.0, **_spec_kwargs(speculation))
-        _fresh(llm.engine)
+        llm = FlashBack(model=spec, max_tokens=G, min_tokens=G, temperature=0.0, **spec_kwargs(speculation))
+        fresh_engine(llm.engine)
 
         def usage(resp, history):
             u = (resp.raw or {}).get("usage", {})
@@ -304,8 +304,8 @@ def run_flashback_calls(spec: str, scenario: Scenario, results: list[str], specu
 
     from langchain_flashback import ChatFlashBack
 
-    base = ChatFlashBack(model=spec, max_tokens=64, temperature=0.0, **_spec_kwargs(speculation))
-    _fresh(base.engine)
+    base = ChatFlashBack(model=spec, max_tokens=64, temperature=0.0, **spec_kwargs(speculation))
+    fresh_engine(base.engine)
     chat = base.bind_tools(TOOLS[:1], tool_choice="search_logs")
     history: list = [SystemMessage(SYSTEM_CALLS), HumanMessage(QUESTION)]
     run = SystemRun("ChatFlashBack" + ("" if speculation else " (no speculation)"))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..context import CachedContext
 from ..layout import LANGCHAIN_TYPES, Layout, Message, ToolCall
-from .agent_bench import QUESTION, SYSTEM, TOOLS, Scenario, _fresh, _spec_kwargs, tool_results
+from .agent_bench import QUESTION, SYSTEM, TOOLS, Scenario, fresh_engine, spec_kwargs, tool_results
 
 
 @dataclass
@@ -54,8 +54,8 @@ def run_flashback(spec: str, lm, scenario: Scenario, results: list[str], budget:
     from langchain_flashback import ChatFlashBack
 
     base = ChatFlashBack(model=spec, max_tokens=scenario.generate, max_context_tokens=budget,
-                         on_overflow=on_overflow, **_spec_kwargs(speculation))
-    _fresh(base.engine)  # a rerun (speculation off) must not start from the previous run's cache
+                         on_overflow=on_overflow, **spec_kwargs(speculation))
+    fresh_engine(base.engine)  # a rerun (speculation off) must not start from the previous run's cache
     chat = base.bind_tools(TOOLS[:1], tool_choice="search_logs")
     history: list = [SystemMessage(SYSTEM), HumanMessage(QUESTION)]
     run = LongRun(f"ChatFlashBack ({on_overflow})" + ("" if speculation else " (no speculation)"))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import transformers
 
-from ...models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, _custom_code_error,
+from ...models import (DEFAULT_MODEL, MARK_L, MARK_R, LoadedModel, ModelLoadError, custom_code_error,
                        default_gguf_path, is_default_spec, refuse_custom_code, resolve_spec)
 
 __all__ = ["ServerTokenizerModel", "load_server_tokenizer", "add_marker_tokens_only"]
@@ -85,7 +85,7 @@ def load_server_tokenizer(spec: str) -> tuple[Any, str]:
     except ModelLoadError:
         raise
     except Exception as exc:  # OSError / ValueError from transformers: say what to pass instead
-        custom = _custom_code_error(spec, exc, "tokenizer")
+        custom = custom_code_error(spec, exc, "tokenizer")
         if custom is not None:
             raise custom from None
         raise ModelLoadError(
