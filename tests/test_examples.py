@@ -44,6 +44,10 @@ def test_log_agent_example_on_sample_log(capsys):
         assert cur.reused >= prev.input_tokens and cur.computed < cur.input_tokens, (prev, cur)
     n_err = count_values(read_log(logtools.SAMPLE_LOG), "level")["ERROR"]
     assert str(n_err) in res.answer, res.answer
+    # the demo's question (which component reports the most ERROR lines) is answered by the model itself
+    by_comp = logtools.count_lines(read_log(logtools.SAMPLE_LOG), "component", "ERROR").data["counts"]
+    assert max(by_comp, key=by_comp.get) in res.answer, (by_comp, res.answer)
+    assert "final answer (model): " in printed
 
 
 def test_writing_assistant_missing_notes(tmp_path, capsys):
