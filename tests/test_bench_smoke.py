@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from flashback_agents.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-bench"), max_positions=4096)
 
 
 def _json(output: str) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from flashback_agents import CachedContext, ContextPool, GenerationConfig, Message, load_model
 from flashback_agents.engines import local_engine, shared_engine
-from flashback_agents.kvcache import cache_len
+from flashback_agents.testing import assert_cache_matches_recompute
 from flashback_agents.kvstore import (BLOCK_TOKENS, DiskKVStore, KVStoreWarning, model_key, read_context, read_meta,
                                       shared_store)
 
@@ -26,21 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::flashback_agents.pool.PoolBudge
 
 
 @pytest.fixture(scope="module")
-def long_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with a 2,048-token window (contexts of several 256-token blocks)."""
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), max_positions=2048)
-
-
-@pytest.fixture(scope="module")
-def lm(long_dir):
-    return load_model(str(long_dir), device="cpu")
-
-
-def full_logits(lm, ids):
-    with torch.no_grad():
-        return lm.model(torch.tensor([ids])).logits[0, -1].float()
+def lm(tiny_dir_2k):
+    return load_model(str(tiny_dir_2k), device="cpu")
 
 
 def ids_of(n: int, seed: int = 0) -> list[int]:
@@ -52,13 +39,6 @@ def filled(lm, ids) -> CachedContext:
     ctx = CachedContext(lm)
     ctx.append(ids)
     return ctx
-
-
-def assert_equals_recompute(ctx: CachedContext) -> None:
-    ctx.flush()
-    assert cache_len(ctx.cache) == len(ctx)
-    diff = (ctx.next_token_logits() - full_logits(ctx.lm, ctx.token_ids)).abs().max().item()
-    assert diff < TOL, diff
 
 
 def ns_files(store: DiskKVStore, lm) -> list[Path]:
@@ -77,7 +57,7 @@ def test_roundtrip_and_prefix_load_equal_recompute(lm, tmp_path):
     assert entry is not None and n == 1000
     ctx = store.load(entry, lm, n, ids + ids_of(20, 1))
     assert ctx.token_ids == ids
-    assert_equals_recompute(ctx)
+    assert_cache_matches_recompute(ctx, TOL)
     # a request sharing only 700 tokens (not on a block boundary): only those are loaded and used
     other = ids[:700] + ids_of(50, 2)
     entry, n = store.longest_prefix(lm, other)
@@ -86,7 +66,7 @@ def test_roundtrip_and_prefix_load_equal_recompute(lm, tmp_path):
     assert ctx.token_ids == ids[:700] and ctx.cached_tokens == 700
     ctx.sync(other)
     assert ctx.stats.tokens_computed == 50
-    assert_equals_recompute(ctx)
+    assert_cache_matches_recompute(ctx, TOL)
     # fewer than one block in common: no candidate (not worth a read)
     assert store.longest_prefix(lm, ids[:100] + ids_of(300, 3)) == (None, 0)
     assert store.stats.restores == 2 and store.stats.tokens_restored == 1700
@@ -97,7 +77,7 @@ def test_save_load_share_the_store_format(lm, tmp_path):
     ctx.save(tmp_path / "c.safetensors")
     loaded = CachedContext.load(lm, tmp_path / "c.safetensors")
     assert loaded.token_ids == ctx.token_ids
-    assert_equals_recompute(loaded)
+    assert_cache_matches_recompute(loaded, TOL)
     # a file CachedContext.save wrote is a store entry, and a store entry loads with CachedContext.load
     store = DiskKVStore(tmp_path / "kv")
     d = store.directory / model_key(lm)
@@ -105,7 +85,7 @@ def test_save_load_share_the_store_format(lm, tmp_path):
     os.replace(tmp_path / "c.safetensors", d / "saved.safetensors")
     entry, n = store.longest_prefix(lm, ctx.token_ids + [5])
     assert n == 300
-    assert_equals_recompute(CachedContext.load(lm, entry.path))
+    assert_cache_matches_recompute(CachedContext.load(lm, entry.path), TOL)
 
 
 def test_pool_restores_an_evicted_context_from_disk(lm, tmp_path):
@@ -119,7 +99,7 @@ def test_pool_restores_an_evicted_context_from_disk(lm, tmp_path):
     assert len(pool) == 1 and store.stats.writes == 1
     with pool.acquire(a + ids_of(40, 12)) as lease:
         assert lease.restored == 600 and lease.sync.reused == 600 and lease.sync.computed == 40
-        assert_equals_recompute(lease.ctx)
+        assert_cache_matches_recompute(lease.ctx, TOL)
     # memory wins when it holds as much: b is in memory and on disk (b was evicted by the last call)
     with pool.acquire(a + ids_of(40, 12) + [7]) as lease:
         assert lease.restored == 0 and lease.sync.computed == 1
@@ -170,12 +150,12 @@ def test_corrupt_file_is_skipped_with_a_warning_and_recomputed(lm, tmp_path):
     with pytest.warns(KVStoreWarning, match="checksum"):
         with pool.acquire(a + [5]) as lease:
             assert lease.restored == 0 and lease.sync.computed == 601
-            assert_equals_recompute(lease.ctx)
+            assert_cache_matches_recompute(lease.ctx, TOL)
     assert not path.exists()  # never trusted, and not tried again
 
 
-def test_foreign_file_is_skipped_with_a_warning(lm, long_dir, tmp_path):
-    other = load_model(str(long_dir), device="cpu")
+def test_foreign_file_is_skipped_with_a_warning(lm, tiny_dir_2k, tmp_path):
+    other = load_model(str(tiny_dir_2k), device="cpu")
     with torch.no_grad():
         other.model.get_input_embeddings().weight[0] += 1.0
     other._fingerprint = None
@@ -217,7 +197,7 @@ def test_torn_write_is_ignored_and_truncated_file_skipped(lm, tmp_path):
         assert store.longest_prefix(lm, a)[1] == 600
     assert not [w for w in seen if issubclass(w.category, KVStoreWarning)]
     ctx = store.load(entry, lm, n, a)
-    assert_equals_recompute(ctx)
+    assert_cache_matches_recompute(ctx, TOL)
 
 
 def test_two_stores_share_a_directory(lm, tmp_path):
@@ -250,7 +230,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def test_a_restarted_process_continues_from_the_stored_context(lm, long_dir, tmp_path):
+def test_a_restarted_process_continues_from_the_stored_context(lm, tiny_dir_2k, tmp_path):
     store_dir = tmp_path / "kv"
     tool = "2024-01-01 12:00:00 INFO server started on port 8080 ERROR disk full " * 12
     msgs = [{"role": "system", "content": "You are a log analysis agent. " * 8},
@@ -258,7 +238,7 @@ def test_a_restarted_process_continues_from_the_stored_context(lm, long_dir, tmp
             {"role": "tool", "content": tool, "name": "grep"}]
     out = tmp_path / "child.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-c", _CHILD, str(long_dir), str(store_dir), str(out), json.dumps(msgs)],
+    res = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_dir_2k), str(store_dir), str(out), json.dumps(msgs)],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     child = json.loads(out.read_text())
@@ -283,22 +263,22 @@ def test_a_restarted_process_continues_from_the_stored_context(lm, long_dir, tmp
     engine.close()
 
 
-def test_engines_with_different_store_dirs_are_not_shared(long_dir, tmp_path):
-    a = shared_engine(str(long_dir), kv_store_dir=tmp_path / "a")
-    b = shared_engine(str(long_dir), kv_store_dir=tmp_path / "b")
-    c = shared_engine(str(long_dir), kv_store_dir=str(tmp_path / "a"))
-    plain = shared_engine(str(long_dir))
+def test_engines_with_different_store_dirs_are_not_shared(tiny_dir_2k, tmp_path):
+    a = shared_engine(str(tiny_dir_2k), kv_store_dir=tmp_path / "a")
+    b = shared_engine(str(tiny_dir_2k), kv_store_dir=tmp_path / "b")
+    c = shared_engine(str(tiny_dir_2k), kv_store_dir=str(tmp_path / "a"))
+    plain = shared_engine(str(tiny_dir_2k))
     assert a is c and a is not b and plain is not a and plain.kv_store is None
     assert a.kv_store is shared_store(tmp_path / "a") and a.pool.store is a.kv_store
     for e in (a, b, plain):
         e.close()
 
 
-def test_chatflashback_kv_store_dir(long_dir, tmp_path):
+def test_chatflashback_kv_store_dir(tiny_dir_2k, tmp_path):
     lc = pytest.importorskip("langchain_flashback")
     from langchain_core.messages import HumanMessage, SystemMessage
 
-    llm = lc.ChatFlashBack(model=str(long_dir), kv_store_dir=tmp_path / "kv", max_cached_bytes=1, max_tokens=2)
+    llm = lc.ChatFlashBack(model=str(tiny_dir_2k), kv_store_dir=tmp_path / "kv", max_cached_bytes=1, max_tokens=2)
     store = llm.engine.kv_store
     assert store is not None and store.directory == (tmp_path / "kv").resolve()
     sys_msg = SystemMessage("You are a log analysis agent. " * 30)
@@ -313,25 +293,25 @@ def test_chatflashback_kv_store_dir(long_dir, tmp_path):
     llm.engine.close()
 
 
-def test_llamaindex_kv_store_dir(long_dir, tmp_path):
+def test_llamaindex_kv_store_dir(tiny_dir_2k, tmp_path):
     li = pytest.importorskip("llama_index.llms.flashback")
-    llm = li.FlashBack(model=str(long_dir), kv_store_dir=str(tmp_path / "kv"), max_tokens=2)
+    llm = li.FlashBack(model=str(tiny_dir_2k), kv_store_dir=str(tmp_path / "kv"), max_tokens=2)
     assert llm.engine.kv_store is not None and llm.engine.pool.store is llm.engine.kv_store
     llm.engine.close()
 
 
-def test_bench_context_restore_and_bench_pool_smoke(long_dir):
+def test_bench_context_restore_and_bench_pool_smoke(tiny_dir_2k):
     from typer.testing import CliRunner
 
     from flashback_agents.cli import app
 
     res = CliRunner().invoke(app, ["bench", "context", "--restore", "--context", "600", "--repeats", "1",
-                                   "-m", str(long_dir), "--json"])
+                                   "-m", str(tiny_dir_2k), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output[res.output.index("{"):])
     assert data["context_tokens"] == 600 and data["logits_equal"] and data["restore_s"] > 0
     res = CliRunner().invoke(app, ["bench", "pool", "--conversations", "3", "--steps", "3", "--tokens", "160",
-                                   "--generate", "2", "--hold", "1", "-m", str(long_dir), "--json"])
+                                   "--generate", "2", "--hold", "1", "-m", str(tiny_dir_2k), "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output[res.output.index("{"):])
     mem, disk = data["systems"]["memory"], data["systems"]["disk"]
@@ -359,7 +339,7 @@ def test_compaction_state_travels_with_the_stored_context(lm, tmp_path):
     with pool.acquire(ids + more) as lease:  # the framework re-sends the full, uncompacted history
         assert lease.restored == len(held) and lease.sync.computed == 5
         assert lease.ctx.token_ids == held + more
-        assert_equals_recompute(lease.ctx)
+        assert_cache_matches_recompute(lease.ctx, TOL)
 
 
 def test_concurrent_writers_and_readers_share_a_directory(lm, tmp_path):
