@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from flashback_agents.cli import app
@@ -32,6 +33,7 @@ def test_bench_agent_quick(long_dir):
     assert rows["ChatFlashBack"]["vs_ideal_total"] > 0
 
 
+@pytest.mark.slow
 def test_bench_long_quick(long_dir):
     res = runner.invoke(app, ["bench", "long", "--quick", "--budget", "2048", "--model", str(long_dir), "--json"])
     assert res.exit_code == 0, res.output
@@ -43,6 +45,7 @@ def test_bench_long_quick(long_dir):
     assert "speedup_vs_chathf_trim" in data
 
 
+@pytest.mark.slow
 def test_bench_agent_tool_calls_with_and_without_speculation(long_dir):
     """``--tool-calls --no-speculation``: constrained calls each step; ours with and without speculation
     decode the same tokens, with speculation in fewer forwards; the baselines generate as many."""

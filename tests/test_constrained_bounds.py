@@ -306,6 +306,7 @@ def _object(depth: int):
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(schema=_object(2), budget=st.integers(32, 256), seed=st.one_of(st.none(), st.integers(0, 1000)))
+@pytest.mark.slow
 def test_random_schemas_always_give_a_valid_call(engine, schema, budget, seed):
     t = {"type": "function", "function": {"name": "f", "description": "Do it.", "parameters": schema}}
     cfg = GenerationConfig(max_new_tokens=budget, temperature=0.0 if seed is None else 1.0, seed=seed)

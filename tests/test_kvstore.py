@@ -230,6 +230,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_restarted_process_continues_from_the_stored_context(lm, tiny_dir_2k, tmp_path):
     store_dir = tmp_path / "kv"
     tool = "2024-01-01 12:00:00 INFO server started on port 8080 ERROR disk full " * 12

@@ -53,6 +53,7 @@ def server_url(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- the agent loop on the server
+@pytest.mark.slow
 def test_six_step_tool_conversation_reuses_the_server_cache(server_url):
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
     from langchain_flashback import ChatFlashBack
