@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -147,3 +148,20 @@ def assert_cache_matches_recompute(ctx, atol: float = 1e-4, *, what: str = "") -
     diff = (ctx.next_token_logits() - full_logits(ctx.lm, ids)).abs().max().item()
     assert diff < atol, f"{prefix}cached logits differ from a recompute by {diff:.2e}"
     return diff
+
+
+def run_in_thread(fn, deadline: float):
+    """Run ``fn`` in a daemon thread for at most ``deadline`` seconds: (finished, its value or the exception
+    it raised). A call that waits forever fails the test instead of hanging it."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            out["value"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(deadline)
+    return (not t.is_alive()), out.get("value")

@@ -16,6 +16,7 @@ def _json(output: str) -> dict:
     return json.loads(output[output.index("{"):])
 
 
+@pytest.mark.slow
 def test_bench_agent_quick(long_dir):
     res = runner.invoke(app, ["bench", "agent", "--quick", "--model", str(long_dir), "--json",
                               "--systems", "ideal,ChatHuggingFace,ChatFlashBack,LlamaIndex FlashBackLLM"])
@@ -62,6 +63,7 @@ def test_bench_agent_tool_calls_with_and_without_speculation(long_dir):
     assert plain["drafted"] == 0 and "speedup_vs_no_speculation_total" in fast
 
 
+@pytest.mark.slow
 def test_bench_long_and_decode_no_speculation_rows(long_dir):
     res = runner.invoke(app, ["bench", "long", "--steps", "3", "--tool-tokens", "64", "--generate", "8", "--budget",
                               "2048", "--no-speculation", "--model", str(long_dir), "--json"])

@@ -249,6 +249,7 @@ def run_llamaindex_agent(llm, memory, turns: int, words: int = 4):
     return calls
 
 
+@pytest.mark.slow
 def test_llamaindex_memory_flush_is_one_recompute_per_flush(long_dir):
     pytest.importorskip("llama_index.core")
     from llama_index.core.memory import Memory

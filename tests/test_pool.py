@@ -6,7 +6,6 @@ eviction, and one byte budget shared by every pool of a model."""
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 
@@ -16,25 +15,14 @@ import torch
 from flashback_agents import ContextError, ContextPool, FlashBackError, GenerationConfig, Message
 from flashback_agents.engines import local_engine
 from flashback_agents.kvstore import DiskKVStore
+from flashback_agents.testing import run_in_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore::flashback_agents.pool.PoolBudgetWarning")
 MSGS = [Message("system", "You are terse."), Message("user", "Say something.")]
 
 
 def _in_thread(fn, deadline: float = 15.0):
-    """Run ``fn`` in a thread; (finished, value or exception). A wait fails the test instead of hanging it."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            out["value"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(deadline)
-    return (not t.is_alive()), out.get("value")
+    return run_in_thread(fn, deadline)
 
 
 def ids_of(n: int, seed: int) -> list[int]:

@@ -12,7 +12,6 @@ import gc
 import os
 import re
 import shutil
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -25,7 +24,7 @@ from flashback_agents.chat import ChatEngine
 from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.context import ContextLoadError
 from flashback_agents.layout import Message
-from flashback_agents.testing import assert_cache_matches_recompute
+from flashback_agents.testing import assert_cache_matches_recompute, run_in_thread
 
 # APIs added by the fix are imported inside the tests, so this module also runs (and fails test by
 # test) on the code before it.
@@ -113,19 +112,7 @@ def test_crafted_context_file_runs_no_code(tiny_lm, tmp_path):
 
 # --------------------------------------------------------------------------- 2. no hangs
 def _in_thread(fn, deadline: float = 10.0):
-    """Run ``fn`` in a thread; return (finished, result or exception). A hang fails instead of blocking."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            out["value"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(deadline)
-    return (not t.is_alive()), out.get("value")
+    return run_in_thread(fn, deadline)
 
 
 MSGS = [Message("system", "You are terse."), Message("user", "Say something.")]
