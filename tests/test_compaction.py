@@ -12,12 +12,11 @@ from flashback_agents.testing import assert_cache_matches_recompute, full_logits
 
 
 @pytest.fixture(scope="module")
-def long_lm(tmp_path_factory):
-    """The tiny Llama with a 4,096-token window, so budgets hold many steps."""
+def long_lm(long_dir):
+    """The tiny Llama with a 4,096-token window (long_dir, conftest.py), so budgets hold many steps."""
     from flashback_agents import load_model
-    from flashback_agents.testing import build_tiny_model_dir
 
-    return load_model(str(build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), max_positions=4096)))
+    return load_model(str(long_dir))
 
 
 def _conversation(steps: int, result_words: int = 12) -> list[Message]:
