@@ -31,8 +31,8 @@ import torch
 from flashback_agents import CachedContext, ContextLoadError, ContextPool, GenerationConfig, Message, load_model
 from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.testing import assert_cache_matches_recompute, run_in_thread
-from flashback_agents.kvstore import (BLOCK_TOKENS, FORMAT, MARKER, DiskKVStore, KVStoreWarning, model_key, read_context,
-                                      read_meta, shared_store)
+from flashback_agents.kvstore import (BLOCK_TOKENS, FORMAT, MARKER, DiskKVStore, KVStoreWarning, model_key,
+                                      read_context, read_meta, shared_store)
 
 TOL = 1e-4
 pytestmark = pytest.mark.filterwarnings("ignore::flashback_agents.pool.PoolBudgetWarning")
