@@ -19,7 +19,7 @@ test: install
 	$(PY) -m pytest -q -ra
 
 test-fast:
-	$(PY) -m pytest -q -ra -m "not model"
+	$(PY) -m pytest -q -ra -m "not model and not slow"
 
 # The shipped FlashBack adapter, from ../shared/data plus the tool-episode generator, one command (see
 # flashback_agents/adapters/smollm2-135m-instruct/README.md for the time it takes): general tool-use episodes

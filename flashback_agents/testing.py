@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -129,14 +130,38 @@ def build_random_model_dir(path: str | Path, tokenizer_dir: str | Path, *, hidde
 
 
 def full_logits(lm, ids):
-    """Next-token logits of a full recompute of ``ids`` (no cache): what a cached context must equal."""
-    with torch.no_grad():
-        return lm.model(torch.tensor([list(ids)])).logits[0, -1].float()
+    """Next-token logits of a full recompute of ``ids`` (one plain forward, no cache): what a cached
+    context must equal."""
+    with torch.inference_mode():
+        return lm.model(input_ids=torch.tensor([list(ids)]), use_cache=False).logits[0, -1].float()
 
 
-def assert_cache_matches_recompute(ctx, tol: float = 1e-4) -> None:
-    """The engine's invariant: the cache holds exactly ``ctx.token_ids`` and its logits equal a recompute."""
+def assert_cache_matches_recompute(ctx, atol: float = 1e-4, *, what: str = "") -> float:
+    """The cache invariant, one helper for every test: after running any pending token, the cache of
+    ``ctx`` holds exactly ``ctx.token_ids`` and its next-token logits equal a full recompute of those ids
+    (max absolute difference below ``atol``). ``what`` names the step in the failure message. Returns the
+    difference."""
     ctx.flush()
-    assert cache_len(ctx.cache) == len(ctx.token_ids)
-    diff = (ctx.next_token_logits() - full_logits(ctx.lm, ctx.token_ids)).abs().max().item()
-    assert diff < tol, diff
+    ids = list(ctx.token_ids)
+    prefix = f"{what}: " if what else ""
+    assert cache_len(ctx.cache) == len(ids), f"{prefix}the cache holds {cache_len(ctx.cache)} tokens, not {len(ids)}"
+    diff = (ctx.next_token_logits() - full_logits(ctx.lm, ids)).abs().max().item()
+    assert diff < atol, f"{prefix}cached logits differ from a recompute by {diff:.2e}"
+    return diff
+
+
+def run_in_thread(fn, deadline: float):
+    """Run ``fn`` in a daemon thread for at most ``deadline`` seconds: (finished, its value or the exception
+    it raised). A call that waits forever fails the test instead of hanging it."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            out["value"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(deadline)
+    return (not t.is_alive()), out.get("value")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama built in the test session, and the real default model."""
+"""Shared fixtures: tiny random Llamas built in the test session (512-, 2,048- and 4,096-token windows),
+and the real default model. Define a fixture here when more than one test file needs it."""
 
 from __future__ import annotations
 
@@ -28,6 +29,32 @@ def tiny_lm(tiny_model_dir):
     from flashback_agents import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir_2k(tmp_path_factory) -> Path:
+    """A tiny random Llama with a 2,048-token window (the tool block alone is ~500 of its tokens; contexts
+    of several 256-token blocks). One per test module: engines are shared per model path."""
+    from flashback_agents.testing import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-2k"), max_positions=2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_2k(tiny_dir_2k):
+    """The 2,048-token tiny model, loaded (one per test module)."""
+    from flashback_agents import load_model
+
+    return load_model(str(tiny_dir_2k), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a 4,096-token window (long conversations, its tool block is ~400 tokens).
+    One per test module: engines are shared per model path."""
+    from flashback_agents.testing import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), max_positions=4096)
 
 
 @pytest.fixture(scope="session")

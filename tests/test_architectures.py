@@ -22,7 +22,7 @@ import torch
 
 from flashback_agents import kvcache
 from flashback_agents.context import CachedContext, ContextError
-from flashback_agents.testing import TINY_ARCHS, build_tiny_arch_dir
+from flashback_agents.testing import TINY_ARCHS, assert_cache_matches_recompute, build_tiny_arch_dir
 
 ARCHS = list(TINY_ARCHS)
 HYBRID = {"qwen3_next", "lfm2"}  # recurrent (gated delta net) / short-conv layers + attention
@@ -59,19 +59,6 @@ def lms(arch_dir):
     return get
 
 
-@torch.inference_mode()
-def recompute(lm, ids: list[int]) -> torch.Tensor:
-    """Next-token logits of ``ids`` from one plain forward, no cache: the reference."""
-    return lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
-
-
-def assert_exact(ctx: CachedContext, what: str) -> None:
-    got = ctx.next_token_logits()
-    want = recompute(ctx.lm, ctx.token_ids)
-    diff = (got - want).abs().max().item()
-    assert diff < ATOL, f"{what}: cached logits differ from a recompute by {diff:.2e}"
-
-
 # ----------------------------------------------------------------------------- the cache
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -81,7 +68,7 @@ def test_random_operations_equal_recompute(arch, lms, tmp_path):
     words = ["ERROR disk full", " the fox", " port 8080", " user asks", "\n2024-01-01 INFO", " tools"]
     ctx = CachedContext(lm, prefill_chunk=rng.choice([5, 7, 512]))
     ctx.append(lm.encode("The quick brown fox jumps over the lazy dog."))
-    assert_exact(ctx, "first append")
+    assert_cache_matches_recompute(ctx, ATOL, what="first append")
     for step in range(18):
         op = rng.choice(["append", "evidence", "sync", "rollback", "fork", "generate", "save"])
         if len(ctx) > 220:
@@ -103,7 +90,7 @@ def test_random_operations_equal_recompute(arch, lms, tmp_path):
         else:
             ctx.save(tmp_path / "ctx.pt")
             ctx = CachedContext.load(lm, tmp_path / "ctx.pt")
-        assert_exact(ctx, f"step {step} ({op})")
+        assert_cache_matches_recompute(ctx, ATOL, what=f"step {step} ({op})")
     if arch not in HYBRID:
         assert ctx.stats.tokens_recomputed == 0  # plain and sliding caches crop exactly
 
@@ -118,7 +105,7 @@ def test_sliding_window_layers_keep_every_token(lms):
         assert all(layer.keys.shape[-2] == len(ctx) for layer in ctx.cache.layers)
         ctx.rollback(len(ctx) - 5)  # back inside the first window: impossible with a window-sized cache
         assert ctx.stats.tokens_recomputed == 0
-        assert_exact(ctx, f"{arch} rollback past the window")
+        assert_cache_matches_recompute(ctx, ATOL, what=f"{arch} rollback past the window")
         # the window matters: the model's logits do depend on it (a full-attention mask would differ)
         assert lm.model.config.sliding_window == 8
 
@@ -146,15 +133,15 @@ def test_hybrid_rewrite_restarts_from_the_last_checkpoint(lms):
         r = ctx.sync(m1 + m2 + rewrite)
         assert ctx.stats.tokens_recomputed == 1 + shared  # from the end of m2, not from token 0
         assert (r.reused, r.computed) == (len(m1 + m2) - 1, 1 + len(rewrite))  # the sync result says so
-        assert_exact(ctx, f"{arch} rewrite")
+        assert_cache_matches_recompute(ctx, ATOL, what=f"{arch} rewrite")
         ctx.rollback(len(ctx) - len(m1) - 2)  # into m2: back to the checkpoint at the end of m1
         assert ctx.stats.tokens_recomputed == 1 + shared + 3
-        assert_exact(ctx, f"{arch} rollback")
+        assert_cache_matches_recompute(ctx, ATOL, what=f"{arch} rollback")
         fork = ctx.fork_prefix(len(m1) + 1)
         assert fork.stats.tokens_recomputed == 2
-        assert_exact(fork, f"{arch} fork")
+        assert_cache_matches_recompute(fork, ATOL, what=f"{arch} fork")
         ctx.rollback(len(ctx) - 3)  # before the first checkpoint: from token 0, still exact
-        assert_exact(ctx, f"{arch} rollback to the start")
+        assert_cache_matches_recompute(ctx, ATOL, what=f"{arch} rollback to the start")
 
 
 # ----------------------------------------------------------------------------- the chat engine
@@ -321,4 +308,4 @@ def test_evict_compaction_stays_exact(arch, lms):
         ctx.append_evidence(f"2024-01-0{i + 1} 12:00:0{i} ERROR disk full on port 808{i}\n" * 6, source="app.log")
         ctx.append(lm.encode(f" step {i}"))
     assert ctx.stats.compactions >= 1 and len(ctx) <= 360
-    assert_exact(ctx, f"{arch} after eviction")
+    assert_cache_matches_recompute(ctx, ATOL, what=f"{arch} after eviction")

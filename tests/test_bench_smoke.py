@@ -12,17 +12,11 @@ from flashback_agents.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-bench"), max_positions=4096)
-
-
 def _json(output: str) -> dict:
     return json.loads(output[output.index("{"):])
 
 
+@pytest.mark.slow
 def test_bench_agent_quick(long_dir):
     res = runner.invoke(app, ["bench", "agent", "--quick", "--model", str(long_dir), "--json",
                               "--systems", "ideal,ChatHuggingFace,ChatFlashBack,LlamaIndex FlashBackLLM"])
@@ -40,6 +34,7 @@ def test_bench_agent_quick(long_dir):
     assert rows["ChatFlashBack"]["vs_ideal_total"] > 0
 
 
+@pytest.mark.slow
 def test_bench_long_quick(long_dir):
     res = runner.invoke(app, ["bench", "long", "--quick", "--budget", "2048", "--model", str(long_dir), "--json"])
     assert res.exit_code == 0, res.output
@@ -51,6 +46,7 @@ def test_bench_long_quick(long_dir):
     assert "speedup_vs_chathf_trim" in data
 
 
+@pytest.mark.slow
 def test_bench_agent_tool_calls_with_and_without_speculation(long_dir):
     """``--tool-calls --no-speculation``: constrained calls each step; ours with and without speculation
     decode the same tokens, with speculation in fewer forwards; the baselines generate as many."""
@@ -67,6 +63,7 @@ def test_bench_agent_tool_calls_with_and_without_speculation(long_dir):
     assert plain["drafted"] == 0 and "speedup_vs_no_speculation_total" in fast
 
 
+@pytest.mark.slow
 def test_bench_long_and_decode_no_speculation_rows(long_dir):
     res = runner.invoke(app, ["bench", "long", "--steps", "3", "--tool-tokens", "64", "--generate", "8", "--budget",
                               "2048", "--no-speculation", "--model", str(long_dir), "--json"])

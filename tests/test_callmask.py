@@ -109,16 +109,7 @@ def test_answered_calls_and_repeat_calls_validation():
         check_repeat_calls("never")
 
 
-# ---------------------------------------------------------------- tiny model
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    from flashback_agents import load_model
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return load_model(str(build_tiny_model_dir(tmp_path_factory.mktemp("tiny-callmask"), max_positions=2048)),
-                      device="cpu")
-
-
+# ---------------------------------------------------------------- tiny model (tiny_lm_2k, conftest.py)
 class PushyBackend(LocalBackend):
     """A local backend whose model *wants* to write ``push`` (a large bias on its next token at each
     step), in front of whatever the engine's constraint adds: a stand-in for a model that calls tools."""
@@ -152,16 +143,16 @@ def pushy_engine(lm, push: str | None) -> ChatEngine:
     return engine
 
 
-def test_processor_masks_the_tag_on_a_real_vocabulary(tiny_lm):
-    proc = no_call_processor(tiny_lm)
+def test_processor_masks_the_tag_on_a_real_vocabulary(tiny_lm_2k):
+    proc = no_call_processor(tiny_lm_2k)
     assert b"<tool" in proc.mask.tags and b"< Tool" in proc.mask.tags  # the stem and its drifted spellings
-    opener = tiny_lm.encode("<tool")
+    opener = tiny_lm_2k.encode("<tool")
     assert len(opener) > 1  # spelled in several tokens: the completion is what gets masked
-    width = tiny_lm.model.get_output_embeddings().weight.shape[0]
+    width = tiny_lm_2k.model.get_output_embeddings().weight.shape[0]
     ids = [1, 2]
     out = proc(torch.tensor([ids]), torch.zeros(1, width))
     assert out[0, opener[0]] == NEG  # a blank reply may not open with "<" at all
-    text = tiny_lm.encode("ok ")
+    text = tiny_lm_2k.encode("ok ")
     for t in text:  # after some text, only the tag itself is forbidden
         ids.append(t)
         out = proc(torch.tensor([ids]), torch.zeros(1, width))
@@ -173,8 +164,8 @@ def test_processor_masks_the_tag_on_a_real_vocabulary(tiny_lm):
     assert torch.isinf(out).sum() < width // 4
 
 
-def test_none_yields_no_call_and_no_tag_even_from_a_model_that_calls(tiny_lm):
-    engine = pushy_engine(tiny_lm, call_text(1, 2))
+def test_none_yields_no_call_and_no_tag_even_from_a_model_that_calls(tiny_lm_2k):
+    engine = pushy_engine(tiny_lm_2k, call_text(1, 2))
     msgs = [Message("user", "add 1 and 2")]
     auto = engine.chat(msgs, tools=TOOLS, config=GenerationConfig(max_new_tokens=64))
     assert [(c.name, c.arguments) for c in auto.tool_calls] == [("add", {"a": 1, "b": 2})]  # it would call
@@ -187,16 +178,16 @@ def test_none_yields_no_call_and_no_tag_even_from_a_model_that_calls(tiny_lm):
     assert none.usage.output_tokens <= 64  # the caller's max_tokens stands (no constrained floor)
 
 
-def test_none_strips_a_stray_tag_as_a_last_resort(tiny_lm):
-    engine = local_engine(tiny_lm)
+def test_none_strips_a_stray_tag_as_a_last_resort(tiny_lm_2k):
+    engine = local_engine(tiny_lm_2k)
     plan = _Plan([], GenerationConfig(), None, None, parse_tools=False, remember=False, no_calls=True)
     reply = engine._finish(plan, GenerationResult(text=f"ok {call_text(1, 2)}", token_ids=[], finish_reason="stop"),
                            ChatUsage())
     assert reply.tool_calls == [] and "<tool_call>" not in reply.text and reply.text.startswith("ok ")
 
 
-def test_forbid_replaces_a_repeated_call_with_text(tiny_lm):
-    engine = pushy_engine(tiny_lm, call_text(1, 2))
+def test_forbid_replaces_a_repeated_call_with_text(tiny_lm_2k):
+    engine = pushy_engine(tiny_lm_2k, call_text(1, 2))
     msgs = answered_conversation(1, 2)
     cfg = GenerationConfig(max_new_tokens=80)
     allowed = engine.chat(msgs, tools=TOOLS, config=cfg, repeat_calls="allow")
@@ -213,8 +204,8 @@ def test_forbid_replaces_a_repeated_call_with_text(tiny_lm):
     assert engine.chat(msgs, tools=TOOLS, tool_choice="any", config=cfg, repeat_calls="forbid").tool_calls
 
 
-def test_forbid_keeps_a_call_with_other_arguments(tiny_lm):
-    engine = pushy_engine(tiny_lm, call_text(2, 2))
+def test_forbid_keeps_a_call_with_other_arguments(tiny_lm_2k):
+    engine = pushy_engine(tiny_lm_2k, call_text(2, 2))
     reply = engine.chat(answered_conversation(1, 2), tools=TOOLS, config=GenerationConfig(max_new_tokens=80),
                         repeat_calls="forbid")
     assert [(c.name, c.arguments) for c in reply.tool_calls] == [("add", {"a": 2, "b": 2})]
@@ -225,8 +216,8 @@ def test_forbid_keeps_a_call_with_other_arguments(tiny_lm):
                        repeat_calls="forbid").tool_calls
 
 
-async def test_forbid_in_streams_and_async(tiny_lm):
-    engine = pushy_engine(tiny_lm, call_text(1, 2))
+async def test_forbid_in_streams_and_async(tiny_lm_2k):
+    engine = pushy_engine(tiny_lm_2k, call_text(1, 2))
     msgs, cfg = answered_conversation(1, 2), GenerationConfig(max_new_tokens=80)
     run = engine.stream_chat(msgs, tools=TOOLS, config=cfg, repeat_calls="forbid")
     streamed = "".join(run)  # the call markup was held back: the reply is replaced before any content
@@ -244,12 +235,12 @@ async def test_forbid_in_streams_and_async(tiny_lm):
     assert reply.tool_calls == [] and reply.usage.tokens_discarded > 0
 
 
-def test_cache_after_a_replaced_reply_equals_a_fresh_engine(tiny_lm):
+def test_cache_after_a_replaced_reply_equals_a_fresh_engine(tiny_lm_2k):
     """The discarded decode leaves nothing behind: the next call's greedy output (and the pooled
     contexts' logits) equal those of an engine that never saw it."""
     from flashback_agents.testing import assert_cache_matches_recompute
 
-    engine = pushy_engine(tiny_lm, call_text(1, 2))
+    engine = pushy_engine(tiny_lm_2k, call_text(1, 2))
     msgs, cfg = answered_conversation(1, 2), GenerationConfig(max_new_tokens=24)
     first = engine.chat(msgs, tools=TOOLS, config=GenerationConfig(max_new_tokens=80), repeat_calls="forbid")
     assert first.usage.repeat_calls_forbidden == 1
@@ -259,7 +250,7 @@ def test_cache_after_a_replaced_reply_equals_a_fresh_engine(tiny_lm):
     follow = msgs + [Message("assistant", first.text), Message("user", "thanks")]
     again = engine.chat(follow, tools=TOOLS, config=cfg)
     assert again.usage.cache_read >= first.usage.input_tokens  # the prompt (and the reply) were reused
-    fresh = local_engine(tiny_lm).chat(follow, tools=TOOLS, config=cfg)
+    fresh = local_engine(tiny_lm_2k).chat(follow, tools=TOOLS, config=cfg)
     assert again.token_ids == fresh.token_ids and again.text == fresh.text
     for entry in engine.pool._entries:
         assert_cache_matches_recompute(entry.ctx)

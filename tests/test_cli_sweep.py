@@ -295,6 +295,7 @@ def test_chat_refuses_non_utf8_stdin_cli_runner(f):
 @pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "utf-8"},  # strict decoding: UnicodeDecodeError
                                  {"PYTHONUTF8": "1", "LC_ALL": "C"}],  # surrogateescape: lone surrogates
                          ids=["strict-stdin", "surrogateescape-stdin"])
+@pytest.mark.slow
 def test_chat_refuses_non_utf8_stdin_subprocess(f, env, tmp_path):
     """The real console script: bytes that are not UTF-8 on stdin are one error line and exit 2."""
     full = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHBACK_CACHE_DIR": str(tmp_path / "cache"), **env}

@@ -8,17 +8,15 @@ import torch
 from flashback_agents import CachedContext, ContextOverflowError, Layout, Message, ToolCall
 from flashback_agents.compaction import find_blocks
 from flashback_agents.kvcache import layer_tensors
-from flashback_agents.testing import full_logits
-from test_engine import assert_consistent
+from flashback_agents.testing import assert_cache_matches_recompute, full_logits
 
 
 @pytest.fixture(scope="module")
-def long_lm(tmp_path_factory):
-    """The tiny Llama with a 4,096-token window, so budgets hold many steps."""
+def long_lm(long_dir):
+    """The tiny Llama with a 4,096-token window (long_dir, conftest.py), so budgets hold many steps."""
     from flashback_agents import load_model
-    from flashback_agents.testing import build_tiny_model_dir
 
-    return load_model(str(build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long"), max_positions=4096)))
+    return load_model(str(long_dir))
 
 
 def _conversation(steps: int, result_words: int = 12) -> list[Message]:
@@ -56,7 +54,7 @@ def test_evict_keeps_running_pure_appends_between_compactions(long_lm):
                 assert all("[evicted" in tiny_lm.decode(ctx.token_ids[b.start:b.end]) for b in blocks)
         assert len(ctx) <= budget
         prev_len = len(ctx)
-        assert_consistent(ctx)
+        assert_cache_matches_recompute(ctx, 1e-4)
     assert compactions >= 2
     # system block, user message and assistant turns stay; the newest tool result is intact
     text = tiny_lm.decode(ctx.token_ids)
@@ -84,7 +82,7 @@ def test_single_oversized_result_is_cut_not_fatal(tiny_lm):
     ctx.sync(lay.render(msgs))
     assert len(ctx) <= 200
     assert "[... cut" in tiny_lm.decode(ctx.token_ids)
-    assert_consistent(ctx)
+    assert_cache_matches_recompute(ctx, 1e-4)
     strict = CachedContext(tiny_lm, max_context_tokens=200)
     with pytest.raises(ContextOverflowError):
         strict.sync(lay.render(msgs))
@@ -163,7 +161,7 @@ def test_compactions_are_rare_and_every_other_step_is_a_pure_append(long_lm):
         prev_len = len(ctx)
     assert 2 <= len(compacted_at) <= steps // 8, compacted_at
     assert all(b - a >= 8 for a, b in zip(compacted_at, compacted_at[1:])), compacted_at
-    assert_consistent(ctx)
+    assert_cache_matches_recompute(ctx, 1e-4)
     text = tiny_lm.decode(ctx.token_ids)
     # system, user, the oldest call, one merged stub naming the tool, the newest call and result
     assert "You analyse logs." in text and "count errors" in text and '"e0 ' in text
@@ -203,4 +201,4 @@ def test_user_turns_stop_merging(long_lm):
     text = tiny_lm.decode(ctx.token_ids)
     assert "now look at the disks" in text
     assert text.count("[evicted") >= 2  # one stub before the user turn, one after
-    assert_consistent(ctx)
+    assert_cache_matches_recompute(ctx, 1e-4)

@@ -125,6 +125,7 @@ def test_adapter_arg_and_options_are_checked_before_anything_loads(tmp_path):
             dq.run_doc_qa(llm_factory=factory, **kwargs)
 
 
+@pytest.mark.slow
 def test_module_imports_without_llama_index():
     code = ("import sys; sys.modules['llama_index'] = None; sys.modules['llama_index.core'] = None; "
             "import flashback_agents.evaluation.doc_qa as m; assert len(m.QUESTIONS) >= 12; "
@@ -148,6 +149,7 @@ def test_must_show_line_and_table():
 
 
 # ---------------------------------------------------------------------------- the harness, no model
+@pytest.mark.slow
 def test_harness_end_to_end_on_an_echoing_llm():
     """MockLLM returns its prompt: both engines then "answer" with the retrieved texts, so every question
     whose pair document was not retrieved is right, and the plumbing (rows, retrieval, counts) is checked."""

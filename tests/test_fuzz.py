@@ -31,6 +31,7 @@ from flashback_agents.context import ContextLoadError, ContextOverflowError  # n
 from flashback_agents.engines import local_engine  # noqa: E402
 from flashback_agents.layout import Message, ToolCall  # noqa: E402
 from flashback_agents.models import ModelLoadError  # noqa: E402
+from flashback_agents.testing import assert_cache_matches_recompute  # noqa: E402
 from flashback_agents.retrieval import RetrievalError  # noqa: E402
 from flashback_agents.training.trainer import TrainError  # noqa: E402
 from flashback_agents.training.transcripts import TranscriptError, read_transcripts  # noqa: E402
@@ -43,16 +44,11 @@ FAST = settings(max_examples=20, deadline=None, derandomize=True, phases=[Phase.
 MARKER_ENV = "FLASHBACK_PWNED_MARKER"
 
 
-def recompute(ctx: CachedContext) -> torch.Tensor:
-    with torch.inference_mode():
-        return ctx.lm.model(input_ids=torch.tensor([ctx.token_ids])).logits[0, -1].float()
-
-
 def check_invariant(ctx: CachedContext) -> None:
     assert len(ctx) <= ctx.max_context_tokens
     assert ctx.cached_tokens <= len(ctx) <= ctx.cached_tokens + 1
     if len(ctx):
-        assert torch.allclose(ctx.next_token_logits(), recompute(ctx), atol=1e-4)
+        assert_cache_matches_recompute(ctx, 1e-4)
 
 
 # --------------------------------------------------------------------------- 1. op sequences vs recompute

@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 import flashback_agents
 
 PKG = Path(flashback_agents.__file__).parent
@@ -326,6 +328,7 @@ def test_no_function_level_import_of_a_package_module():
                                  for i in bad))
 
 
+@pytest.mark.slow
 def test_no_function_level_import_of_an_already_loaded_module():
     """Outside the CLI, no function imports a module that ``import flashback_agents`` has already
     loaded: its laziness saves nothing and hides a dependency."""
@@ -403,6 +406,7 @@ def test_no_write_to_another_modules_private_attribute():
 
 
 # --------------------------------------------------------------------------- importing
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     """One fresh interpreter imports every module in dependency order (leaves first) and reports each."""
     order = [m for m in _dependency_order(import_graph()) if not m.endswith(".__main__")]  # those run

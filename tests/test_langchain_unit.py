@@ -22,11 +22,10 @@ from langchain_flashback.retrievers import FlashBackRetriever, create_rag_chain,
 
 
 @pytest.fixture(scope="module")
-def tiny_spec(tmp_path_factory) -> str:
-    """Path of a tiny random Llama (2048-token window) used as ChatFlashBack's model spec."""
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return str(build_tiny_model_dir(tmp_path_factory.mktemp("lc-tiny"), max_positions=2048))
+def tiny_spec(tiny_dir_2k) -> str:
+    """Path of the tiny random Llama with a 2048-token window (tiny_dir_2k, conftest.py) used as
+    ChatFlashBack's model spec."""
+    return str(tiny_dir_2k)
 
 
 @pytest.fixture

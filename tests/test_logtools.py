@@ -244,6 +244,7 @@ def test_one_huge_line_is_cut_streaming(tmp_path):
     assert log.long_lines == 1 and "cut" in log.note
 
 
+@pytest.mark.slow
 def test_semantic_search_over_log_chunks(tmp_path):
     log = read_log(logtools.SAMPLE_LOG)
     idx = logtools.SemanticIndex(log, tmp_path / "store", lines_per_chunk=8)

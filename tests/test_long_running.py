@@ -15,14 +15,6 @@ read_page = {"type": "function", "function": {
                    "required": ["page"]}}}
 
 
-@pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
-    """The tiny random Llama with a 4,096-token window (its tool block alone is ~400 tokens)."""
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-long-lc"), max_positions=4096)
-
-
 def _page(i: int, words: int) -> str:
     return " ".join(f"p{i}l{j} ERROR disk full on node{j % 7}" for j in range(words))
 

@@ -162,13 +162,6 @@ def run_lc_agent(llm: ChatFlashBack, middleware: list, steps: int, system: str =
     return calls, check_costs(calls), result["messages"]
 
 
-@pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-mw"), max_positions=4096)
-
-
 def _llm(model_dir) -> ChatFlashBack:
     llm = ChatFlashBack(model=str(model_dir), max_tokens=24, max_context_tokens=4096, on_overflow="evict")
     llm.engine.pool.clear()  # engines are shared per model: start each measurement with an empty pool
@@ -256,6 +249,7 @@ def run_llamaindex_agent(llm, memory, turns: int, words: int = 4):
     return calls
 
 
+@pytest.mark.slow
 def test_llamaindex_memory_flush_is_one_recompute_per_flush(long_dir):
     pytest.importorskip("llama_index.core")
     from llama_index.core.memory import Memory

@@ -12,21 +12,19 @@ import gc
 import os
 import re
 import shutil
-import threading
 import time
-import warnings
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from flashback_agents import CachedContext, GenerationConfig, generate, stream
+from flashback_agents import CachedContext, GenerationConfig
 from flashback_agents.chat import ChatEngine
 from flashback_agents.engines import local_engine, shared_engine
 from flashback_agents.context import ContextLoadError
-from flashback_agents.layout import Layout, Message
-from flashback_agents.pool import ContextPool
+from flashback_agents.layout import Message
+from flashback_agents.testing import assert_cache_matches_recompute, run_in_thread
 
 # APIs added by the fix are imported inside the tests, so this module also runs (and fails test by
 # test) on the code before it.
@@ -35,16 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER_ENV = "FLASHBACK_PWNED_MARKER"
 
 
-def recompute_logits(ctx: CachedContext) -> torch.Tensor:
-    with torch.inference_mode():
-        ids = torch.tensor([ctx.token_ids])
-        return ctx.lm.model(input_ids=ids).logits[0, -1].float()
-
-
 def assert_consistent(ctx: CachedContext) -> None:
     """The cache invariant: next-token logits equal a full recompute of the ids."""
     assert ctx.cached_tokens <= len(ctx) <= ctx.cached_tokens + 1
-    assert torch.allclose(ctx.next_token_logits(), recompute_logits(ctx), atol=1e-4)
+    assert_cache_matches_recompute(ctx, 1e-4)
 
 
 class _Pwn:
@@ -120,40 +112,10 @@ def test_crafted_context_file_runs_no_code(tiny_lm, tmp_path):
 
 # --------------------------------------------------------------------------- 2. no hangs
 def _in_thread(fn, deadline: float = 10.0):
-    """Run ``fn`` in a thread; return (finished, result or exception). A hang fails instead of blocking."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            out["value"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(deadline)
-    return (not t.is_alive()), out.get("value")
+    return run_in_thread(fn, deadline)
 
 
 MSGS = [Message("system", "You are terse."), Message("user", "Say something.")]
-
-
-def test_busy_pool_runs_the_call_on_a_temporary_context_at_once(tiny_lm):
-    engine = local_engine(tiny_lm, acquire_timeout=None)
-    engine.pool.max_contexts = 1
-    run = engine.stream_chat(MSGS, config=GenerationConfig(max_new_tokens=50, min_new_tokens=50))
-    it = iter(run)
-    next(it)  # the stream holds the only context
-    t0 = time.monotonic()
-    done, value = _in_thread(lambda: engine.chat([Message("user", "other")], timeout=0.3,
-                                                 config=GenerationConfig(max_new_tokens=2)))
-    assert done, "chat() waited forever for a context"
-    assert not isinstance(value, BaseException), value  # no PoolTimeoutError: the call is not made to wait
-    assert value.usage.computed > 0 and len(engine.pool) == 1 and engine.pool.temporary_contexts == 1
-    assert time.monotonic() - t0 < 5
-    run.close()  # releases at once
-    assert not any(e.busy for e in engine.pool._entries)
-    assert engine.chat([Message("user", "other")], config=GenerationConfig(max_new_tokens=2), timeout=1).text is not None
 
 
 def test_langchain_call_does_not_wait_behind_a_stream(tiny_model_dir):
@@ -239,45 +201,11 @@ async def test_cancel_mid_decode_releases_and_keeps_the_cache_consistent(tiny_mo
     assert reply.usage.cache_read > 0
 
 
-# --------------------------------------------------------------------------- 3. stop string split across byte tokens
-def _forcing(ids: list[int]):
-    """A logits processor that makes the model emit exactly ``ids`` (then EOS)."""
-    state = {"i": 0}
-
-    def proc(input_ids, scores):
-        i = state["i"]
-        state["i"] += 1
-        out = torch.full_like(scores, float("-inf"))
-        out[0, ids[i] if i < len(ids) else 0] = 0.0
-        return out
-    return proc
-
-
-@pytest.mark.parametrize("stop", [" 中", "中文", "😀 中"])
-def test_stream_equals_generate_with_a_multibyte_stop_string(tiny_lm, stop):
-    ids = tiny_lm.encode("ok 😀 中文 after")
-    assert len(ids) > len("ok 😀 中文 after")  # byte-level: the CJK/emoji chars span several tokens
-    cfg = GenerationConfig(max_new_tokens=len(ids) + 2, stop=[stop], stop_at_eos=False)
-    prompt = tiny_lm.encode("say:")
-    a = CachedContext(tiny_lm)
-    a.append(prompt)
-    full = generate(a, cfg, [_forcing(ids)])
-    b = CachedContext(tiny_lm)
-    b.append(prompt)
-    run = stream(b, cfg, [_forcing(ids)])
-    deltas = list(run)
-    assert full.text == "ok 😀 中文 after".split(stop)[0]
-    assert "".join(deltas) == full.text == run.result.text
-    assert all("\ufffd" not in d for d in deltas)
+# 3. (a stop string split across byte tokens) and 7. (a str stop is one stop string): tests/test_generation.py
 
 
 # --------------------------------------------------------------------------- 4. bounded memory
-def test_layout_encode_cache_is_a_bounded_lru(tiny_lm):
-    layout = Layout(tiny_lm)
-    for i in range(3 * Layout.ENC_CACHE_ENTRIES):
-        layout.render([Message("user", f"distinct message {i}")])
-    assert len(layout._enc_cache) <= Layout.ENC_CACHE_ENTRIES
-    assert layout.fmt.prefix["user"] in layout._enc_cache  # hot entries stay
+# (the layout's encode cache: tests/test_layout.py; pools and their byte budget: tests/test_pool.py)
 
 
 def test_shared_engines_are_bounded_and_released(tiny_model_dir, tmp_path):
@@ -319,46 +247,6 @@ def test_release_engines_frees_everything(tiny_model_dir, tmp_path):
     assert ref() is None
 
 
-def test_pools_of_one_model_share_one_byte_budget(tiny_lm):
-    a = local_engine(tiny_lm, max_context_tokens=400)
-    b = local_engine(tiny_lm, max_context_tokens=450)
-    assert a.pool.budget is b.pool.budget
-    budget, saved = a.pool.budget, a.pool.budget.max_bytes
-    try:
-        per_ctx = None
-        for i in range(6):
-            eng = (a, b)[i % 2]
-            eng.chat([Message("user", f"conversation {i} " * 8)], config=GenerationConfig(max_new_tokens=2))
-            per_ctx = per_ctx or max(e.ctx.nbytes for e in eng.pool._entries)
-        assert a.pool.nbytes + b.pool.nbytes >= 5 * per_ctx
-        budget.max_bytes = 2 * per_ctx  # what local_engine(..., max_cached_bytes=) sets for all pools of the model
-        a.chat([Message("user", "one more " * 8)], config=GenerationConfig(max_new_tokens=2))
-        total = a.pool.nbytes + b.pool.nbytes
-        assert total <= 2 * per_ctx + max(e.ctx.nbytes for e in a.pool._entries)
-        assert budget.nbytes >= total
-    finally:
-        budget.max_bytes = saved
-
-
-def test_a_conversation_larger_than_the_budget_is_kept(tiny_lm):
-    from flashback_agents.pool import PoolBudgetWarning
-
-    pool = ContextPool(tiny_lm, max_bytes=1)
-    ids = list(range(10, 160))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with pool.acquire(ids):
-            pass
-        with pool.acquire(ids + [5, 6]) as lease:
-            assert lease.sync.reused == 150  # reused, not recomputed
-    assert len(pool) == 1
-    assert sum(issubclass(w.category, PoolBudgetWarning) for w in caught) == 1
-    assert "max_cached_bytes" in str(next(w for w in caught if issubclass(w.category, PoolBudgetWarning)).message)
-    with pool.acquire(list(range(300, 320))):
-        pass
-    assert len(pool) == 1  # the older one is evicted, the newest kept
-
-
 # --------------------------------------------------------------------------- 5. save/load keeps the state
 def _tool_step(i: int) -> list[Message]:
     return [Message("assistant", f"s{i}"), Message("tool", f"result {i}: " + "ERROR disk full " * 12, name="grep")]
@@ -384,25 +272,3 @@ def test_save_load_keeps_settings_and_evictions(tiny_lm, tmp_path):
     assert got == want and got.computed < 20
     assert loaded.token_ids == ctx.token_ids
     assert_consistent(loaded)
-
-
-# --------------------------------------------------------------------------- 7. a str stop is one stop string
-def test_stop_as_a_plain_string_everywhere(tiny_lm, tiny_model_dir):
-    from langchain_flashback import ChatFlashBack
-    from llama_index.llms.flashback import FlashBack
-
-    assert GenerationConfig(stop="END").stop == ("END",)
-    cfg = GenerationConfig()
-    cfg.stop = "END"
-    cfg.validate()
-    assert cfg.stop == ("END",)
-    assert ChatFlashBack(model=str(tiny_model_dir), stop="END")._config(None, {}).stop == ("END",)
-    assert ChatFlashBack(model=str(tiny_model_dir))._config("END", {}).stop == ("END",)
-    assert FlashBack(model=tiny_lm, stop="END")._config({}).stop == ("END",)
-    assert FlashBack(model=tiny_lm)._config({"stop": "END"}).stop == ("END",)
-    # and it stops at "END", not at "E"
-    ids = tiny_lm.encode("AN END here")
-    ctx = CachedContext(tiny_lm)
-    ctx.append(tiny_lm.encode("x"))
-    out = generate(ctx, GenerationConfig(max_new_tokens=len(ids), stop="END", stop_at_eos=False), [_forcing(ids)])
-    assert out.text == "AN " and out.stop_string == "END"

@@ -206,6 +206,7 @@ def _run(code: str, tmp_path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_chroma_persists_across_processes_and_never_touches_the_network(tmp_path, tiny_model_dir):
     docs = write_corpus(tmp_path)
     out = _run(f"""

@@ -53,6 +53,7 @@ def server_url(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- the agent loop on the server
+@pytest.mark.slow
 def test_six_step_tool_conversation_reuses_the_server_cache(server_url):
     from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
     from langchain_flashback import ChatFlashBack
@@ -102,6 +103,7 @@ def test_six_step_tool_conversation_reuses_the_server_cache(server_url):
         assert prepend[k].cache_read < usages[k]["input_token_details"]["cache_read"]
 
 
+@pytest.mark.slow
 def test_markers_are_sent_as_text_tokens_the_server_knows(server_url):
     engine = shared_engine(server_url)
     backend = engine.backend
@@ -115,6 +117,7 @@ def test_markers_are_sent_as_text_tokens_the_server_knows(server_url):
     assert backend.tokenize_on_server("<MARK_L>") == backend.info.marker_wire[left]
 
 
+@pytest.mark.slow
 def test_streaming_and_llamaindex_report_server_cache(server_url):
     from langchain_flashback import ChatFlashBack
     from llama_index.core.llms import ChatMessage
@@ -138,6 +141,7 @@ def test_streaming_and_llamaindex_report_server_cache(server_url):
     assert li.metadata.context_window == 4096
 
 
+@pytest.mark.slow
 def test_context_overflow_is_a_clear_server_error(server_url):
     engine = shared_engine(server_url)
     with pytest.raises(ServerContextError, match="context window is 4096") as info:

@@ -10,20 +10,6 @@ import pytest
 from flashback_agents.constrained import ConstraintError
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-integrations"), max_positions=2048)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_dir):
-    from flashback_agents import load_model
-
-    return load_model(str(tiny_dir), device="cpu")
-
-
 def call_text(name: str, args: dict) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": args}) + "</tool_call>"
 
@@ -55,11 +41,11 @@ def push(engine, monkeypatch, text: str) -> None:
 
 # ---------------------------------------------------------------------------- LangChain
 @pytest.fixture()
-def lc_llm(tiny_dir):
+def lc_llm(tiny_dir_2k):
     pytest.importorskip("langchain_core")
     from langchain_flashback.chat_models import ChatFlashBack
 
-    llm = ChatFlashBack(model=str(tiny_dir), max_tokens=80)
+    llm = ChatFlashBack(model=str(tiny_dir_2k), max_tokens=80)
     llm.engine.pool.clear()
     return llm
 
@@ -90,7 +76,7 @@ def test_langchain_tool_choice_none_never_calls(lc_llm, monkeypatch):
     assert full.tool_calls == [] and full.tool_call_chunks == [] and "<tool_call>" not in full.content
 
 
-def test_langchain_repeat_guard(lc_llm, tiny_dir, monkeypatch):
+def test_langchain_repeat_guard(lc_llm, tiny_dir_2k, monkeypatch):
     from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
     from langchain_flashback.chat_models import ChatFlashBack
@@ -103,7 +89,7 @@ def test_langchain_repeat_guard(lc_llm, tiny_dir, monkeypatch):
     allowed = lc_llm.bind_tools([toggle]).invoke(history, repeat_calls="allow")
     assert [c["args"] for c in allowed.tool_calls] == [{"on": True}]
     assert allowed.response_metadata["repeat_calls_forbidden"] == 0
-    guarded = ChatFlashBack(model=str(tiny_dir), max_tokens=80, repeat_calls="forbid")
+    guarded = ChatFlashBack(model=str(tiny_dir_2k), max_tokens=80, repeat_calls="forbid")
     assert guarded.engine is lc_llm.engine
     msg = guarded.bind_tools([toggle]).invoke(history)
     assert msg.tool_calls == [] and msg.response_metadata["repeat_calls_forbidden"] == 1
@@ -111,7 +97,7 @@ def test_langchain_repeat_guard(lc_llm, tiny_dir, monkeypatch):
     per_call = lc_llm.bind_tools([toggle]).invoke(history, repeat_calls="forbid")  # a call's kwarg wins
     assert per_call.tool_calls == [] and per_call.response_metadata["repeat_calls_forbidden"] == 1
     with pytest.raises(ConstraintError, match="allow"):
-        ChatFlashBack(model=str(tiny_dir), repeat_calls="never").bind_tools([toggle]).invoke(history)
+        ChatFlashBack(model=str(tiny_dir_2k), repeat_calls="never").bind_tools([toggle]).invoke(history)
 
 
 # ---------------------------------------------------------------------------- LlamaIndex
@@ -131,8 +117,8 @@ def li():
             "ToolCallBlock": ToolCallBlock, "tool": FunctionTool.from_defaults(lamp)}
 
 
-def test_llamaindex_tool_choice_none_never_calls(tiny_lm, li, monkeypatch):
-    llm = li["FlashBack"](tiny_lm, max_tokens=80)
+def test_llamaindex_tool_choice_none_never_calls(tiny_lm_2k, li, monkeypatch):
+    llm = li["FlashBack"](tiny_lm_2k, max_tokens=80)
     llm.engine.pool.clear()
     push(llm.engine, monkeypatch, call_text("lamp", {"on": True}))
     tools = [li["tool"]]
@@ -140,14 +126,14 @@ def test_llamaindex_tool_choice_none_never_calls(tiny_lm, li, monkeypatch):
     resp = llm.chat_with_tools(tools, user_msg="lamp on", tool_choice="none")
     assert llm.get_tool_calls_from_response(resp, error_on_no_tool_call=False) == []
     assert "<tool_call>" not in (resp.message.content or "")
-    default_none = li["FlashBack"](tiny_lm, max_tokens=80, tool_choice="none")  # the field applies too
+    default_none = li["FlashBack"](tiny_lm_2k, max_tokens=80, tool_choice="none")  # the field applies too
     resp = default_none.chat_with_tools(tools, user_msg="lamp on")
     assert default_none.get_tool_calls_from_response(resp, error_on_no_tool_call=False) == []
 
 
-def test_llamaindex_repeat_guard(tiny_lm, li, monkeypatch):
+def test_llamaindex_repeat_guard(tiny_lm_2k, li, monkeypatch):
     ChatMessage, ToolCallBlock = li["ChatMessage"], li["ToolCallBlock"]
-    llm = li["FlashBack"](tiny_lm, max_tokens=80, repeat_calls="forbid")
+    llm = li["FlashBack"](tiny_lm_2k, max_tokens=80, repeat_calls="forbid")
     llm.engine.pool.clear()
     push(llm.engine, monkeypatch, call_text("lamp", {"on": True}))
     history = [ChatMessage(role="user", content="lamp on"),
@@ -162,20 +148,20 @@ def test_llamaindex_repeat_guard(tiny_lm, li, monkeypatch):
     assert allowed.raw["usage"]["repeat_calls_forbidden"] == 0
 
 
-def test_llamaindex_follows_the_function_calling_protocol(tiny_lm, li):
+def test_llamaindex_follows_the_function_calling_protocol(tiny_lm_2k, li):
     FlashBack, user = li["FlashBack"], li["ChatMessage"](role="user", content="lamp on")
     tools = [li["tool"]]
-    required = FlashBack(tiny_lm, max_tokens=64, tool_choice="required")
+    required = FlashBack(tiny_lm_2k, max_tokens=64, tool_choice="required")
     prep = required._prepare_chat_with_tools_compat  # the path chat_with_tools and agents take
     assert prep(tools, user_msg="lamp on")["tool_choice"] == "auto"  # tool_required=False: a call is optional
     assert prep(tools, user_msg="lamp on", tool_required=True)["tool_choice"] == "required"
     assert prep(tools, user_msg="lamp on", tool_choice="lamp")["tool_choice"] == "lamp"  # explicit wins
-    assert FlashBack(tiny_lm, tool_choice="none")._prepare_chat_with_tools(tools)["tool_choice"] == "none"
-    assert FlashBack(tiny_lm)._prepare_chat_with_tools(tools)["tool_choice"] == "auto"
+    assert FlashBack(tiny_lm_2k, tool_choice="none")._prepare_chat_with_tools(tools)["tool_choice"] == "none"
+    assert FlashBack(tiny_lm_2k)._prepare_chat_with_tools(tools)["tool_choice"] == "auto"
     # plain chat(tools=...): the field is the default; tool_required, when given, decides
     assert required._chat_args([user], {"tools": tools})[1]["tool_choice"] == "required"
     assert required._chat_args([user], {"tools": tools, "tool_required": False})[1]["tool_choice"] == "auto"
-    plain = FlashBack(tiny_lm, max_tokens=64)
+    plain = FlashBack(tiny_lm_2k, max_tokens=64)
     assert plain._chat_args([user], {"tools": tools})[1]["tool_choice"] is None
     resp = plain.chat([user], tools=tools, tool_required=True)  # honoured: the reply is a valid call
     calls = plain.get_tool_calls_from_response(resp)
@@ -183,12 +169,12 @@ def test_llamaindex_follows_the_function_calling_protocol(tiny_lm, li):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:inspect")  # the workflow inspects pydantic objects
-async def test_function_agent_can_end_under_a_required_default(tiny_lm, li, monkeypatch):
+async def test_function_agent_can_end_under_a_required_default(tiny_lm_2k, li, monkeypatch):
     """FunctionAgent calls (a)stream_chat_with_tools with tool_required=False: each step may answer in
     text, so the agent ends, even with tool_choice="required" as the LLM's default."""
     from llama_index.core.agent.workflow import FunctionAgent
 
-    llm = li["FlashBack"](tiny_lm, max_tokens=16, tool_choice="required")
+    llm = li["FlashBack"](tiny_lm_2k, max_tokens=16, tool_choice="required")
     engine = llm.engine
     engine.pool.clear()
     push(engine, monkeypatch, "All done.")

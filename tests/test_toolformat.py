@@ -22,17 +22,10 @@ TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add tw
                                                           "required": ["a", "b"]}}}]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-toolformat"))
-
-
-def tokenizer_with(tiny_dir, template: str | None):
+def tokenizer_with(tiny_model_dir, template: str | None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     tok.chat_template = template
     return tok
 
@@ -42,24 +35,24 @@ def _template(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_probe_recognises_the_family(name, tiny_dir):
-    assert probe_tool_format(tokenizer_with(tiny_dir, _template(name))) is FAMILIES[name]
+def test_probe_recognises_the_family(name, tiny_model_dir):
+    assert probe_tool_format(tokenizer_with(tiny_model_dir, _template(name))) is FAMILIES[name]
 
 
-def test_templates_without_tool_calls_fall_back_to_hermes(tiny_dir):
+def test_templates_without_tool_calls_fall_back_to_hermes(tiny_model_dir):
     from flashback_agents.testing import CHATML_TEMPLATE
 
-    assert probe_tool_format(tokenizer_with(tiny_dir, CHATML_TEMPLATE)) is HERMES  # drops tool_calls
-    assert probe_tool_format(tokenizer_with(tiny_dir, None)) is HERMES
+    assert probe_tool_format(tokenizer_with(tiny_model_dir, CHATML_TEMPLATE)) is HERMES  # drops tool_calls
+    assert probe_tool_format(tokenizer_with(tiny_model_dir, None)) is HERMES
     broken = "{{ raise_exception('no tools here') }}"
-    assert probe_tool_format(tokenizer_with(tiny_dir, broken)) is HERMES
+    assert probe_tool_format(tokenizer_with(tiny_model_dir, broken)) is HERMES
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_the_family_parser_reads_what_its_template_writes(name, tiny_dir):
+def test_the_family_parser_reads_what_its_template_writes(name, tiny_model_dir):
     """Parse the template's own rendering of an assistant call: same name and arguments."""
     fmt = FAMILIES[name]
-    tok = tokenizer_with(tiny_dir, _template(name))
+    tok = tokenizer_with(tiny_model_dir, _template(name))
     call = {"id": "abcdefghi", "type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}}
     msgs = [{"role": "user", "content": "add 3 and 4"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
     text = tok.apply_chat_template(msgs, tools=TOOLS, tokenize=False)
@@ -82,13 +75,13 @@ def test_unparsable_markup_stays_content():
 
 
 @pytest.mark.parametrize("fmt", [HERMES, LLAMA3_JSON, MISTRAL], ids=lambda f: f.name)
-def test_constrained_decoding_writes_the_family_format(fmt, tiny_dir):
+def test_constrained_decoding_writes_the_family_format(fmt, tiny_model_dir):
     """The grammar follows the probed format: a random model's constrained output parses as a call."""
     pytest.importorskip("xgrammar")
     from flashback_agents import CachedContext, GenerationConfig, generate, load_model
     from flashback_agents.constrained import tool_call_processor
 
-    lm = load_model(str(tiny_dir), device="cpu", adapter=None)
+    lm = load_model(str(tiny_model_dir), device="cpu", adapter=None)
     ctx = CachedContext(lm)
     ctx.append(lm.encode("<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n"))
     result = generate(ctx, GenerationConfig(max_new_tokens=80), [tool_call_processor(lm, TOOLS, fmt=fmt)])
@@ -131,12 +124,12 @@ def family_dirs(tmp_path_factory):
 
     from flashback_agents.testing import build_tiny_model_dir
 
-    tiny_dir = build_tiny_model_dir(tmp_path_factory.mktemp("tiny-families"), max_positions=4096)
+    tiny_model_dir = build_tiny_model_dir(tmp_path_factory.mktemp("tiny-families"), max_positions=4096)
     out = {}
     for name, (special, plain, eos) in FAMILY_TOKENS.items():
         path = tmp_path_factory.mktemp(f"tiny-{name}")
-        shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
-        tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+        shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+        tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in special], special_tokens=True)
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
         if eos:
@@ -240,12 +233,12 @@ def test_engine_required_call_and_append_only_turns(name, family_engines):
             msgs.append(Message("user", "and 1 and 2?"))
 
 
-def test_tiny_default_model_keeps_hermes(tiny_dir):
+def test_tiny_default_model_keeps_hermes(tiny_model_dir):
     """A template without tool syntax (the tiny model's ChatML, SmolLM2's): Hermes, rendered as before."""
     from flashback_agents import load_model
     from flashback_agents.layout import Layout, Message, render_tool_schemas
 
-    lm = load_model(str(tiny_dir), device="cpu", adapter=None)
+    lm = load_model(str(tiny_model_dir), device="cpu", adapter=None)
     layout = Layout(lm)
     assert layout.tool_format is HERMES
     call = ToolCall("add", {"a": 3, "b": 4})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tools import logtools
 from tools.logtools import ReadLimits, count_values, read_log
 
@@ -162,6 +164,7 @@ def test_keep_transcripts_render_what_the_query_engine_sends(tiny_lm):
     assert len(set(prompts)) == 60
 
 
+@pytest.mark.slow
 def test_agent_transcripts_leave_out_the_validation_systems(shared_data, tmp_path):
     import json
 

@@ -35,27 +35,17 @@ def cfg(n: int = 12) -> GenerationConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """A tiny random Llama with a 2048-token window (the tool block alone is ~500 of its tokens)."""
-    from flashback_agents import load_model
-    from flashback_agents.testing import build_tiny_model_dir
-
-    return load_model(str(build_tiny_model_dir(tmp_path_factory.mktemp("tiny-2k"), max_positions=2048)),
-                      device="cpu")
+def engine(tiny_lm_2k):
+    return local_engine(tiny_lm_2k)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_lm):
-    return local_engine(tiny_lm)
-
-
-def test_shared_engine_is_per_arguments(tiny_lm):
-    a = shared_engine(tiny_lm)
-    assert shared_engine(tiny_lm) is a
-    b = shared_engine(tiny_lm, max_cached_bytes=1 << 20)
+def test_shared_engine_is_per_arguments(tiny_lm_2k):
+    a = shared_engine(tiny_lm_2k)
+    assert shared_engine(tiny_lm_2k) is a
+    b = shared_engine(tiny_lm_2k, max_cached_bytes=1 << 20)
     assert b is not a and b.lm is a.lm
     assert b.layout is a.layout  # one reply memo per model
-    assert a.model_name == tiny_lm.name
+    assert a.model_name == tiny_lm_2k.name
 
 
 def test_chat_usage_and_pure_append_next_step(engine):
@@ -160,13 +150,13 @@ def test_tool_choice_errors():
     assert [b["properties"]["name"]["const"] for b in schema["anyOf"]] == ["add", "echo"]
 
 
-def test_grammar_cache_is_bounded(tiny_lm):
+def test_grammar_cache_is_bounded(tiny_lm_2k):
     cache = GrammarCache(max_entries=2)
     for i in range(3):
-        cache.get(tiny_lm, "json", {"type": "object", "properties": {f"k{i}": {"type": "integer"}}})
+        cache.get(tiny_lm_2k, "json", {"type": "object", "properties": {f"k{i}": {"type": "integer"}}})
     assert len(cache._grammars) == 2
-    g = GRAMMARS.get(tiny_lm, "tool_call", tool_call_schema(TOOLS))
-    assert GRAMMARS.get(tiny_lm, "tool_call", tool_call_schema(TOOLS)) is g
+    g = GRAMMARS.get(tiny_lm_2k, "tool_call", tool_call_schema(TOOLS))
+    assert GRAMMARS.get(tiny_lm_2k, "tool_call", tool_call_schema(TOOLS)) is g
 
 
 def test_orphan_tool_result_is_a_clear_error(engine):
@@ -174,8 +164,8 @@ def test_orphan_tool_result_is_a_clear_error(engine):
         engine.chat([Message("user", "hi"), Message("tool", "5", tool_call_id="call_x")], config=cfg())
 
 
-def test_overflow_is_clear_and_pool_stays_usable(tiny_lm):
-    eng = local_engine(tiny_lm, max_context_tokens=64)
+def test_overflow_is_clear_and_pool_stays_usable(tiny_lm_2k):
+    eng = local_engine(tiny_lm_2k, max_context_tokens=64)
     with pytest.raises(ContextOverflowError, match="Context overflow"):
         eng.chat([Message("user", "word " * 200)], config=cfg())
     r = eng.chat([Message("user", "hi")], config=cfg(4))
@@ -251,10 +241,10 @@ def test_default_model_tool_call_and_memo(default_lm):
 
 
 # ---------------------------------------------------------------- lazy call grammar (tool_choice="auto")
-def test_auto_grammar_leaves_text_free_and_constrains_an_opened_call(tiny_lm):
+def test_auto_grammar_leaves_text_free_and_constrains_an_opened_call(tiny_lm_2k):
     import xgrammar as xgr
 
-    compiled = GRAMMARS.get(tiny_lm, "tool_call_auto", tool_call_schema(TOOLS))
+    compiled = GRAMMARS.get(tiny_lm_2k, "tool_call_auto", tool_call_schema(TOOLS))
     free = xgr.GrammarMatcher(compiled)
     assert free.accept_string("Any prose at all, 42 { not json")
     bad = xgr.GrammarMatcher(compiled)
@@ -265,7 +255,7 @@ def test_auto_grammar_leaves_text_free_and_constrains_an_opened_call(tiny_lm):
     assert good.accept_string('Sure. <tool_call>{"name": "add", "arguments": {"a": 3, "b": 4}}</tool_call>')
 
 
-def test_auto_call_opened_by_the_model_parses(tiny_lm):
+def test_auto_call_opened_by_the_model_parses(tiny_lm_2k):
     """Force the random model to open a call: the lazy grammar makes the rest a valid call of a bound tool."""
     import torch
 
@@ -273,7 +263,7 @@ def test_auto_call_opened_by_the_model_parses(tiny_lm):
     from flashback_agents.context import CachedContext
     from flashback_agents.generation import generate
 
-    opener = tiny_lm.encode("<tool_call>")
+    opener = tiny_lm_2k.encode("<tool_call>")
 
     def force_opener(ids, scores):
         step = ids.shape[1] - start
@@ -283,11 +273,11 @@ def test_auto_call_opened_by_the_model_parses(tiny_lm):
             return out
         return scores
 
-    ctx = CachedContext(tiny_lm)
+    ctx = CachedContext(tiny_lm_2k)
     ctx.append("hello")
     start = len(ctx)
     result = generate(ctx, GenerationConfig(max_new_tokens=80),
-                      [force_opener, tool_call_processor(tiny_lm, TOOLS, auto=True)])
+                      [force_opener, tool_call_processor(tiny_lm_2k, TOOLS, auto=True)])
     text, calls = parse_tool_calls(result.text, {"add", "echo"})
     assert len(calls) == 1 and calls[0].name in {"add", "echo"}, result.text
     if calls[0].name == "add":
@@ -296,16 +286,16 @@ def test_auto_call_opened_by_the_model_parses(tiny_lm):
         assert calls[0].arguments["w"] in ("hello", "bye")
 
 
-def test_lazy_calls_need_a_textual_opening_tag(tiny_lm):
+def test_lazy_calls_need_a_textual_opening_tag(tiny_lm_2k):
     from types import SimpleNamespace
 
     from flashback_agents.constrained import lazy_calls_supported
 
-    assert lazy_calls_supported(tiny_lm)  # Hermes <tool_call> is plain text
-    special = SimpleNamespace(grammar_affixes=lambda: (tiny_lm.tokenizer.eos_token, ""))
-    assert not lazy_calls_supported(tiny_lm, special)  # a special-token opener would be masked: stay free
+    assert lazy_calls_supported(tiny_lm_2k)  # Hermes <tool_call> is plain text
+    special = SimpleNamespace(grammar_affixes=lambda: (tiny_lm_2k.tokenizer.eos_token, ""))
+    assert not lazy_calls_supported(tiny_lm_2k, special)  # a special-token opener would be masked: stay free
     empty = SimpleNamespace(grammar_affixes=lambda: ("", ""))
-    assert not lazy_calls_supported(tiny_lm, empty)
+    assert not lazy_calls_supported(tiny_lm_2k, empty)
 
 
 def test_auto_tool_choice_keeps_the_callers_max_tokens(engine):
@@ -317,11 +307,11 @@ def test_auto_tool_choice_keeps_the_callers_max_tokens(engine):
     assert forced.tool_calls  # a required call is still completed past a small max_tokens
 
 
-def test_chat_engine_receives_its_backend(tiny_lm):
+def test_chat_engine_receives_its_backend(tiny_lm_2k):
     """ChatEngine builds no backend itself (engines does): without one it says what to call instead."""
     with pytest.raises(TypeError, match="local_engine"):
-        ChatEngine(tiny_lm)
-    engine = local_engine(tiny_lm, max_context_tokens=64)
+        ChatEngine(tiny_lm_2k)
+    engine = local_engine(tiny_lm_2k, max_context_tokens=64)
     assert engine.pool is engine.backend.pool and engine.kv_store is None and engine.max_context_tokens == 64
 
 

@@ -1,5 +1,6 @@
-"""The shipped adapter: attached by default (``adapter="auto"``, :data:`DEFAULT_ADAPTER`), off
-with ``adapter=None``, and an adapter trained on another base model refused with a clear error."""
+"""Adapters (flashback_agents/adapters.py). The shipped adapter: attached by default (``adapter="auto"``,
+:data:`DEFAULT_ADAPTER`), off with ``adapter=None``, and an adapter trained on another base model refused
+with a clear error."""
 
 from __future__ import annotations
 
