@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from .kvcache import cache_len
 from .models import refuse_custom_code
+from .retrieval.base import Document
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog. ERROR INFO WARN DEBUG level component.",
@@ -165,3 +167,31 @@ def run_in_thread(fn, deadline: float):
     t.start()
     t.join(deadline)
     return (not t.is_alive()), out.get("value")
+
+
+#: words the scripted documents are made of
+WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
+
+
+class ScriptedRetriever:
+    """A retriever for tests of the retrieval loop: fresh, distinct documents on every call (the same
+    one with ``same=True``), worded by ``text(word, n, other_word)``; it snapshots the context's ids
+    at each call, so a test can compute the exact expected cost."""
+
+    def __init__(self, ctx=None, same: bool = False, words: Sequence[str] = WORDS,
+                 text: Callable[[str, int, str], str] = lambda w, n, o: f"{w} ZEBRAEVIDENCE {w} note {n}"):
+        self.ctx, self.same, self.words, self.text = ctx, same, list(words), text
+        self.calls, self.snapshots, self.queries = 0, [], []
+
+    def retrieve(self, query: str, k: int = 2) -> list[Document]:
+        self.queries.append(query)
+        if self.ctx is not None:
+            self.snapshots.append(self.ctx.token_ids)
+        out = []
+        for j in range(k):
+            n = 0 if self.same else self.calls * k + j
+            w = self.words[n % len(self.words)]
+            out.append(Document(text=self.text(w, n, self.words[(n + 3) % len(self.words)]), id=f"doc{n}",
+                                metadata={"source": f"/d/{w}.txt"}))
+        self.calls += 1
+        return out

@@ -3,42 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from flashback_agents import CachedContext, GenerationConfig, generate
 from flashback_agents.evaluation.ralm_bench import RalmBenchConfig, run_ralm_bench
 from flashback_agents.ralm import RetrievalLoop
 from flashback_agents.ralm_layout import RESTATE_TOKENS
-from flashback_agents.retrieval import Document, RetrievalError
+from flashback_agents.retrieval import RetrievalError
+from flashback_agents.testing import ScriptedRetriever, assert_cache_matches_recompute
 
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 PROMPT = "The quick brown fox jumps over the lazy dog. INFO server started on port 8080"
-
-
-class ScriptedRetriever:
-    """Returns fresh, distinct documents on every call (or the same one, with ``same=True``) and
-    snapshots the context ids at each call, so tests can compute the exact expected cost."""
-
-    def __init__(self, ctx=None, same: bool = False):
-        self.ctx, self.same, self.calls, self.snapshots, self.queries = ctx, same, 0, [], []
-
-    def retrieve(self, query: str, k: int = 2) -> list[Document]:
-        self.queries.append(query)
-        if self.ctx is not None:
-            self.snapshots.append(self.ctx.token_ids)
-        out = []
-        for j in range(k):
-            n = 0 if self.same else self.calls * k + j
-            w = WORDS[n % len(WORDS)]
-            out.append(Document(text=f"{w} ZEBRAEVIDENCE {w} note {n}", id=f"doc{n}", metadata={"source": f"/d/{w}.txt"}))
-        self.calls += 1
-        return out
-
-
-def assert_cache_matches_recompute(ctx):
-    fresh = CachedContext(ctx.lm)
-    fresh.append(ctx.token_ids)
-    torch.testing.assert_close(ctx.next_token_logits(), fresh.next_token_logits(), rtol=1e-4, atol=1e-4)
 
 
 CFG = GenerationConfig(max_new_tokens=40, stop_at_eos=False)

@@ -11,30 +11,15 @@ import pytest
 from flashback_agents import CachedContext, GenerationConfig, generate, kvcache, speculation
 from flashback_agents.kvcache import cache_len
 from flashback_agents.ralm import RetrievalLoop
-from flashback_agents.retrieval import Document
-from flashback_agents.testing import assert_cache_matches_recompute
+from flashback_agents.testing import ScriptedRetriever, assert_cache_matches_recompute
 
 OFF = dict(speculate=False, jump_forward=False)
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 
 
-class Retriever:
-    """Fresh documents on every call; snapshots the context ids at each call."""
-
-    def __init__(self, ctx=None):
-        self.ctx, self.calls, self.snapshots, self.queries = ctx, 0, [], []
-
-    def retrieve(self, query: str, k: int = 2) -> list[Document]:
-        self.queries.append(query)
-        if self.ctx is not None:
-            self.snapshots.append(self.ctx.token_ids)
-        out = []
-        for j in range(k):
-            n = self.calls * k + j
-            w = WORDS[n % len(WORDS)]
-            out.append(Document(text=f"{w} note {n}: {w} {WORDS[(n + 3) % len(WORDS)]} {w}", id=f"doc{n}"))
-        self.calls += 1
-        return out
+def Retriever(ctx=None) -> ScriptedRetriever:
+    """Fresh documents on every call, worded so that their words repeat (drafts can be copied)."""
+    return ScriptedRetriever(ctx, words=WORDS, text=lambda w, n, o: f"{w} note {n}: {w} {o} {w}")
 
 
 def repetitive_prompt(rng: random.Random, n: int = 40) -> list[int]:
