@@ -37,6 +37,10 @@ class ServeConfig:
     threads: int | None = None  # CPU threads (default: default_threads())
     tokenizer: str | None = None  # advertised as the model id so clients find the tokenizer
     cache_ram_mib: int = 1024   # llama.cpp host-memory prompt cache (extra saved prefixes)
+    flash_attn: str = "auto"    # llama.cpp flash attention: "auto" (llama.cpp decides), "on", "off"
+    batch_size: int | None = None   # logical batch (llama.cpp default 2048)
+    ubatch_size: int | None = None  # physical micro-batch (llama.cpp default 512)
+    cache_type: str | None = None   # KV cache element type for K and V: "f16" (llama.cpp's default), "f32", "q8_0"
     warmup: bool = False
     verbose: bool = False
 
@@ -61,10 +65,27 @@ def default_threads() -> int:
     return max(1, min((os.cpu_count() or 2) // 2, 8))
 
 
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+CACHE_TYPES = {"f32": "GGML_TYPE_F32", "f16": "GGML_TYPE_F16", "bf16": "GGML_TYPE_BF16", "q8_0": "GGML_TYPE_Q8_0"}
+
+
+def check_config(cfg: ServeConfig) -> None:
+    """Reject bad knobs before llama.cpp sees them."""
+    if cfg.flash_attn not in FLASH_ATTN:
+        raise ValueError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {cfg.flash_attn!r}")
+    if cfg.cache_type is not None and cfg.cache_type not in CACHE_TYPES:
+        raise ValueError(f"cache_type must be one of {sorted(CACHE_TYPES)}, got {cfg.cache_type!r}")
+    for name in ("batch_size", "ubatch_size", "threads"):
+        v = getattr(cfg, name)
+        if v is not None and int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v!r}")
+
+
 def build_params(cfg: ServeConfig) -> Any:
     """xllamacpp ``CommonParams`` for the config (loopback, prompt cache on, one slot by default)."""
     import xllamacpp as xlc
 
+    check_config(cfg)
     params = xlc.CommonParams()
     params.model.path = str(check_gguf_file(resolve_gguf(cfg.model)))  # garbage never reaches llama.cpp
     params.hostnames = [cfg.host]
@@ -76,6 +97,13 @@ def build_params(cfg: ServeConfig) -> Any:
     params.cpuparams_batch.n_threads = threads
     params.cache_prompt = True
     params.cache_ram_mib = int(cfg.cache_ram_mib)
+    params.flash_attn_type = xlc.llama_flash_attn_type(FLASH_ATTN[cfg.flash_attn])
+    if cfg.batch_size:
+        params.n_batch = int(cfg.batch_size)
+    if cfg.ubatch_size:
+        params.n_ubatch = int(cfg.ubatch_size)
+    if cfg.cache_type:
+        params.cache_type_k = params.cache_type_v = getattr(xlc.ggml_type, CACHE_TYPES[cfg.cache_type])
     params.warmup = bool(cfg.warmup)
     params.endpoint_props = True
     if not cfg.verbose:
@@ -134,6 +162,7 @@ class ServerProcess:
 
     def start(self) -> str:
         resolve_gguf(self.cfg.model)  # clear error now, not in the child
+        check_config(self.cfg)
         cmd = [sys.executable, "-m", "flashback_agents.llamacpp", "--model", self.cfg.model, "--host", self.cfg.host,
                "--port", str(self.cfg.port), "--ctx-size", str(self.cfg.ctx_size),
                "--parallel", str(self.cfg.parallel), "--cache-ram-mib", str(self.cfg.cache_ram_mib)]
@@ -141,6 +170,13 @@ class ServerProcess:
             cmd += ["--threads", str(self.cfg.threads)]
         if self.cfg.tokenizer:
             cmd += ["--tokenizer", self.cfg.tokenizer]
+        cmd += ["--flash-attn", self.cfg.flash_attn]
+        for flag, value in (("--batch-size", self.cfg.batch_size), ("--ubatch-size", self.cfg.ubatch_size),
+                            ("--cache-type", self.cfg.cache_type)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if self.cfg.verbose:
+            cmd += ["--verbose"]
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.startup_timeout
@@ -189,12 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--cache-ram-mib", type=int, default=1024)
+    ap.add_argument("--flash-attn", choices=sorted(FLASH_ATTN), default=ServeConfig.flash_attn)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--ubatch-size", type=int, default=None)
+    ap.add_argument("--cache-type", choices=sorted(CACHE_TYPES), default=None)
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     try:
         serve_forever(ServeConfig(model=a.model, host=a.host, port=a.port, ctx_size=a.ctx_size, parallel=a.parallel,
                                   threads=a.threads, tokenizer=a.tokenizer, cache_ram_mib=a.cache_ram_mib,
-                                  verbose=a.verbose))
+                                  flash_attn=a.flash_attn, batch_size=a.batch_size, ubatch_size=a.ubatch_size,
+                                  cache_type=a.cache_type, verbose=a.verbose))
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

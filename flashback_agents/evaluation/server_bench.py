@@ -36,6 +36,9 @@ class ServerStep:
     prompt_tokens: int
     cached_tokens: int
     computed_tokens: int
+    prefill_seconds: float = 0.0  # the server's own prompt time (llama.cpp timings.prompt_ms)
+    decode_seconds: float = 0.0   # the server's own generation time (timings.predicted_ms)
+    shared_prefix: int = 0        # leading wire tokens this prompt shares with the previous prompt + its reply
 
 
 @dataclass
@@ -57,12 +60,22 @@ class LayoutRun:
                 "steps": [asdict(s) for s in self.steps]}
 
 
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share (what a prefix cache can serve of ``b`` after ``a``)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def _run(engine, scenario: Scenario, results: list[str], pattern: str, progress: bool) -> LayoutRun:
     backend, layout = engine.backend, engine.layout
     config = GenerationConfig(max_new_tokens=scenario.generate, min_new_tokens=scenario.generate)
     # A run tag first in the system block: the two runs share no prefix on the server, so each starts cold.
     msgs = [Message("system", f"[run: {pattern} layout] {SYSTEM}"), Message("user", QUESTION)]
     run = LayoutRun(pattern)
+    previous: list[int] = []  # the previous request's wire prompt + the reply's ids (what the server's slot holds)
     for i in tqdm(range(scenario.steps), desc=f"server {pattern}", disable=not progress, leave=False):
         ids = layout.render(msgs, tools=TOOLS, pattern=pattern)
         t0 = time.perf_counter()
@@ -73,7 +86,11 @@ def _run(engine, scenario: Scenario, results: list[str], pattern: str, progress:
         result, usage = brun.result, brun.usage
         reply = Message("assistant", result.text)
         layout.remember_reply(reply, result.token_ids)  # both layouts reuse the generated ids
-        run.steps.append(ServerStep(i + 1, seconds, usage.input_tokens, usage.cache_read, usage.computed))
+        wire = backend.to_wire(ids)
+        run.steps.append(ServerStep(i + 1, seconds, usage.input_tokens, usage.cache_read, usage.computed,
+                                    usage.prefill_seconds or 0.0, usage.decode_seconds or 0.0,
+                                    shared_prefix_length(previous, wire)))
+        previous = wire + list(result.token_ids)
         msgs += [reply, Message("tool", results[i], name="search_logs")]
     return run
 
@@ -116,3 +133,5 @@ def print_report(data: dict, echo) -> None:
     for r in data["layouts"]:
         per = ", ".join(f"{s['seconds']:.2f}s/{s['cached_tokens']}of{s['prompt_tokens']}" for s in r["steps"])
         echo(f"  {r['layout']} per step (seconds/cached of prompt): {per}")
+        srv = ", ".join(f"{s['prefill_seconds']:.2f}+{s['decode_seconds']:.2f}" for s in r["steps"])
+        echo(f"  {r['layout']} per step, the server's own prefill+decode seconds: {srv}")

@@ -19,7 +19,7 @@ from ...bounds import cap_strings
 from ...callmask import single_token_tag_ids
 from ...generation import GenerationConfig
 from ...models import MARK_L, MARK_R, ModelLoadError
-from ...toolformat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ConstraintError
+from ...toolformat import HERMES, ConstraintError, call_schema
 from ..base import Backend, Constraint
 from .errors import ServerCacheReportWarning, ServerError, ServerModelError, ServerUnreachableError
 from .protocol import (PROBE_TEXT, Prepared, ServerInfo, bad_answer, build_payload, checked_int, http_error, load_json,
@@ -292,8 +292,14 @@ class ServerBackend(Backend):
             raise ConstraintError(f"Cannot build a grammar from this JSON schema: {exc}") from exc
         if constraint.kind == "json":
             return Prepared(schema=schema)
-        return Prepared(prefix_ids=self.lm.encode(TOOL_CALL_OPEN), prefix_text=TOOL_CALL_OPEN,
-                         suffix_text=TOOL_CALL_CLOSE, suffix_ids=self.lm.encode(TOOL_CALL_CLOSE), schema=schema)
+        # A required call in the model family's own syntax (Hermes <tool_call>, Mistral [TOOL_CALLS][...],
+        # Llama 3 bare JSON with "parameters"), as the local xgrammar path writes it: the opener is sent as
+        # prompt, the schema constrains the body, the closer is appended to the reply.
+        fmt = constraint.fmt or HERMES
+        opener, closer = fmt.grammar_affixes()
+        return Prepared(prefix_ids=self.lm.encode(opener) if opener else [], prefix_text=opener,
+                         suffix_text=closer, suffix_ids=self.lm.encode(closer) if closer else [],
+                         schema=call_schema(fmt, schema))
 
     def start(self, ids: list[int], config: GenerationConfig, prepared: Any) -> "ServerRun":
         return ServerRun(self, ids, config, prepared if isinstance(prepared, Prepared) else Prepared())
