@@ -14,6 +14,7 @@ import math
 from dataclasses import replace
 from typing import Any, Sequence
 
+from .contextbase import invalid_unicode
 from .generation import GenerationConfig, GenerationConfigError
 from .layout import LayoutError, Message
 from .toolformat import ConstraintError, ToolCall, tool_name
@@ -82,12 +83,9 @@ def json_text(value: Any, what: str, error: type[Exception]) -> str:
 def check_text(value: Any, what: str) -> None:
     if not isinstance(value, str):
         raise LayoutError(f"{what} must be a str, got {type(value).__name__}.")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise LayoutError(f"{what} contains a character that is not valid Unicode ({exc.reason} at position "
-                          f"{exc.start}: {value[exc.start:exc.end]!r}); decode the input with errors='replace' "
-                          "or remove the lone surrogate.") from exc
+    problem = invalid_unicode(value)
+    if problem is not None:
+        raise LayoutError(f"{what} {problem}")
 
 
 def check_messages(messages: Any) -> None:

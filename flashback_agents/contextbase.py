@@ -200,12 +200,19 @@ def check_ids(ids: Sequence[int], vocab: int) -> list[int]:
     return out
 
 
-def check_text(text: str) -> str:
-    """``text``, once known to be text a tokenizer can take (a lone surrogate is our error, not its)."""
+def invalid_unicode(text: str) -> str | None:
+    """What makes ``text`` untokenizable (a lone surrogate), worded for an error message; None if nothing."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ContextError(f"the text contains a character that is not valid Unicode ({exc.reason} at "
-                           f"position {exc.start}: {text[exc.start:exc.end]!r}); decode the input with "
-                           "errors='replace' or remove the lone surrogate.") from exc
+        return (f"contains a character that is not valid Unicode ({exc.reason} at position {exc.start}: "
+                f"{text[exc.start:exc.end]!r}); decode the input with errors='replace' or remove the lone surrogate.")
+    return None
+
+
+def check_text(text: str) -> str:
+    """``text``, once known to be text a tokenizer can take (a lone surrogate is our error, not its)."""
+    problem = invalid_unicode(text)
+    if problem is not None:
+        raise ContextError(f"the text {problem}")
     return text
