@@ -33,6 +33,7 @@ from flashback_agents.engines import clear_server_engines, server_engine  # noqa
 from flashback_agents.errors import FlashBackError  # noqa: E402
 from flashback_agents.generation import GenerationConfig  # noqa: E402
 from flashback_agents.layout import Message  # noqa: E402
+from flashback_agents.testing import run_in_thread  # noqa: E402
 
 DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that json.loads cannot parse (RecursionError)
 TIMEOUT = 1.0
@@ -55,20 +56,10 @@ def engine_for(fake, tiny_model_dir, timeout=2.0):
 
 def bounded(fn, deadline=8.0):
     """(seconds, result or exception) of ``fn``; fails instead of hanging past ``deadline``."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["v"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            out["v"] = exc
-
     t0 = time.monotonic()
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(deadline)
-    assert not t.is_alive(), f"hung for more than {deadline} s"
-    return time.monotonic() - t0, out["v"]
+    finished, value = run_in_thread(fn, deadline)
+    assert finished, f"hung for more than {deadline} s"
+    return time.monotonic() - t0, value
 
 
 CONV = [Message("system", "You answer."), Message("user", "hi")]
