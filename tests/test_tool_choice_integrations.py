@@ -195,3 +195,54 @@ async def test_function_agent_can_end_under_a_required_default(tiny_lm_2k, li, m
     result = await agent.run("Switch the lamp on.", max_iterations=3)
     assert seen == ["auto"]  # one step, a call optional (normalised to free decoding by the engine)
     assert "All done" in str(result)
+
+
+# ---------------------------------------------------------------------------- two calls in one reply
+TWO_CALLS = call_text("lamp", {"room": "hall"}) + call_text("lamp", {"room": "kitchen"})
+
+
+def _lamp(made: list):
+    def lamp(room: str) -> str:
+        """Switch on the lamp of a room."""
+        made.append(room)
+        return f"The {room} lamp is on."
+    return lamp
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_langchain_agent_runs_both_calls_of_one_reply(lc_llm, tiny_dir_2k, monkeypatch):
+    """A reply with two calls (parallel calls, as the agent adapter is trained to make for two entities):
+    create_agent runs both, sends both results, and the guard stops the model repeating them."""
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from langchain_flashback.chat_models import ChatFlashBack
+
+    made: list = []
+    llm = ChatFlashBack(model=str(tiny_dir_2k), max_tokens=256)  # room for two calls of the tiny tokenizer
+    assert llm.engine is lc_llm.engine
+    push(llm.engine, monkeypatch, TWO_CALLS)
+    agent = create_agent(llm, [tool(_lamp(made))])
+    out = agent.invoke({"messages": [("user", "Switch on the hall and kitchen lamps.")]}, {"recursion_limit": 8})
+    assert made == ["hall", "kitchen"]
+    replies = [m for m in out["messages"] if m.type == "ai"]
+    assert [[c["args"] for c in m.tool_calls] for m in replies] == [[{"room": "hall"}, {"room": "kitchen"}], []]
+    assert len({c["id"] for c in replies[0].tool_calls}) == 2
+    assert [m.type for m in out["messages"]].count("tool") == 2
+    assert replies[-1].response_metadata["repeat_calls_forbidden"] == 2  # both calls were repeats
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:inspect")
+async def test_function_agent_runs_both_calls_of_one_reply(tiny_lm_2k, li, monkeypatch):
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.tools import FunctionTool
+
+    made: list = []
+    llm = li["FlashBack"](tiny_lm_2k, max_tokens=256)
+    llm.engine.pool.clear()
+    push(llm.engine, monkeypatch, TWO_CALLS)
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(_lamp(made))], llm=llm)
+    result = await agent.run("Switch on the hall and kitchen lamps.", max_iterations=4)
+    assert made == ["hall", "kitchen"]
+    assert [c.tool_kwargs for c in result.tool_calls] == [{"room": "hall"}, {"room": "kitchen"}]
+    assert result.raw["usage"]["repeat_calls_forbidden"] == 2

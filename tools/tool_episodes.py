@@ -29,18 +29,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, no_fit_answer, play,
-                                 q_chain, q_pair, q_then, q_two)
+from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, Script, no_fit_answer, play,
+                                 q_chain, q_lookup_chain, q_pair, q_then, q_two)
 
 #: (kind, share) of the episodes drawn, per mix. "v1": the first shipped agent adapter's episodes (reproduced
 #: exactly, fixed chain/pair scripts, far-off no-fit tools); "v2": more two-step episodes (chains and pairs
 #: built from every family's single-call makers), more no-fit questions, half of them with a near-miss tool;
-#: "v3": the v2 episodes with more of the two-call kinds (the third phase of the shipped adapter).
+#: "v3": the v2 episodes with more of the two-call kinds (tried for phase 2, not shipped); "v4": the v2 shares,
+#: but the calls of a "two" episode (two entities or two questions: no call needs another's result) are made
+#: together in one assistant turn, as parallel calls, instead of one per step; "v5": v4, and half of the
+#: chains look a record up and then convert or compute with the value it holds (:func:`q_lookup_chain`).
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     "v1": (("single", 0.56), ("chain", 0.12), ("two", 0.08), ("no_tool", 0.12), ("no_fit", 0.12)),
     "v2": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
     "v3": (("single", 0.30), ("chain", 0.24), ("two", 0.22), ("no_tool", 0.08), ("no_fit", 0.16)),
+    "v4": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
+    "v5": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
 }
+#: mixes whose independent calls are made in one turn
+PARALLEL_MIXES = frozenset({"v4", "v5"})
 DEFAULT_MIX = "v2"
 #: how many UNCOVERED topics the v1 mix drew from (the list has grown since)
 _V1_UNCOVERED = 14
@@ -66,11 +73,21 @@ class Episode:
     results: list[Any]
     answer: str
     system: str | None = None
+    #: the calls are made in one assistant turn (none needs another's result)
+    parallel: bool = False
 
 
 def _distractors(rng: random.Random, keep: Sequence[str], n: int, avoid_families: set[str] = frozenset()) -> list[str]:
-    pool = [t for t in TOOLS if t not in keep and FAMILY_OF[t] not in avoid_families]
+    pool = [t for t in TOOLS if t not in keep and t in FAMILY_OF and FAMILY_OF[t] not in avoid_families]
     return rng.sample(pool, min(n, len(pool)))
+
+
+def _independent(script: Script, calls: list[tuple[str, dict]]) -> bool:
+    """Whether every call of ``script`` is the same without the earlier results (so all can go at once)."""
+    try:
+        return all(step([None] * i) == call for i, (step, call) in enumerate(zip(script.calls, calls)))
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        return False
 
 
 def draw_episode(rng: random.Random, mix: str = DEFAULT_MIX) -> Episode:
@@ -83,7 +100,11 @@ def draw_episode(rng: random.Random, mix: str = DEFAULT_MIX) -> Episode:
         if kind == "single":
             script = MAKERS[rng.choice(sorted(MAKERS))](rng)
         elif kind == "chain":
-            script = q_chain(rng) if v1 or rng.random() < 0.5 else q_then(rng)
+            u = 0.0 if v1 else rng.random()
+            if mix == "v5":
+                script = q_lookup_chain(rng) if u < 0.5 else q_chain(rng) if u < 0.75 else q_then(rng)
+            else:
+                script = q_chain(rng) if u < 0.5 else q_then(rng)
         else:
             script = q_two(rng) if v1 or rng.random() < 0.4 else q_pair(rng)
         calls, results = play(script)
@@ -91,7 +112,8 @@ def draw_episode(rng: random.Random, mix: str = DEFAULT_MIX) -> Episode:
         extra = rng.choice([0, 1, 1, 2, 2, 3, 4]) if kind == "single" else rng.choice([0, 1, 2])
         tools = needed + _distractors(rng, needed, extra)
         rng.shuffle(tools)
-        return Episode(kind, script.question, tools, calls, results, script.answer(results), system)
+        parallel = kind == "two" and mix in PARALLEL_MIXES and _independent(script, calls)
+        return Episode(kind, script.question, tools, calls, results, script.answer(results), system, parallel)
     tools = _distractors(rng, [], rng.choice([1, 2, 2, 3, 4]))
     if kind == "no_tool":
         question, answer = rng.choice(NO_TOOL)
@@ -202,6 +224,8 @@ class Player:
         self.last_steps: list[tuple[list[Any], list[dict] | None, Any]] = []
 
     def _scripted_replies(self, ep: Episode) -> list[tuple[str, list[tuple[str, dict]]]]:
+        if ep.parallel:
+            return [("", list(ep.calls)), (ep.answer, [])]
         return [("", [call]) for call in ep.calls] + [(ep.answer, [])]
 
     def langchain(self, ep: Episode) -> tuple[list[Any], list[dict] | None]:

@@ -296,10 +296,27 @@ def search_docs(query: str) -> str:
     return "\n".join(f"[{k}] {v}" for k, v in scored[:2])
 
 
+# records that hold a quantity in one unit (the source of a lookup-then-convert chain)
+
+def get_crate(crate_id: str) -> dict:
+    """Fetch a warehouse crate record by crate id."""
+    r = _seeded("crate:" + crate_id)
+    return {"crate_id": crate_id, "contents": r.choice(["books", "tiles", "glassware", "tools", "fabric", "tea"]),
+            "weight_kg": round(r.uniform(3, 240), 1), "aisle": f"{r.choice('ABCDEFG')}{r.randint(1, 30)}"}
+
+
+def get_trail(trail: str) -> dict:
+    """Look up a hiking trail by name."""
+    r = _seeded("trail:" + trail)
+    return {"trail": trail, "length_km": round(r.uniform(2, 60), 1), "elevation_gain_m": r.randint(50, 1800),
+            "difficulty": r.choice(["easy", "moderate", "hard"])}
+
+
 TOOLS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (
     add, subtract, multiply, divide, power, square_root, percentage, plus, sum_numbers, mul, times, minus, div, convert_length, convert_weight,
     get_product_price, get_employee, get_city_population, get_user_profile, get_invoice, get_ticket,
-    day_of_week, add_days, days_between, to_uppercase, count_letters, reverse_text, word_count, search_docs)}
+    day_of_week, add_days, days_between, to_uppercase, count_letters, reverse_text, word_count, search_docs,
+    get_crate, get_trail)}
 
 FAMILIES: dict[str, list[str]] = {
     "arithmetic": ["add", "subtract", "multiply", "divide", "power", "square_root", "percentage", "plus",
@@ -312,6 +329,8 @@ FAMILIES: dict[str, list[str]] = {
     "search": ["search_docs"],
 }
 FAMILY_OF = {t: fam for fam, names in FAMILIES.items() for t in names}
+#: tools bound only in lookup-then-convert chains (:func:`q_lookup_chain`), never drawn as distractors
+CHAIN_SOURCES = ["get_crate", "get_trail"]
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -621,6 +640,65 @@ def q_chain(rng: random.Random) -> Script:
                   [_call("convert_length", value=v, from_unit="km", to_unit="miles"),
                    lambda r: ("multiply", {"a": r[0], "b": n})],
                   lambda r: f"{v} km is {r[0]} miles, so {n} laps are {r[1]} miles.", kind="chain")
+
+
+def q_lookup_chain(rng: random.Random) -> Script:
+    """A record holds the value in one form, the question asks for another: look it up, then convert or
+    compute with what the record says. The question names the entity, never the intermediate value."""
+    kind = rng.choice(["crate_weight", "trail_length", "trail_climb", "invoice_split", "price_tax",
+                       "signup_weekday", "due_plus"])
+    if kind == "crate_weight":
+        cid, unit = _rid(rng, rng.choice(["C-", "CR", "crate "])).replace("crate ", "CR-"), rng.choice(["lb", "g", "oz"])
+        word = {"lb": "pounds", "g": "grams", "oz": "ounces"}[unit]
+        q = _pick(rng, ["How many {w} does crate {i} weigh?", "What is the weight of crate {i} in {w}?",
+                        "Crate {i}: how heavy is it in {w}?"], w=word, i=cid)
+        return Script(q, ["get_crate", "convert_weight"],
+                      [_call("get_crate", crate_id=cid),
+                       lambda r: ("convert_weight", {"value": r[0]["weight_kg"], "from_unit": "kg", "to_unit": unit})],
+                      lambda r: f"Crate {cid} weighs {r[0]['weight_kg']} kg, which is {r[1]} {word}.", kind="chain")
+    if kind in ("trail_length", "trail_climb"):
+        name = f"{_word(rng, 2)} {rng.choice(['Ridge', 'Creek', 'Loop', 'Pass'])}"
+        length = kind == "trail_length"
+        key, unit, to = ("length_km", "km", rng.choice(["miles", "m"])) if length else ("elevation_gain_m", "m", "ft")
+        word = {"miles": "miles", "m": "metres", "ft": "feet"}[to]
+        q = _pick(rng, ["How long is the {n} trail in {w}?", "What is the length of the {n} trail, in {w}?"]
+                  if length else ["How many {w} does the {n} trail climb?", "What is the elevation gain of the {n} "
+                                  "trail in {w}?"], n=name, w=word)
+        return Script(q, ["get_trail", "convert_length"],
+                      [_call("get_trail", trail=name),
+                       lambda r: ("convert_length", {"value": r[0][key], "from_unit": unit, "to_unit": to})],
+                      lambda r: f"The {name} trail {'is' if length else 'climbs'} {r[0][key]} {unit}, which is "
+                      f"{r[1]} {word}.", kind="chain")
+    if kind == "invoice_split":
+        iid, n = _rid(rng, "INV-"), rng.randint(2, 8)
+        name, (ka, kb) = rng.choice(ARITH_NAMES["divide"])
+        q = _pick(rng, ["We split invoice {i} evenly between {n} people. How much does each pay?",
+                        "Invoice {i} is shared by {n} teams equally: what is each share?"], i=iid, n=n)
+        return Script(q, ["get_invoice", name],
+                      [_call("get_invoice", invoice_id=iid), lambda r: (name, {ka: r[0]["amount"], kb: n})],
+                      lambda r: f"Invoice {iid} is {r[0]['amount']} USD, so each of the {n} pays {r[1]} USD.",
+                      kind="chain")
+    if kind == "price_tax":
+        p, pct = _product(rng), rng.choice([5, 8, 12, 20])
+
+        def price(r: list[Any]) -> float:
+            return float(_price_of(r[0]).split()[0])
+        q = _pick(rng, ["What is a {t}% tax on the {p}?", "How much is {t} percent of the price of the {p}?"], t=pct, p=p)
+        return Script(q, ["get_product_price", "percentage"],
+                      [_call("get_product_price", product=p), lambda r: ("percentage", {"percent": pct, "value": price(r)})],
+                      lambda r: f"The {p} costs {price(r):.2f} USD; {pct}% of that is {r[1]} USD.", kind="chain")
+    if kind == "signup_weekday":
+        uid = _rid(rng, rng.choice(["u", "U-", "user_"]))
+        q = _pick(rng, ["On which day of the week did user {i} sign up?", "What weekday did user {i} join?"], i=uid)
+        return Script(q, ["get_user_profile", "day_of_week"],
+                      [_call("get_user_profile", user_id=uid), lambda r: ("day_of_week", {"date": r[0]["joined"]})],
+                      lambda r: f"User {uid} joined on {r[0]['joined']}, a {r[1]}.", kind="chain")
+    iid, n = _rid(rng, "INV-"), rng.choice([7, 14, 30, 60])
+    q = _pick(rng, ["What date is {n} days after the due date of invoice {i}?",
+                    "Invoice {i} gets {n} extra days past its due date. What is the new date?"], n=n, i=iid)
+    return Script(q, ["get_invoice", "add_days"],
+                  [_call("get_invoice", invoice_id=iid), lambda r: ("add_days", {"date": r[0]["due_date"], "days": n})],
+                  lambda r: f"Invoice {iid} is due on {r[0]['due_date']}; {n} days later is {r[1]}.", kind="chain")
 
 
 def q_two(rng: random.Random) -> Script:

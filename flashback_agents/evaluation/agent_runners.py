@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from .agent_questions import Question, tool_functions
@@ -24,8 +25,9 @@ def langchain_recursion_limit(max_steps: int = MAX_STEPS) -> int:
 
 
 def run_langchain(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, system_prompt: str | None = None,
-                  adapter_label: str = "") -> RunRecord:
-    """``question`` through ``langchain.agents.create_agent(llm, tools)``."""
+                  adapter_label: str = "", tools: Sequence[Callable[..., Any]] | None = None) -> RunRecord:
+    """``question`` through ``langchain.agents.create_agent(llm, tools)``; ``tools``: the functions to bind
+    (default: the question's tools from :mod:`.agent_tools`)."""
     from langchain.agents import create_agent
     from langchain_core.messages import AIMessage
     from langchain_core.tools import tool as as_tool
@@ -36,7 +38,8 @@ def run_langchain(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, s
     state: dict = {}
     limited = False
     try:
-        agent = create_agent(llm, [as_tool(fn) for fn in tool_functions(question.tools)],
+        fns = tool_functions(question.tools) if tools is None else tools
+        agent = create_agent(llm, [as_tool(fn) for fn in fns],
                              system_prompt=system_prompt)
         for state in agent.stream({"messages": [("user", question.text)]},
                                   {"recursion_limit": langchain_recursion_limit(max_steps)}, stream_mode="values"):
@@ -61,7 +64,7 @@ def run_langchain(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, s
 
 
 async def _llamaindex_run(question: Question, llm: Any, max_steps: int, system_prompt: str | None,
-                          rec: RunRecord) -> None:
+                          rec: RunRecord, tools: Sequence[Callable[..., Any]]) -> None:
     from llama_index.core.agent.workflow import AgentOutput, FunctionAgent
     from llama_index.core.base.llms.types import ChatResponse
     from llama_index.core.tools import FunctionTool
@@ -70,7 +73,7 @@ async def _llamaindex_run(question: Question, llm: Any, max_steps: int, system_p
     last_text = ""
     limited = False
     try:
-        agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn) for fn in tool_functions(question.tools)],
+        agent = FunctionAgent(tools=[FunctionTool.from_defaults(fn) for fn in tools],
                               llm=llm, system_prompt=system_prompt)
         handler = agent.run(user_msg=question.text, max_iterations=max_steps)
         try:
@@ -98,15 +101,17 @@ async def _llamaindex_run(question: Question, llm: Any, max_steps: int, system_p
 
 
 def run_llamaindex(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, system_prompt: str | None = None,
-                   adapter_label: str = "") -> RunRecord:
-    """``question`` through LlamaIndex ``FunctionAgent(tools, llm).run(max_iterations=max_steps)``."""
+                   adapter_label: str = "", tools: Sequence[Callable[..., Any]] | None = None) -> RunRecord:
+    """``question`` through LlamaIndex ``FunctionAgent(tools, llm).run(max_iterations=max_steps)``;
+    ``tools`` as in :func:`run_langchain`."""
     rec = RunRecord(question.id, question.category, "llamaindex", adapter_label)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         # workflows lists an agent's methods with inspect.getmembers, which touches pydantic's deprecated
         # attributes (PydanticDeprecatedSince20/211, attributed to inspect): not ours, and noise
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="inspect")
-        asyncio.run(_llamaindex_run(question, llm, max_steps, system_prompt, rec))
+        fns = tool_functions(question.tools) if tools is None else tools
+        asyncio.run(_llamaindex_run(question, llm, max_steps, system_prompt, rec, fns))
     rec.seconds = time.perf_counter() - t0
     return rec
 
