@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 EXTRAS ?= langchain,llamaindex,train,server,bench,dev
 
-.PHONY: install demo test test-fast transcripts keep tool-episodes adapter adapter-e1 agent-adapter log-adapter adapter-v1
+.PHONY: install demo test test-fast transcripts keep tool-episodes adapter adapter-phase3 adapter-e1 agent-adapter log-adapter adapter-v1
 
 install:
 	$(PIP) install torch==2.13.0
@@ -33,7 +33,6 @@ AGENT3 = --data build/agent.jsonl --data build/agent.jsonl --data build/agent.js
 ADAPTER_TARGETS ?= q_proj,k_proj,v_proj,o_proj
 ADAPTER_STEPS ?= 180
 ADAPTER_STEPS2 ?= 300
-ADAPTER_STEPS3 ?= 450
 RECIPE = --ralm-corpus $(DATA)/wikitext-2/valid.txt --steps 180 --batch-size 1 --grad-accum 2 --ralm-window 384 \
   --ralm-branches 8 --lr 1e-3 --warmup-steps 18 --eval-every 30 --save-every 30 --eval-max-samples 8 --threads 1 \
   --seed 0 --max-length 1536
@@ -49,14 +48,11 @@ tool-episodes:
 	mkdir -p build
 	$(PY) -m tools.tool_episodes --out build/tools.jsonl --n 2400 --seed 0 --mix v1
 	$(PY) -m tools.tool_episodes --out build/tools_v2.jsonl --n 1000 --seed 1 --mix v2
-	$(PY) -m tools.tool_episodes --out build/tools_v5.jsonl --n 1000 --seed 1 --mix v5
-	$(PY) -m tools.tool_episodes --out build/tools_v5b.jsonl --n 1000 --seed 3 --mix v5
 
-# Three phases in one output directory: steps 1-180 on the v1 episodes (ADAPTER_STEPS=180 alone), then
-# steps 181-300 resumed from the step-180 checkpoint on the v2 episodes (two-step chains and pairs from
-# every family, near-miss no-fit questions), then steps 301-450 resumed from the step-300 checkpoint on a
-# tool-heavy mix (2,000 episodes of mix v5, the log agent's transcripts once; two torch threads); the
-# cosine schedule is re-read for each phase's total, so phase 2 starts at 3.8e-4, phase 3 at 2.7e-4.
+# Two phases in one output directory: steps 1-180 on the v1 episodes (the previous shipped adapter,
+# ADAPTER_STEPS=180 alone), then steps 181-300 resumed from the step-180 checkpoint on the v2 episodes
+# (two-step chains and pairs from every family, near-miss no-fit questions); the cosine schedule is
+# re-read for 300 steps, so phase 2 starts at 3.8e-4 and decays to 0.
 ADAPTER_RUN = --ralm-corpus $(DATA)/wikitext-2/valid.txt --batch-size 1 --grad-accum 2 \
 	  --ralm-window 384 --ralm-branches 8 --lr 1e-3 --warmup-steps 20 --eval-every 30 --save-every 30 \
 	  --eval-max-samples 16 --threads 1 --seed 0 --max-length 1536 --target-modules $(ADAPTER_TARGETS) \
@@ -66,8 +62,15 @@ adapter: keep tool-episodes
 	  --steps $(ADAPTER_STEPS) $(ADAPTER_RUN)
 	flashback-agents train --data build/tools_v2.jsonl $(AGENT3) --data build/loghub.jsonl --data build/keep.jsonl \
 	  --steps $(ADAPTER_STEPS2) --resume $(ADAPTER_RUN)
+
+# Phase 3 (session 11, measured, not shipped: docs/benchmarks.md section 9): `make adapter`'s run resumed
+# from its step-300 checkpoint for 150 steps on 2,000 mix-v5 episodes (parallel calls, lookup chains) and
+# the log agent's transcripts once, on two torch threads; chosen with `python -m tools.agent_validation`.
+adapter-phase3: adapter
+	$(PY) -m tools.tool_episodes --out build/tools_v5.jsonl --n 1000 --seed 1 --mix v5
+	$(PY) -m tools.tool_episodes --out build/tools_v5b.jsonl --n 1000 --seed 3 --mix v5
 	flashback-agents train --data build/tools_v5.jsonl --data build/tools_v5b.jsonl --data build/agent.jsonl \
-	  --data build/loghub.jsonl --data build/keep.jsonl --steps $(ADAPTER_STEPS3) --resume $(ADAPTER_RUN) --threads 2
+	  --data build/loghub.jsonl --data build/keep.jsonl --steps 450 --resume $(ADAPTER_RUN) --threads 2
 
 # The adapter shipped before the tool episodes (E1 in docs/changelog.md; keep with 200 + 200).
 adapter-e1: transcripts
