@@ -23,6 +23,12 @@ Canonical output: plain decoding's. A forced string whose tokenizer encoding dif
 the model picks (token boundaries: ``"`` + ``search`` vs ``"search``) is simply a rejected draft: the
 model's token is kept, the grammar matcher follows the kept tokens, nothing is re-tokenized.
 
+How many looked-up drafts a forward verifies adapts to how many were kept (the schedule of
+transformers' assisted generation): two more after a forward that kept all of its drafts, one fewer
+after one that did not, between 1 and ``draft_tokens``. Prose copies a retrieved passage in runs and
+then leaves it; verifying 8 drafts per forward where one in five is kept costs more than it saves on a
+long context. Jump-forward drafts (forced by the grammar) are never capped.
+
 When multi-token decoding is off (see :func:`plan`), generation runs today's one-token loop unchanged.
 """
 
@@ -163,6 +169,8 @@ class Decoder:
         self.never = frozenset({int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
                                | {int(i) for i in getattr(ctx.lm, "marker_ids", ()) or ()}) - frozenset(eos)
         self.index = NgramIndex(ctx.ids, config.ngram) if speculate else None
+        #: looked-up drafts verified per forward now (adapted after each forward, 1..draft_tokens)
+        self.draft_cap = int(config.draft_tokens)
         self._seen = list(ctx.ids)  # the context as the index last saw it (on_token may change it between steps)
         self.stats = ctx.stats  # forwards are counted by the context; drafted/accepted/forced here
 
@@ -188,12 +196,12 @@ class Decoder:
                 if toks:
                     n_forced = len(toks)
                     if self.speculate and len(toks) < limit:  # what follows the forced text, looked up
-                        more = self.index.draft(min(limit - len(toks), self.cfg.draft_tokens), after=toks)
+                        more = self.index.draft(min(limit - len(toks), self.draft_cap), after=toks)
                         more = more[:next((i for i, t in enumerate(more) if t in self.eos), len(more))]
                         toks = self.grammar.valid_prefix(toks + more, self.never) if more else toks
                     return toks, n_forced
         if self.speculate:
-            drafts = self.index.draft(min(limit, self.cfg.draft_tokens))
+            drafts = self.index.draft(min(limit, self.draft_cap))
             if drafts and self.eos:
                 cut = next((i for i, t in enumerate(drafts) if t in self.eos), None)
                 drafts = drafts[:cut] if cut is not None else drafts
@@ -231,6 +239,9 @@ class Decoder:
             if i == len(drafts) or tok != drafts[i] or tok in self.eos:
                 break
         n_ok = len(kept) - 1  # drafts confirmed (the last kept token is new, or the bonus one)
+        if len(drafts) > n_forced:  # looked-up drafts were verified: adapt how many the next forward takes
+            full = self.cfg.draft_tokens
+            self.draft_cap = min(full, self.draft_cap + 2) if n_ok == len(drafts) else max(1, self.draft_cap - 1)
         self.stats.accepted += n_ok
         self.stats.forced += min(n_ok, n_forced)
         ctx.accept_verified(drafts, n_ok, kept[-1])

@@ -356,3 +356,29 @@ def test_integrations_pass_the_settings_and_report_the_counters(tiny_model_dir):
     usage = llm.chat([ChatMessage(role="user", content="hello hello hello")]).raw["usage"]
     assert {"decode_forwards", "draft_tokens", "draft_tokens_accepted", "forced_tokens"} <= set(usage)
     assert usage["decode_forwards"] + usage["draft_tokens_accepted"] == usage["completion_tokens"] - 1
+
+
+def test_looked_up_drafts_per_forward_adapt_to_what_is_kept(tiny_lm, monkeypatch):
+    """Drafts verified per forward follow assisted generation's schedule: two more after a forward that
+    kept all of them, one fewer after one that did not, within 1..draft_tokens; the output stays exact."""
+    seen: list[tuple[int, int]] = []  # (drafts verified, drafts kept) per forward
+    accept = CachedContext.accept_verified
+
+    def spy(self, drafts, n_ok, last):
+        seen.append((len(drafts), n_ok))
+        return accept(self, drafts, n_ok, last)
+
+    monkeypatch.setattr(CachedContext, "accept_verified", spy)
+    rng = random.Random(3)
+    prompt = repetitive_prompt(rng, 40)
+    sampling = dict(max_new_tokens=60, min_new_tokens=60, temperature=1.5, top_k=3, seed=1)
+    _, spec = run(tiny_lm, prompt, **sampling, speculate=True, jump_forward=False, draft_tokens=8)
+    monkeypatch.setattr(CachedContext, "accept_verified", accept)
+    _, plain = run(tiny_lm, prompt, **sampling, **OFF)
+    assert spec.token_ids == plain.token_ids
+    cap = 8
+    for n, kept in seen:
+        assert 1 <= n <= cap
+        cap = min(8, cap + 2) if kept == n else max(1, cap - 1)
+    assert any(kept < n for n, kept in seen) and any(kept == n for n, kept in seen)
+    assert min(n for n, _ in seen) < 8  # rejections lowered the cap
