@@ -3,7 +3,7 @@ through the same real agent loops as ``flashback-agents eval agents``.
 
 An adapter recipe (data mix, steps, checkpoint) is chosen here, never on the held-out questions of
 ``eval agents`` (those are the test the docs report). The episodes come from
-:func:`tools.tool_episodes.draw_episode` with ``--seed`` (default 99; the training files use seeds 0-2) and
+:func:`tools.tool_episodes.draw_episode` with ``--seed`` (default 99; the training files use seeds 0-3) and
 ``--mix`` (default v2, the mix every candidate's data was built from), so every candidate meets the same
 tool families it trained on, with questions, entities and numbers it never saw. Scores, by category, are
 those of ``eval agents``: the first call's tool, every expected call made with its arguments, no call where
@@ -24,12 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from flashback_agents.engines import release_engines
-from flashback_agents.evaluation.agent_eval import adapter_arg, default_llm
+from flashback_agents.evaluation.agent_eval import evaluate_agents
 from flashback_agents.evaluation.agent_questions import ExpectedCall, Question
 from flashback_agents.evaluation.agent_report import aggregate
-from flashback_agents.evaluation.agent_runners import RUNNERS
-from flashback_agents.evaluation.agent_scoring import score_run
 from tools.tool_episodes import DEFAULT_MIX, FRAMEWORKS, Episode, draw_episode
 from tools.tool_families import TOOLS
 
@@ -76,21 +73,14 @@ def _functions(question: Question) -> list[Callable[..., Any]]:
 
 def validate(adapters: Sequence[str], frameworks: Sequence[str], questions: Sequence[Question],
              max_tokens: int = 256) -> dict:
-    """Every question through every framework, once per adapter: {adapter: {framework: summary}}."""
-    out: dict = {}
-    for spec in adapters:
-        label, arg = adapter_arg(spec)
-        for fw in frameworks:
-            llm = default_llm(fw, "smollm2-135m-instruct", arg, max_tokens, {})
-            runs = []
-            for q in questions:
-                run = RUNNERS[fw](q, llm, adapter_label=label, tools=_functions(q))
-                run.scores = score_run(q, run)
-                runs.append(run)
-                print(f"{label} {fw} {q.id}: {run.scores} {run.calls} {run.answer[:80]!r}", file=sys.stderr)
-            out.setdefault(label, {})[fw] = aggregate(runs)[label][fw]
-        release_engines()
-    return out
+    """Every question through every framework, once per adapter (``eval agents``' own loop, with the
+    generator's tools bound): {adapter: {framework: summary}}."""
+    result = evaluate_agents(questions, adapters=adapters, frameworks=frameworks, max_tokens=max_tokens,
+                             tools_for=_functions)
+    for run in result.runs:
+        print(f"{run.adapter} {run.framework} {run.question}: {run.scores} {run.calls} {run.answer[:80]!r}",
+              file=sys.stderr)
+    return aggregate(result.runs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,12 +39,13 @@ from tools.tool_families import (FAMILY_OF, MAKERS, NO_TOOL, TOOLS, UNCOVERED, S
 #: but the calls of a "two" episode (two entities or two questions: no call needs another's result) are made
 #: together in one assistant turn, as parallel calls, instead of one per step; "v5": v4, and half of the
 #: chains look a record up and then convert or compute with the value it holds (:func:`q_lookup_chain`).
+_V2_SHARES = (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16))
 MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     "v1": (("single", 0.56), ("chain", 0.12), ("two", 0.08), ("no_tool", 0.12), ("no_fit", 0.12)),
-    "v2": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
+    "v2": _V2_SHARES,
     "v3": (("single", 0.30), ("chain", 0.24), ("two", 0.22), ("no_tool", 0.08), ("no_fit", 0.16)),
-    "v4": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
-    "v5": (("single", 0.44), ("chain", 0.16), ("two", 0.14), ("no_tool", 0.10), ("no_fit", 0.16)),
+    "v4": _V2_SHARES,
+    "v5": _V2_SHARES,
 }
 #: mixes whose independent calls are made in one turn
 PARALLEL_MIXES = frozenset({"v4", "v5"})

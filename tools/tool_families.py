@@ -329,8 +329,8 @@ FAMILIES: dict[str, list[str]] = {
     "search": ["search_docs"],
 }
 FAMILY_OF = {t: fam for fam, names in FAMILIES.items() for t in names}
-#: tools bound only in lookup-then-convert chains (:func:`q_lookup_chain`), never drawn as distractors
-CHAIN_SOURCES = ["get_crate", "get_trail"]
+#: tools of no family: bound only in lookup-then-convert chains (:func:`q_lookup_chain`), never distractors
+CHAIN_SOURCES = [t for t in TOOLS if t not in FAMILY_OF]
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -434,6 +434,11 @@ def _person(rng: random.Random) -> str:
 
 def _price_of(result: str) -> str:
     return result.split(": ", 1)[-1]
+
+
+def _price_value(result: str) -> float:
+    """The number of a ``get_product_price`` result ("Tiro clock: 383.42 USD": 383.42)."""
+    return float(_price_of(result).split()[0])
 
 
 def q_tables(rng: random.Random) -> Script:
@@ -602,11 +607,9 @@ def q_chain(rng: random.Random) -> Script:
         q = _pick(rng, ["How much do {n} {p}s cost in total?", "What would {n} of the {p} cost?",
                         "I want to buy {n} {p}s. What is the total price?"], n=n, p=p)
 
-        def price(r: list[Any]) -> float:
-            return float(_price_of(r[0]).split()[0])
         return Script(q, ["get_product_price", "multiply"],
-                      [_call("get_product_price", product=p), lambda r: ("multiply", {"a": price(r), "b": n})],
-                      lambda r: f"One {p} costs {price(r):.2f} USD, so {n} cost {r[1]} USD.", kind="chain")
+                      [_call("get_product_price", product=p), lambda r: ("multiply", {"a": _price_value(r[0]), "b": n})],
+                      lambda r: f"One {p} costs {_price_value(r[0]):.2f} USD, so {n} cost {r[1]} USD.", kind="chain")
     if kind == "weekday_after":
         d, n = _rdate(rng), rng.randint(1, 300)
         q = _pick(rng, ["What day of the week is {n} days after {d}?", "Which weekday will it be {n} days after {d}?"],
@@ -680,13 +683,11 @@ def q_lookup_chain(rng: random.Random) -> Script:
                       kind="chain")
     if kind == "price_tax":
         p, pct = _product(rng), rng.choice([5, 8, 12, 20])
-
-        def price(r: list[Any]) -> float:
-            return float(_price_of(r[0]).split()[0])
         q = _pick(rng, ["What is a {t}% tax on the {p}?", "How much is {t} percent of the price of the {p}?"], t=pct, p=p)
         return Script(q, ["get_product_price", "percentage"],
-                      [_call("get_product_price", product=p), lambda r: ("percentage", {"percent": pct, "value": price(r)})],
-                      lambda r: f"The {p} costs {price(r):.2f} USD; {pct}% of that is {r[1]} USD.", kind="chain")
+                      [_call("get_product_price", product=p),
+                       lambda r: ("percentage", {"percent": pct, "value": _price_value(r[0])})],
+                      lambda r: f"The {p} costs {_price_value(r[0]):.2f} USD; {pct}% of that is {r[1]} USD.", kind="chain")
     if kind == "signup_weekday":
         uid = _rid(rng, rng.choice(["u", "U-", "user_"]))
         q = _pick(rng, ["On which day of the week did user {i} sign up?", "What weekday did user {i} join?"], i=uid)

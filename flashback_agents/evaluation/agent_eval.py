@@ -132,13 +132,15 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
                     frameworks: Sequence[str] = FRAMEWORKS, model: str | None = None, max_tokens: int = 256,
                     max_steps: int = MAX_STEPS, extra: dict | None = None, system_prompt: str | None = None,
                     threads: int | None = None, progress: bool = True,
-                    llm_factory: Callable[[str, str | None], Any] | None = None) -> AgentEvalResult:
+                    llm_factory: Callable[[str, str | None], Any] | None = None,
+                    tools_for: Callable[[Question], Sequence[Callable[..., Any]]] | None = None) -> AgentEvalResult:
     """Run every question through every framework, once per adapter, and score the runs.
 
     ``adapters``: ``"auto"`` (the shipped default), ``"none"`` / None, or adapter directories; engines
     are released after each adapter. ``extra``: more fields for both LLM classes (e.g.
     ``{"repeat_calls": "forbid"}``; checked to exist). ``llm_factory(framework, adapter)``: build the
-    LLM yourself (tests); then ``model``, ``max_tokens`` and ``extra`` are not used.
+    LLM yourself (tests); then ``model``, ``max_tokens`` and ``extra`` are not used. ``tools_for(question)``:
+    the functions to bind for a question not in :mod:`.agent_tools` (e.g. generator episodes).
     """
     qs = list(questions) if questions is not None else list(QUESTIONS)
     fws = list(dict.fromkeys(frameworks))
@@ -174,7 +176,8 @@ def evaluate_agents(questions: Sequence[Question] | None = None, *, adapters: Se
                        else default_llm(fw, model, arg, max_tokens, extra))
                 for q in qs:
                     bar.set_postfix_str(f"{label} {fw} {q.id}", refresh=False)
-                    run = RUNNERS[fw](q, llm, max_steps=max_steps, system_prompt=system_prompt, adapter_label=label)
+                    run = RUNNERS[fw](q, llm, max_steps=max_steps, system_prompt=system_prompt, adapter_label=label,
+                                      tools=tools_for(q) if tools_for is not None else None)
                     run.scores = score_run(q, run)
                     result.runs.append(run)
                     bar.update(1)

@@ -18,6 +18,11 @@ def _call(name: Any, args: Any) -> dict:
     return {"name": str(name), "args": dict(args) if isinstance(args, dict) else args}
 
 
+def _bound(question: Question, tools: Sequence[Callable[..., Any]] | None) -> Sequence[Callable[..., Any]]:
+    """The functions an agent binds: ``tools`` when given, else the question's tools from :mod:`.agent_tools`."""
+    return tool_functions(question.tools) if tools is None else tools
+
+
 def langchain_recursion_limit(max_steps: int = MAX_STEPS) -> int:
     """LangGraph ``recursion_limit`` for at most ``max_steps`` model calls (model, tools, ..., model):
     the last model step may end the run, a call it makes raises ``GraphRecursionError``."""
@@ -38,8 +43,7 @@ def run_langchain(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, s
     state: dict = {}
     limited = False
     try:
-        fns = tool_functions(question.tools) if tools is None else tools
-        agent = create_agent(llm, [as_tool(fn) for fn in fns],
+        agent = create_agent(llm, [as_tool(fn) for fn in _bound(question, tools)],
                              system_prompt=system_prompt)
         for state in agent.stream({"messages": [("user", question.text)]},
                                   {"recursion_limit": langchain_recursion_limit(max_steps)}, stream_mode="values"):
@@ -110,8 +114,7 @@ def run_llamaindex(question: Question, llm: Any, *, max_steps: int = MAX_STEPS, 
         # workflows lists an agent's methods with inspect.getmembers, which touches pydantic's deprecated
         # attributes (PydanticDeprecatedSince20/211, attributed to inspect): not ours, and noise
         warnings.filterwarnings("ignore", category=DeprecationWarning, module="inspect")
-        fns = tool_functions(question.tools) if tools is None else tools
-        asyncio.run(_llamaindex_run(question, llm, max_steps, system_prompt, rec, fns))
+        asyncio.run(_llamaindex_run(question, llm, max_steps, system_prompt, rec, _bound(question, tools)))
     rec.seconds = time.perf_counter() - t0
     return rec
 
